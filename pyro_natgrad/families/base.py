@@ -1,0 +1,149 @@
+"""The geometry of one exponential family, as small pure maps between coordinate systems.
+
+An exponential family q(z) = h(z) exp(<η, T(z)> - A(η)) has three coordinate systems:
+
+* the distribution's own constructor arguments ("args", e.g. ``loc, scale``),
+* the natural parameters η,
+* the mean (expectation) parameters μ = E_q[T(z)] = ∇A(η).
+
+Its Fisher information in natural coordinates is F(η) = ∇²A(η) = Cov_q[T(z)] = ∂μ/∂η, and
+KL(q_η ‖ q_η') is the Bregman divergence of A: A(η') - A(η) - <η' - η, μ(η)>
+(Amari & Nagaoka 2000, *Methods of Information Geometry*, §2.3 and §3.5;
+Wainwright & Jordan 2008, *Graphical Models, Exponential Families, and Variational Inference*, §3).
+
+Every map works elementwise over leading batch dimensions: a parameter tuple holds tensors whose
+rightmost ``event_dims[i]`` dimensions belong to one distribution. Nothing here knows about Pyro's
+SVI, the param store or guides.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+Params = tuple[Tensor, ...]
+
+
+class ExponentialFamily:
+    """Base class: subclasses fill in the maps; the defaults compose them.
+
+    Subclasses set ``dist_class`` (the torch distribution class they describe), ``arg_names`` (the
+    constructor keywords read from and passed to it), ``event_dims`` (event rank of each natural /
+    mean parameter) and ``full_rank`` (False when the distribution's arguments cannot represent every
+    natural parameter, e.g. a low-rank covariance: then ``natural_to_args`` is unavailable and the
+    optimizer steps in the guide's own parameters with this family's Fisher instead).
+    """
+
+    name: str = ""
+    dist_class: type[Distribution] = Distribution
+    arg_names: tuple[str, ...] = ()
+    event_dims: tuple[int, ...] = ()
+    full_rank: bool = True
+
+    # ----- reading and building distributions -------------------------------------------------
+    def args(self, d: Distribution) -> Params:
+        """The constructor arguments of ``d`` (a bare instance of ``dist_class``)."""
+        return tuple(getattr(d, n) for n in self.arg_names)
+
+    def distribution(self, *args: Tensor) -> Distribution:
+        """Builds the distribution from its constructor arguments."""
+        return self.dist_class(**dict(zip(self.arg_names, args, strict=True)), validate_args=False)
+
+    def event_rank(self) -> int:
+        """Event rank of a sample z (0 for scalar families, 1 for vector-valued ones)."""
+        return 0
+
+    # ----- coordinate maps (subclasses implement the first four) ------------------------------
+    def args_to_natural(self, *args: Tensor) -> Params:
+        raise NotImplementedError
+
+    def natural_to_args(self, *eta: Tensor) -> Params:
+        raise NotImplementedError
+
+    def args_to_mean(self, *args: Tensor) -> Params:
+        raise NotImplementedError
+
+    def mean_to_args(self, *mu: Tensor) -> Params:
+        raise NotImplementedError
+
+    def natural_to_mean(self, *eta: Tensor) -> Params:
+        """μ(η) = ∇A(η)."""
+        return self.args_to_mean(*self.natural_to_args(*eta))
+
+    def mean_to_natural(self, *mu: Tensor) -> Params:
+        """η(μ) = (∇A)⁻¹(μ), the Legendre dual map."""
+        return self.args_to_natural(*self.mean_to_args(*mu))
+
+    def log_partition(self, *eta: Tensor) -> Tensor:
+        """A(η), with the batch shape of the parameters."""
+        raise NotImplementedError
+
+    def sufficient_statistics(self, z: Tensor) -> Params:
+        """T(z), shaped like the natural parameters (batch dims from ``z``)."""
+        raise NotImplementedError
+
+    def in_domain(self, *eta: Tensor) -> Tensor:
+        """Boolean tensor (batch shape): is η inside the natural parameter space?"""
+        raise NotImplementedError
+
+    # ----- geometry built from the maps -------------------------------------------------------
+    def fisher(self, *eta: Tensor) -> Tensor:
+        """Fisher information in natural coordinates, F(η) = ∇²A(η) = ∂μ/∂η.
+
+        Dense over the flattened natural parameters of each batch element: shape
+        ``batch_shape + (k, k)``. The default differentiates ``natural_to_mean``; families override
+        it with the closed form Cov_q[T(z)].
+        """
+        flat, batch_shape = self.flatten(eta)
+
+        def mean_flat(v: Tensor) -> Tensor:
+            return self.flatten(self.natural_to_mean(*self.unflatten(v)))[0]
+
+        jac = torch.func.vmap(torch.func.jacrev(mean_flat))(flat.reshape(-1, flat.shape[-1]))
+        return jac.reshape(batch_shape + jac.shape[-2:])
+
+    def kl(self, eta_p: Params, eta_q: Params) -> Tensor:
+        """KL(q_{η_p} ‖ q_{η_q}) as the Bregman divergence of the log-partition."""
+        mu_p = self.natural_to_mean(*eta_p)
+        inner = sum(self._inner(a - b, m, k) for a, b, m, k in
+                    zip(eta_q, eta_p, mu_p, self.event_dims, strict=True))
+        return self.log_partition(*eta_q) - self.log_partition(*eta_p) - inner
+
+    def inner(self, eta: Params, mu: Params) -> Tensor:
+        """<η, μ> summed over each parameter's event dimensions (batch shape)."""
+        return sum(self._inner(e, m, k) for e, m, k in zip(eta, mu, self.event_dims, strict=True))
+
+    @staticmethod
+    def _inner(a: Tensor, b: Tensor, event_dim: int) -> Tensor:
+        prod = a * b
+        return prod.sum(tuple(range(-event_dim, 0))) if event_dim else prod
+
+    # ----- flattening per batch element --------------------------------------------------------
+    def flatten(self, params: Params) -> tuple[Tensor, torch.Size]:
+        """Concatenates the parameters of each batch element into one vector: ``batch + (k,)``."""
+        batch_shape = torch.broadcast_shapes(
+            *(p.shape[: p.dim() - k] for p, k in zip(params, self.event_dims, strict=True))
+        )
+        parts = []
+        for p, k in zip(params, self.event_dims, strict=True):
+            p = p.expand(batch_shape + p.shape[p.dim() - k:])
+            parts.append(p.reshape(batch_shape + (-1,)))
+        return torch.cat(parts, dim=-1), batch_shape
+
+    def unflatten(self, flat: Tensor) -> Params:
+        """Inverse of :meth:`flatten`."""
+        shapes = self.param_event_shapes(flat.shape[-1])
+        out, start = [], 0
+        batch_shape = flat.shape[:-1]
+        for shape in shapes:
+            size = math.prod(shape)
+            out.append(flat[..., start:start + size].reshape(batch_shape + tuple(shape)))
+            start += size
+        return tuple(out)
+
+    def param_event_shapes(self, flat_size: int) -> tuple[torch.Size, ...]:
+        """Event shapes of the natural parameters given the flattened size (scalar families)."""
+        return tuple(torch.Size(()) for _ in self.event_dims)

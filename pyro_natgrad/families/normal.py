@@ -1,0 +1,49 @@
+"""Univariate Normal N(m, σ²): T(z) = (z, z²), η = (m/σ², -1/(2σ²)), μ = (m, m² + σ²),
+A(η) = -η₁²/(4η₂) - ½ log(-2η₂) (Wainwright & Jordan 2008, Example 3.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.distributions import Normal as _Normal
+
+from .base import ExponentialFamily, Params
+
+
+class Normal(ExponentialFamily):
+    name = "Normal"
+    dist_class = _Normal
+    arg_names = ("loc", "scale")
+    event_dims = (0, 0)
+
+    def args_to_natural(self, loc: Tensor, scale: Tensor) -> Params:
+        prec = scale.pow(-2)
+        return loc * prec, -0.5 * prec
+
+    def natural_to_args(self, eta1: Tensor, eta2: Tensor) -> Params:
+        var = -0.5 / eta2
+        return eta1 * var, var.sqrt()
+
+    def args_to_mean(self, loc: Tensor, scale: Tensor) -> Params:
+        return loc, loc.square() + scale.square()
+
+    def mean_to_args(self, mu1: Tensor, mu2: Tensor) -> Params:
+        return mu1, (mu2 - mu1.square()).sqrt()
+
+    def log_partition(self, eta1: Tensor, eta2: Tensor) -> Tensor:
+        return -eta1.square() / (4 * eta2) - 0.5 * torch.log(-2 * eta2)
+
+    def sufficient_statistics(self, z: Tensor) -> Params:
+        return z, z.square()
+
+    def in_domain(self, eta1: Tensor, eta2: Tensor) -> Tensor:
+        return (eta2 < 0) & torch.isfinite(eta1) & torch.isfinite(eta2)
+
+    def fisher(self, eta1: Tensor, eta2: Tensor) -> Tensor:
+        """Cov[(z, z²)] = [[σ², 2mσ²], [2mσ², 4m²σ² + 2σ⁴]]."""
+        m, s = self.natural_to_args(eta1, eta2)
+        v = s.square()
+        c = 2 * m * v
+        row1 = torch.stack(torch.broadcast_tensors(v, c), -1)
+        row2 = torch.stack(torch.broadcast_tensors(c, 4 * m.square() * v + 2 * v.square()), -1)
+        return torch.stack([row1, row2], -2)

@@ -1,0 +1,78 @@
+"""Flat-vector helpers and solvers for metric tensors given as matrix-vector products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def flat(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenates tensors into one flat vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Splits a vector into tensors shaped like ``like``."""
+    out, start = [], 0
+    for t in like:
+        out.append(vector[start:start + t.numel()].view_as(t))
+        start += t.numel()
+    return out
+
+
+def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """Dense Jacobian ∂output/∂inputs (``output.numel() × Σ inputs.numel()``) of a live graph."""
+    out = output.reshape(-1)
+    eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
+    try:
+        rows = torch.autograd.grad(out, inputs, eye, retain_graph=True, allow_unused=True,
+                                   is_grads_batched=True)
+        rows = [torch.zeros((out.numel(),) + x.shape, dtype=x.dtype, device=x.device)
+                if r is None else r for r, x in zip(rows, inputs, strict=True)]
+        return torch.cat([r.reshape(out.numel(), -1) for r in rows], dim=1)
+    except RuntimeError:  # an op without a batching rule: one backward pass per row
+        rows = []
+        for i in range(out.numel()):
+            g = torch.autograd.grad(out[i], inputs, retain_graph=True, allow_unused=True)
+            rows.append(flat([torch.zeros_like(x) if gi is None else gi
+                              for gi, x in zip(g, inputs, strict=True)]))
+        return torch.stack(rows)
+
+
+def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: float = 0.0,
+                       max_iter: int = 100, rtol: float = 1e-6) -> Tensor:
+    """Solves (A + damping·I) x = b for symmetric positive (semi-)definite A given as ``mvp``
+    (Hestenes & Stiefel 1952; Martens 2010 for its use with Fisher-vector products)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = r.dot(r)
+    stop = (rtol * b.norm()) ** 2
+    for _ in range(max_iter):
+        if rs <= stop:
+            break
+        ap = mvp(p) + damping * p
+        curvature = p.dot(ap)
+        if curvature <= 0:
+            break
+        alpha = rs / curvature
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = r.dot(r)
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x
+
+
+def solve_psd(matrix: Tensor, b: Tensor, damping: float = 0.0) -> Tensor:
+    """Solves (M + damping·I) x = b for a symmetric PSD matrix, by Cholesky; falls back to a
+    least-squares solve when M is singular (e.g. params the metric does not see)."""
+    m = 0.5 * (matrix + matrix.T)
+    if damping:
+        m = m + damping * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        return torch.cholesky_solve(b[:, None], chol)[:, 0]
+    return torch.linalg.lstsq(m, b[:, None]).solution[:, 0]

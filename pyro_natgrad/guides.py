@@ -1,0 +1,248 @@
+"""Reading a Pyro guide: which params feed which sample site's distribution, and how.
+
+The reader runs the guide once under :func:`pyro.poutine.trace` (on the arguments of its last call,
+with the global RNG state restored afterwards), and for every latent sample site finds the
+unconstrained param-store leaves its distribution depends on (by autograd), the exponential family
+of its distribution (if any), and, where the map is invertible, a :class:`Parameterization`: how to
+write a new value of the distribution's arguments back into the guide's own params. Nothing here
+knows about optimizers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoMultivariateNormal
+from torch import Tensor
+from torch.distributions import Distribution, transform_to
+
+from .families import ExponentialFamily, family_of, unwrap
+
+__all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args"]
+
+
+def record_args(guide: Callable) -> Callable:
+    """Wraps a plain-function guide so the optimizers can re-run it with its last arguments.
+
+    The one extra line a plain-function guide needs (``nn.Module`` guides, including every AutoGuide
+    and ``PyroModule``, are recorded automatically)::
+
+        guide = pyro_natgrad.record_args(guide)
+    """
+
+    @functools.wraps(guide)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        wrapper.last_call = (args, kwargs)
+        return guide(*args, **kwargs)
+
+    wrapper.last_call = None
+    return wrapper
+
+
+class Parameterization:
+    """An invertible map from a family's constructor arguments to unconstrained params."""
+
+    param_names: tuple[str, ...]
+
+    def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """The distribution's arguments from unconstrained param values (differentiable)."""
+        raise NotImplementedError
+
+    def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The unconstrained param values that produce ``args`` (differentiable)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Direct(Parameterization):
+    """Each argument is one param's constrained value: ``arg_i = transform_to(c_i)(u_i)``."""
+
+    param_names: tuple[str, ...]
+    constraints: tuple[constraints.Constraint, ...]
+
+    def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return tuple(transform_to(c)(values[n])
+                     for n, c in zip(self.param_names, self.constraints, strict=True))
+
+    def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
+        return {n: transform_to(c).inv(a)
+                for n, c, a in zip(self.param_names, self.constraints, args, strict=True)}
+
+
+@dataclass
+class ScaledUnitCholesky(Parameterization):
+    """AutoMultivariateNormal: ``loc``, and ``scale_tril = diag(scale) · U`` with U unit-lower.
+
+    Inverse: ``scale = diag(L)``, ``U = L / scale[..., None]`` (Pyro's ``AutoMultivariateNormal``).
+    """
+
+    param_names: tuple[str, ...]  # (loc, scale, scale_tril)
+    constraints: tuple[constraints.Constraint, ...]
+
+    def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        loc, scale, unit = (transform_to(c)(values[n])
+                            for n, c in zip(self.param_names, self.constraints, strict=True))
+        return loc, scale[..., None] * unit
+
+    def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
+        loc, tril = args
+        scale = tril.diagonal(dim1=-2, dim2=-1)
+        unit = tril / scale[..., None]
+        return {n: transform_to(c).inv(v)
+                for n, c, v in zip(self.param_names, self.constraints, (loc, scale, unit),
+                                   strict=True)}
+
+
+@dataclass
+class Site:
+    """One latent sample site of the guide, as read on the latest trace."""
+
+    name: str
+    fn: Distribution  # the distribution as traced (wrappers included), built from the leaves
+    base: Distribution  # with Independent/Expanded/Masked wrappers removed
+    family: ExponentialFamily | None
+    multiplicity: float  # copies of each base element × the site's ELBO scale
+    scale: float  # the site's ELBO scale (subsampling, poutine.scale)
+    param_names: tuple[str, ...]  # unconstrained leaves the distribution depends on
+    parameterization: Parameterization | None = None
+
+
+@dataclass
+class Group:
+    """Sites that share params: their Fisher metric couples them, so they step together."""
+
+    sites: list[Site]
+    param_names: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def natural(self) -> bool:
+        """True when the group can step in natural parameters (mirror descent)."""
+        return (len(self.sites) == 1 and self.sites[0].parameterization is not None
+                and self.sites[0].family is not None and self.sites[0].family.full_rank)
+
+
+class GuideReader:
+    """Finds the guide's latent sites and the param leaves behind each of them."""
+
+    def __init__(self, guide: Callable):
+        self.guide = guide
+        self._last_call: tuple[tuple, dict] | None = None
+        self._structure: dict[tuple, tuple] = {}
+        if isinstance(guide, torch.nn.Module):
+            guide.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._last_call = (args, kwargs)
+
+    def _call_args(self) -> tuple[tuple, dict]:
+        recorded = getattr(self.guide, "last_call", None) or self._last_call
+        return recorded if recorded is not None else ((), {})
+
+    def trace(self) -> poutine.Trace:
+        """Runs the guide on its last arguments; the global RNG state is left as it was."""
+        args, kwargs = self._call_args()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            try:
+                return poutine.trace(self.guide).get_trace(*args, **kwargs)
+            except TypeError as e:
+                if self._last_call is None and getattr(self.guide, "last_call", None) is None:
+                    raise TypeError(
+                        f"could not re-run guide {getattr(self.guide, '__name__', self.guide)!r} "
+                        "without arguments; wrap a plain-function guide once with "
+                        "`guide = pyro_natgrad.record_args(guide)` and pass the wrapped guide to "
+                        "SVI") from e
+                raise
+
+    def read(self, leaves: dict[str, Tensor]) -> list[Group]:
+        """Latent sites grouped by shared params; ``leaves`` are the params being optimized."""
+        trace = self.trace()
+        sites = []
+        for name, node in trace.nodes.items():
+            if node["type"] != "sample" or node["is_observed"]:
+                continue
+            fn = node["fn"]
+            base, copies = unwrap(fn)
+            if type(base).__name__ == "Delta":
+                continue
+            site_scale = node.get("scale", 1.0)
+            site_scale = float(site_scale) if not isinstance(site_scale, Tensor) else float(
+                site_scale.mean())
+            site = self._site(name, fn, base, copies, site_scale, leaves)
+            if site is not None:
+                sites.append(site)
+        return _group(sites)
+
+    def _site(self, name: str, fn: Distribution, base: Distribution, copies: float,
+              scale: float, leaves: dict[str, Tensor]) -> Site | None:
+        family = family_of(base)
+        key = (name, type(base), tuple(sorted(leaves)))
+        if key not in self._structure:
+            self._structure[key] = self._dependencies(fn, base, family, leaves)
+        deps, param = self._structure[key]
+        if not deps:
+            return None
+        if family is not None and param is None and isinstance(self.guide, AutoMultivariateNormal):
+            param = self._auto_mvn_parameterization(family, deps)
+        return Site(name, fn, base, family, copies * scale, scale, deps, param)
+
+    def _dependencies(self, fn: Distribution, base: Distribution,
+                      family: ExponentialFamily | None, leaves: dict[str, Tensor]):
+        names = list(leaves)
+        store = pyro.get_param_store()
+        if family is not None:
+            outputs = [a for a in family.args(base) if isinstance(a, Tensor) and a.requires_grad]
+        else:
+            with torch.no_grad():
+                z = fn.sample()
+            outputs = [fn.log_prob(z).sum()]
+        if not outputs:
+            return (), None
+        grads = [torch.autograd.grad(o.sum(), [leaves[n] for n in names], allow_unused=True,
+                                     retain_graph=True) for o in outputs]
+        deps = tuple(n for i, n in enumerate(names) if any(g[i] is not None for g in grads))
+        if family is None or len(outputs) != len(family.arg_names):
+            return deps, None
+        # Direct: each argument depends on exactly one leaf and equals its constrained value.
+        direct = []
+        for arg, g in zip(family.args(base), grads, strict=True):
+            own = [n for i, n in enumerate(names) if g[i] is not None]
+            if len(own) != 1:
+                return deps, None
+            constraint = store._constraints[own[0]]
+            value = transform_to(constraint)(leaves[own[0]])
+            if value.shape != arg.shape or not torch.equal(value.detach(), arg.detach()):
+                return deps, None
+            direct.append((own[0], constraint))
+        if len({n for n, _ in direct}) != len(direct):
+            return deps, None
+        names_, constraints_ = zip(*direct, strict=True)
+        return deps, Direct(tuple(names_), tuple(constraints_))
+
+    def _auto_mvn_parameterization(self, family: ExponentialFamily,
+                                   deps: tuple[str, ...]) -> Parameterization | None:
+        guide = self.guide
+        names = tuple(guide._pyro_get_fullname(n) for n in ("loc", "scale", "scale_tril"))
+        if family.name != "MultivariateNormal" or set(names) != set(deps):
+            return None
+        store = pyro.get_param_store()
+        return ScaledUnitCholesky(names, tuple(store._constraints[n] for n in names))
+
+
+def _group(sites: list[Site]) -> list[Group]:
+    """Union of sites that share any param (connected components)."""
+    groups: list[Group] = []
+    for site in sites:
+        touching = [g for g in groups if set(g.param_names) & set(site.param_names)]
+        merged_sites = [site] + [s for g in touching for s in g.sites]
+        names = tuple(dict.fromkeys(n for s in merged_sites for n in s.param_names))
+        groups = [g for g in groups if g not in touching] + [Group(merged_sites, names)]
+    return groups

@@ -1,0 +1,197 @@
+"""The machinery shared by every geometry-aware optimizer: a :class:`pyro.optim.PyroOptim` that
+steps the guide's distribution params together, one group of coupled sites at a time, and hands
+every other param (model params, AutoDelta values, network weights) to a plain base optimizer.
+
+Subclasses say how to turn one group's gradient into a step (``_step_fn``); this class owns
+reading the guide, safety (non-finite gradients, steps that leave the domain, the KL trust region),
+the adaptive step size, diagnostics, and ``get_state``/``set_state``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.optim import PyroOptim
+from torch import Tensor
+
+from ..guides import Group, GuideReader
+from .schedule import AdaptiveStep
+
+__all__ = ["GeometricOptim", "Candidate", "StepRefusedWarning"]
+
+
+class StepRefusedWarning(UserWarning):
+    """A group's step was refused (non-finite gradient, or no valid step was found)."""
+
+
+@dataclass
+class Candidate:
+    """A proposed new value of a group's unconstrained params, and its KL from the current q."""
+
+    values: dict[str, Tensor]
+    kl: float | None = None
+    note: str = ""
+
+
+StepFn = Callable[[float], Candidate | None]
+
+
+class GeometricOptim(PyroOptim):
+    """Base class. ``lr`` is the largest step; ``adaptive`` lets the step shrink and grow back.
+
+    :param guide: the guide passed to SVI (read for its structure, never called by the loss).
+    :param lr: step size (> 0).
+    :param adaptive: reject steps whose trapezoidal loss estimate rose and shrink the step.
+    :param max_kl: trust region: scale a group's step so KL(q_old ‖ q_new) ≤ max_kl.
+    :param max_backtracks: halvings tried before a step outside the domain is refused.
+    :param on_nonfinite: ``"warn"`` (refuse the step, warn, keep the params) or ``"raise"``.
+    :param base_optim: torch optimizer class for params outside the guide's distributions.
+    :param base_args: its arguments.
+    """
+
+    def __init__(self, guide: Callable, lr: float, *, adaptive: bool = True,
+                 max_kl: float | None = None, max_backtracks: int = 20,
+                 on_nonfinite: str = "warn", min_lr: float = 1e-4,
+                 base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
+                 base_args: dict | None = None):
+        if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if max_kl is not None and not max_kl > 0:
+            raise ValueError(f"max_kl must be > 0 or None, got {max_kl!r}")
+        if on_nonfinite not in ("warn", "raise"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        if not callable(guide):
+            raise TypeError(f"guide must be the callable guide passed to SVI, got {guide!r}")
+        super().__init__(base_optim, dict(base_args or {"lr": 1e-2}))
+        self.guide = guide
+        self.lr = float(lr)
+        self.max_kl = max_kl
+        self.max_backtracks = int(max_backtracks)
+        self.on_nonfinite = on_nonfinite
+        self.schedule = AdaptiveStep(self.lr, min_lr=min_lr) if adaptive else None
+        self.reader = GuideReader(guide)
+        self.num_steps = 0
+        self.last_step: dict[str, dict] = {}
+        self._pending: dict | None = None
+        self._groups: list[Group] = []
+
+    # ----- what subclasses provide --------------------------------------------------------------
+    def _step_fn(self, group: Group, leaves: dict[str, Tensor],
+                 grads: dict[str, Tensor]) -> tuple[StepFn, str]:
+        """Returns ``step(rate) -> Candidate | None`` for one group, and the method's name."""
+        raise NotImplementedError
+
+    # ----- the step -----------------------------------------------------------------------------
+    def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
+        store = pyro.get_param_store()
+        leaves = {store.param_name(p): p for p in params}
+        grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for n, p in leaves.items()}
+        rate = self._judge_previous(leaves, grads)
+        self._groups = groups = self.reader.read(leaves)
+        owned = {n for g in groups for n in g.param_names}
+        others = [p for n, p in leaves.items() if n not in owned]
+        if others:
+            super().__call__(others, *args, **kwargs)
+        self.last_step = {}
+        before = {n: leaves[n].detach().clone() for n in owned}
+        stepped = set()
+        for group in groups:
+            if self._step_group(group, leaves, grads, rate):
+                stepped.update(group.param_names)
+        self.num_steps += 1
+        if self.schedule is not None and stepped:
+            self._pending = {"theta": {n: before[n] for n in stepped},
+                             "grad": {n: grads[n] for n in stepped}}
+
+    def _judge_previous(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> float:
+        """Accepts or rejects the previous step (restoring θ₀ and g₀ when rejected)."""
+        if self.schedule is None:
+            return self.lr
+        pending, self._pending = self._pending, None
+        if pending is not None and set(pending["theta"]) <= set(leaves):
+            theta1 = {n: leaves[n].detach() for n in pending["theta"]}
+            change = self.schedule.loss_change(pending["theta"], theta1, pending["grad"], grads)
+            if not math.isfinite(change) or not self.schedule.judge(change):
+                with torch.no_grad():
+                    for n, t0 in pending["theta"].items():
+                        leaves[n].copy_(t0)
+                grads.update(pending["grad"])
+        return self.schedule.rate
+
+    def _step_group(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
+                    rate: float) -> bool:
+        site_names = ", ".join(s.name for s in group.sites)
+        bad = [n for n in group.param_names if not torch.isfinite(grads[n]).all()]
+        if bad:
+            self._refuse(group, f"non-finite gradient of param(s) {bad} at guide site(s) "
+                                f"{site_names}; step refused, params unchanged")
+            return False
+        step, method = self._step_fn(group, leaves, grads)
+        tried = rate
+        for backtrack in range(self.max_backtracks + 1):
+            candidate = step(tried)
+            problem = self._problem(candidate)
+            if problem is None and self.max_kl is not None and candidate.kl > self.max_kl:
+                problem = "kl"
+                tried *= max(0.1, min(0.9, math.sqrt(self.max_kl / candidate.kl)))
+            elif problem is not None:
+                tried *= 0.5
+            if problem is None:
+                with torch.no_grad():
+                    for n, v in candidate.values.items():
+                        leaves[n].copy_(v)
+                for s in group.sites:
+                    self.last_step[s.name] = {"method": method, "lr": tried, "kl": candidate.kl,
+                                              "backtracks": backtrack, "note": candidate.note}
+                return True
+        self._refuse(group, f"no valid step at guide site(s) {site_names} after "
+                            f"{self.max_backtracks} halvings (last lr {tried:.3g}); "
+                            "step refused, params unchanged")
+        return False
+
+    @staticmethod
+    def _problem(candidate: Candidate | None) -> str | None:
+        if candidate is None:
+            return "domain"
+        if not all(torch.isfinite(v).all() for v in candidate.values.values()):
+            return "non-finite"
+        if candidate.kl is not None and not math.isfinite(candidate.kl):
+            return "non-finite"
+        return None
+
+    def _refuse(self, group: Group, message: str) -> None:
+        for s in group.sites:
+            self.last_step[s.name] = {"method": "refused", "note": message}
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, StepRefusedWarning, stacklevel=3)
+
+    # ----- state --------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """Base-optimizer state per param, plus the step count, step size and pending step."""
+        return {"base": super().get_state(),
+                "geometry": {"num_steps": self.num_steps,
+                             "schedule": self.schedule.state_dict() if self.schedule else None,
+                             "pending": _clone(self._pending)}}
+
+    def set_state(self, state: dict) -> None:
+        if "geometry" not in state:  # a plain PyroOptim state
+            return super().set_state(state)
+        super().set_state(state["base"])
+        geometry = state["geometry"]
+        self.num_steps = geometry["num_steps"]
+        if self.schedule is not None and geometry["schedule"] is not None:
+            self.schedule.load_state_dict(geometry["schedule"])
+        self._pending = _clone(geometry["pending"])
+
+
+def _clone(tree):
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    return tree.detach().clone() if isinstance(tree, Tensor) else tree
