@@ -188,7 +188,7 @@ class GuideReader:
         if key not in self._structure:
             self._structure[key] = self._dependencies(fn, base, family, leaves)
         deps, param = self._structure[key]
-        if not deps:
+        if not deps or copies * scale == 0:  # no params, or fully masked out: nothing to step
             return None
         if family is not None and param is None and isinstance(self.guide, AutoMultivariateNormal):
             param = self._auto_mvn_parameterization(family, deps)
@@ -208,13 +208,13 @@ class GuideReader:
             return (), None
         grads = [torch.autograd.grad(o.sum(), [leaves[n] for n in names], allow_unused=True,
                                      retain_graph=True) for o in outputs]
-        deps = tuple(n for i, n in enumerate(names) if any(g[i] is not None for g in grads))
+        deps = tuple(n for i, n in enumerate(names) if any(_touches(g[i]) for g in grads))
         if family is None or len(outputs) != len(family.arg_names):
             return deps, None
         # Direct: each argument depends on exactly one leaf and equals its constrained value.
         direct = []
         for arg, g in zip(family.args(base), grads, strict=True):
-            own = [n for i, n in enumerate(names) if g[i] is not None]
+            own = [n for i, n in enumerate(names) if _touches(g[i])]
             if len(own) != 1:
                 return deps, None
             constraint = store._constraints[own[0]]
@@ -235,6 +235,12 @@ class GuideReader:
             return None
         store = pyro.get_param_store()
         return ScaledUnitCholesky(names, tuple(store._constraints[n] for n in names))
+
+
+def _touches(grad: Tensor | None) -> bool:
+    """A leaf feeds an output when the output's gradient w.r.t. it is not identically zero (a
+    param stacked or indexed into the arguments gets an all-zero gradient for the others)."""
+    return grad is not None and bool(grad.ne(0).any())
 
 
 def _group(sites: list[Site]) -> list[Group]:

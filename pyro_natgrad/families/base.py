@@ -32,9 +32,11 @@ class ExponentialFamily:
 
     Subclasses set ``dist_class`` (the torch distribution class they describe), ``arg_names`` (the
     constructor keywords read from and passed to it), ``event_dims`` (event rank of each natural /
-    mean parameter) and ``full_rank`` (False when the distribution's arguments cannot represent every
-    natural parameter, e.g. a low-rank covariance: then ``natural_to_args`` is unavailable and the
-    optimizer steps in the guide's own parameters with this family's Fisher instead).
+    mean parameter) and ``full_rank`` (False when the distribution's arguments cannot represent
+    every natural parameter, e.g. a low-rank covariance: then ``natural_to_args`` is unavailable and
+    the optimizer steps in the guide's own parameters with this family's Fisher instead).
+    ``closed_form_mean_map`` is False when μ ↦ args has no closed form and is solved iteratively
+    (Gamma, Beta, Dirichlet): consumers then prefer the η-side maps.
     """
 
     name: str = ""
@@ -42,6 +44,7 @@ class ExponentialFamily:
     arg_names: tuple[str, ...] = ()
     event_dims: tuple[int, ...] = ()
     full_rank: bool = True
+    closed_form_mean_map: bool = True
 
     # ----- reading and building distributions -------------------------------------------------
     def args(self, d: Distribution) -> Params:
@@ -81,8 +84,12 @@ class ExponentialFamily:
         """A(η), with the batch shape of the parameters."""
         raise NotImplementedError
 
-    def sufficient_statistics(self, z: Tensor) -> Params:
-        """T(z), shaped like the natural parameters (batch dims from ``z``)."""
+    def sufficient_statistics(self, z: Tensor, *eta: Tensor) -> Params:
+        """T(z), shaped like the natural parameters (batch dims from ``z``).
+
+        ``eta`` is read only by families whose statistic needs more than ``z`` (Categorical takes
+        the number of categories from it); the others ignore it.
+        """
         raise NotImplementedError
 
     def in_domain(self, *eta: Tensor) -> Tensor:
@@ -145,5 +152,21 @@ class ExponentialFamily:
         return tuple(out)
 
     def param_event_shapes(self, flat_size: int) -> tuple[torch.Size, ...]:
-        """Event shapes of the natural parameters given the flattened size (scalar families)."""
-        return tuple(torch.Size(()) for _ in self.event_dims)
+        """Event shapes of the natural parameters given the flattened size.
+
+        The default covers scalar parameters and a single vector parameter; families with other
+        layouts (the multivariate normal's (d, d×d)) override it.
+        """
+        if all(k == 0 for k in self.event_dims):
+            return tuple(torch.Size(()) for _ in self.event_dims)
+        if self.event_dims == (1,):
+            return (torch.Size((flat_size,)),)
+        raise NotImplementedError(
+            f"{type(self).__name__} must override param_event_shapes for event dims "
+            f"{self.event_dims}")
+
+
+def symmetric_2x2(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """The batch of matrices [[a, b], [b, c]], shape ``broadcast(a, b, c) + (2, 2)``."""
+    a, b, c = torch.broadcast_tensors(a, b, c)
+    return torch.stack([torch.stack([a, b], -1), torch.stack([b, c], -1)], -2)

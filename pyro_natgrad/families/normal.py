@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Normal as _Normal
 
-from .base import ExponentialFamily, Params
+from .base import ExponentialFamily, Params, symmetric_2x2
 
 
 class Normal(ExponentialFamily):
@@ -33,7 +33,7 @@ class Normal(ExponentialFamily):
     def log_partition(self, eta1: Tensor, eta2: Tensor) -> Tensor:
         return -eta1.square() / (4 * eta2) - 0.5 * torch.log(-2 * eta2)
 
-    def sufficient_statistics(self, z: Tensor) -> Params:
+    def sufficient_statistics(self, z: Tensor, *eta: Tensor) -> Params:
         return z, z.square()
 
     def in_domain(self, eta1: Tensor, eta2: Tensor) -> Tensor:
@@ -43,7 +43,4 @@ class Normal(ExponentialFamily):
         """Cov[(z, z²)] = [[σ², 2mσ²], [2mσ², 4m²σ² + 2σ⁴]]."""
         m, s = self.natural_to_args(eta1, eta2)
         v = s.square()
-        c = 2 * m * v
-        row1 = torch.stack(torch.broadcast_tensors(v, c), -1)
-        row2 = torch.stack(torch.broadcast_tensors(c, 4 * m.square() * v + 2 * v.square()), -1)
-        return torch.stack([row1, row2], -2)
+        return symmetric_2x2(v, 2 * m * v, 4 * m.square() * v + 2 * v.square())

@@ -1,7 +1,8 @@
-"""Metric estimators: the closed-form exponential-family Fisher pulled back to a guide's params,
-the Monte Carlo score Fisher of any guide, and the empirical Fisher of a network."""
+"""Fisher information metrics: closed form (pulled back through the guide), Monte Carlo, and the
+empirical Fisher of a network."""
 
 from .closed_form import PulledBackFisher
+from .empirical import empirical_fisher
 from .monte_carlo import MonteCarloFisher
 
-__all__ = ["PulledBackFisher", "MonteCarloFisher"]
+__all__ = ["PulledBackFisher", "MonteCarloFisher", "empirical_fisher"]

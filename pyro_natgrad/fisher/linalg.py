@@ -67,12 +67,16 @@ def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: floa
 
 
 def solve_psd(matrix: Tensor, b: Tensor, damping: float = 0.0) -> Tensor:
-    """Solves (M + damping·I) x = b for a symmetric PSD matrix, by Cholesky; falls back to a
-    least-squares solve when M is singular (e.g. params the metric does not see)."""
+    """The minimum-norm solution of (M + damping·I) x = b for a symmetric PSD matrix M.
+
+    By eigendecomposition, dropping directions whose eigenvalue is below ``n·eps·λ_max``: a metric
+    is often singular (a low-rank factor W can rotate, W ↦ WR, without changing q; params the
+    metric does not see), and a plain damped Cholesky solve would then step far along those
+    directions, where the metric (and the KL trust region built on it) sees no change at all.
+    """
     m = 0.5 * (matrix + matrix.T)
-    if damping:
-        m = m + damping * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-    chol, info = torch.linalg.cholesky_ex(m)
-    if int(info) == 0:
-        return torch.cholesky_solve(b[:, None], chol)[:, 0]
-    return torch.linalg.lstsq(m, b[:, None]).solution[:, 0]
+    evals, evecs = torch.linalg.eigh(m)
+    cutoff = m.shape[0] * torch.finfo(m.dtype).eps * evals.abs().max().clamp_min(1e-300)
+    keep = evals > cutoff
+    inverse = torch.where(keep, 1.0 / (evals.clamp_min(cutoff) + damping), 0.0)
+    return evecs @ (inverse * (evecs.T @ b))

@@ -47,7 +47,10 @@ class GeometricOptim(PyroOptim):
     :param guide: the guide passed to SVI (read for its structure, never called by the loss).
     :param lr: step size (> 0).
     :param adaptive: reject steps whose trapezoidal loss estimate rose and shrink the step.
-    :param max_kl: trust region: scale a group's step so KL(q_old ‖ q_new) ≤ max_kl.
+    :param max_kl: trust region: scale a group's step so KL(q_old ‖ q_new) ≤ max_kl (the seed's
+        constraint ½ δᵀFδ ≤ ε²). ``"auto"``: no bound on steps taken in natural parameters (they
+        stay in the domain by construction), and ½ δᵀFδ ≤ ½·dim θ for first-order steps in the
+        guide's own parameters, whose quadratic KL model is only locally right.
     :param max_backtracks: halvings tried before a step outside the domain is refused.
     :param on_nonfinite: ``"warn"`` (refuse the step, warn, keep the params) or ``"raise"``.
     :param base_optim: torch optimizer class for params outside the guide's distributions.
@@ -55,14 +58,14 @@ class GeometricOptim(PyroOptim):
     """
 
     def __init__(self, guide: Callable, lr: float, *, adaptive: bool = True,
-                 max_kl: float | None = None, max_backtracks: int = 20,
+                 max_kl: float | str | None = "auto", max_backtracks: int = 20,
                  on_nonfinite: str = "warn", min_lr: float = 1e-4,
                  base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
                  base_args: dict | None = None):
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if max_kl is not None and not max_kl > 0:
-            raise ValueError(f"max_kl must be > 0 or None, got {max_kl!r}")
+        if max_kl not in (None, "auto") and not (isinstance(max_kl, int | float) and max_kl > 0):
+            raise ValueError(f"max_kl must be > 0, 'auto' or None, got {max_kl!r}")
         if on_nonfinite not in ("warn", "raise"):
             raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
         if not callable(guide):
@@ -92,37 +95,45 @@ class GeometricOptim(PyroOptim):
         leaves = {store.param_name(p): p for p in params}
         grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in leaves.items()}
-        rate = self._judge_previous(leaves, grads)
+        rejected = self._judge_previous(leaves, grads)
         self._groups = groups = self.reader.read(leaves)
         owned = {n for g in groups for n in g.param_names}
         others = [p for n, p in leaves.items() if n not in owned]
         if others:
             super().__call__(others, *args, **kwargs)
+        self.num_steps += 1
+        if rejected:
+            self.last_step = {s.name: {"method": "undone", "note": "previous step rejected"}
+                              for g in groups for s in g.sites}
+            return
         self.last_step = {}
+        rate = self.schedule.rate if self.schedule is not None else self.lr
         before = {n: leaves[n].detach().clone() for n in owned}
         stepped = set()
         for group in groups:
             if self._step_group(group, leaves, grads, rate):
                 stepped.update(group.param_names)
-        self.num_steps += 1
         if self.schedule is not None and stepped:
             self._pending = {"theta": {n: before[n] for n in stepped},
                              "grad": {n: grads[n] for n in stepped}}
 
-    def _judge_previous(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> float:
-        """Accepts or rejects the previous step (restoring θ₀ and g₀ when rejected)."""
-        if self.schedule is None:
-            return self.lr
+    def _judge_previous(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> bool:
+        """Accepts or rejects the previous step. A rejected step is undone (params back to θ₀)
+        and no new step is taken: the next call brings a fresh gradient at θ₀, because retrying
+        with the stale g₀ would repeat a direction that a noisy g₀ may have got wrong."""
         pending, self._pending = self._pending, None
-        if pending is not None and set(pending["theta"]) <= set(leaves):
-            theta1 = {n: leaves[n].detach() for n in pending["theta"]}
-            change = self.schedule.loss_change(pending["theta"], theta1, pending["grad"], grads)
-            if not math.isfinite(change) or not self.schedule.judge(change):
-                with torch.no_grad():
-                    for n, t0 in pending["theta"].items():
-                        leaves[n].copy_(t0)
-                grads.update(pending["grad"])
-        return self.schedule.rate
+        if self.schedule is None or pending is None or not set(pending["theta"]) <= set(leaves):
+            return False
+        theta1 = {n: leaves[n].detach() for n in pending["theta"]}
+        change = self.schedule.loss_change(pending["theta"], theta1, pending["grad"], grads)
+        if math.isfinite(change) and self.schedule.judge(change):
+            return False
+        if not math.isfinite(change):
+            self.schedule.judge(math.inf)
+        with torch.no_grad():
+            for n, t0 in pending["theta"].items():
+                leaves[n].copy_(t0)
+        return True
 
     def _step_group(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
                     rate: float) -> bool:
@@ -133,13 +144,14 @@ class GeometricOptim(PyroOptim):
                                 f"{site_names}; step refused, params unchanged")
             return False
         step, method = self._step_fn(group, leaves, grads)
+        max_kl = self._max_kl(group, leaves, method)
         tried = rate
         for backtrack in range(self.max_backtracks + 1):
             candidate = step(tried)
             problem = self._problem(candidate)
-            if problem is None and self.max_kl is not None and candidate.kl > self.max_kl:
+            if problem is None and max_kl is not None and candidate.kl > max_kl:
                 problem = "kl"
-                tried *= max(0.1, min(0.9, math.sqrt(self.max_kl / candidate.kl)))
+                tried *= max(0.01, min(0.9, math.sqrt(max_kl / candidate.kl)))
             elif problem is not None:
                 tried *= 0.5
             if problem is None:
@@ -154,6 +166,13 @@ class GeometricOptim(PyroOptim):
                             f"{self.max_backtracks} halvings (last lr {tried:.3g}); "
                             "step refused, params unchanged")
         return False
+
+    def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
+        if self.max_kl != "auto":
+            return self.max_kl
+        if method == "natural":
+            return None
+        return 0.5 * sum(leaves[n].numel() for n in group.param_names)
 
     @staticmethod
     def _problem(candidate: Candidate | None) -> str | None:

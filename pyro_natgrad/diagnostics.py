@@ -1,0 +1,308 @@
+"""ArviZ view of a fitted guide: draws z ~ q as InferenceData, and the PSIS check that VI worked.
+
+Both functions rest on one set of draws: z_s ~ q(z), and for each draw the model run on it, giving
+log p(x, z_s), log q(z_s), the pointwise log-likelihoods log p(y_i | z_s) and replicated data
+y_rep ~ p(y | z_s). The draws are taken in one vectorized pass (an outer ``pyro.plate`` left of
+the model's plates, as ``pyro.infer.Predictive(parallel=True)`` does); a model or guide that
+cannot run vectorized is drawn one sample at a time, with a warning. Everything runs under
+``torch.no_grad`` and only reads the param store (an AutoGuide that was never called creates its
+initial params on the first call, as it would in ``svi.step``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.util import plate_log_prob_sum
+from pyro.poutine.runtime import Message
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
+from pyro.poutine.util import prune_subsample_sites
+from scipy.special import logsumexp
+
+from . import _arviz_compat
+
+_DRAW_PLATE = "_pyro_natgrad_draws"
+
+
+def _is_observation(site: dict | Message) -> bool:
+    """Observed data: not a latent, a ``pyro.deterministic`` or a ``pyro.factor`` site."""
+    infer = site["infer"]
+    return site["is_observed"] and not infer.get("_deterministic") and not infer.get("is_auxiliary")
+
+
+def _is_latent(site: dict) -> bool:
+    """What the posterior group holds: sampled latents and ``pyro.deterministic`` values."""
+    return not site["is_observed"] or bool(site["infer"].get("_deterministic"))
+
+
+def _sample_sites(trace: Trace, keep: Callable[[dict], bool]) -> dict[str, dict]:
+    return {name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and keep(site)}
+
+
+class _RedrawObservations(UnconditionMessenger):
+    """``poutine.uncondition`` for observations only: ``pyro.deterministic`` sites keep their
+    computed values (re-drawing one from its Delta would stack a second draw axis)."""
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if _is_observation(msg):
+            super()._pyro_sample(msg)
+
+
+def _traces(model: Callable, guide: Callable, args: tuple, kwargs: dict,
+            wrap: Callable[[Callable], Callable]) -> tuple[Trace, Trace, Trace]:
+    """Guide trace (z ~ q), model trace replayed on it (observations as given), and a model trace
+    with every latent replayed from the first model trace and the observations re-drawn."""
+    guide_trace = poutine.trace(wrap(guide)).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(wrap(model), trace=guide_trace)).get_trace(
+        *args, **kwargs)
+    replicate = _RedrawObservations()(poutine.replay(wrap(model), trace=model_trace))
+    predictive_trace = poutine.trace(replicate).get_trace(*args, **kwargs)
+    traces = tuple(prune_subsample_sites(t) for t in (guide_trace, model_trace, predictive_trace))
+    for trace in traces[:2]:
+        trace.compute_log_prob()
+    return traces
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """S draws z ~ q, each site in the model's own shape behind a leading draw axis."""
+
+    latent: dict[str, torch.Tensor]  # (S, *site shape), the model's constrained space
+    predictive: dict[str, torch.Tensor]  # (S, *obs shape): y_rep ~ p(y | z)
+    log_lik: dict[str, torch.Tensor]  # (S, *obs batch shape): log p(y_i | z), unscaled
+    log_joint: torch.Tensor  # (S,): log p(x, z)
+    log_q: torch.Tensor  # (S,): log q(z)
+
+    @staticmethod
+    def cat(parts: list[_Draws]) -> _Draws:
+        def join(values: list) -> Any:
+            if isinstance(values[0], dict):
+                return {name: torch.cat([v[name] for v in values]) for name in values[0]}
+            return torch.cat(values)
+
+        return _Draws(**{f.name: join([getattr(p, f.name) for p in parts]) for f in fields(_Draws)})
+
+
+def _collect(traces: tuple[Trace, Trace, Trace], prototype: Trace, num: int,
+             log_joint: torch.Tensor, log_q: torch.Tensor) -> _Draws:
+    """Read ``num`` draws off the traces, reshaped to the sites' shapes in ``prototype`` (a model
+    trace of one draw). A tensor whose size is not ``num`` times the prototype's is an error."""
+    _, model_trace, predictive_trace = traces
+
+    def take(trace: Trace, name: str, key: str) -> torch.Tensor:
+        tensor, shape = trace.nodes[name][key], prototype.nodes[name][key].shape
+        if tensor.numel() != num * shape.numel():
+            raise ValueError(f"site '{name}': {key} of shape {tuple(tensor.shape)} for {num} draws "
+                             f"does not match shape {tuple(shape)} of one draw")
+        return tensor.reshape(num, *shape)
+
+    observed = _sample_sites(prototype, _is_observation)
+    return _Draws(
+        latent={name: take(model_trace, name, "value")
+                for name in _sample_sites(prototype, _is_latent)},
+        predictive={name: take(predictive_trace, name, "value") for name in observed},
+        log_lik={name: take(model_trace, name, "unscaled_log_prob") for name in observed},
+        log_joint=log_joint.reshape(num), log_q=log_q.reshape(num))
+
+
+def _max_plate_nesting(*traces: Trace) -> int:
+    dims = [frame.dim for trace in traces for site in trace.nodes.values()
+            if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized]
+    return -min(dims, default=0)
+
+
+def _draw_vectorized(model: Callable, guide: Callable, args: tuple, kwargs: dict,
+                     prototype: tuple[Trace, Trace, Trace], num_samples: int) -> _Draws:
+    dim = -_max_plate_nesting(*prototype[:2]) - 1
+
+    def wrap(fn):
+        def vectorized(*args, **kwargs):
+            with pyro.plate(_DRAW_PLATE, num_samples, dim=dim):
+                return fn(*args, **kwargs)
+        return vectorized
+
+    traces = _traces(model, guide, args, kwargs, wrap)
+    guide_trace, model_trace, _ = traces
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+    symbol = guide_trace.plate_to_symbol[_DRAW_PLATE]
+    return _collect(traces, prototype[1], num_samples, plate_log_prob_sum(model_trace, symbol),
+                    plate_log_prob_sum(guide_trace, symbol))
+
+
+def _draw_one(traces: tuple[Trace, Trace, Trace], prototype: Trace) -> _Draws:
+    guide_trace, model_trace, _ = traces
+    return _collect(traces, prototype, 1, model_trace.log_prob_sum(), guide_trace.log_prob_sum())
+
+
+@torch.no_grad()
+def _draw(model: Callable, guide: Callable, args: tuple, kwargs: dict,
+          num_samples: int) -> tuple[_Draws, Trace]:
+    """``num_samples`` draws, and a model trace of one draw (site shapes, plates, observations)."""
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+    prototype = _traces(model, guide, args, kwargs, lambda fn: fn)
+    try:
+        draws = _draw_vectorized(model, guide, args, kwargs, prototype, num_samples)
+    except Exception as error:  # whatever stops the vectorized pass, the loop may still work
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"model and guide could not be run vectorized over draws ({reason}); "
+                      f"drawing {num_samples} samples one at a time", stacklevel=3)
+        draws = _Draws.cat([_draw_one(_traces(model, guide, args, kwargs, lambda fn: fn),
+                                      prototype[1]) for _ in range(num_samples)])
+    return draws, prototype[1]
+
+
+def _dim_names(name: str, site: dict) -> list[str]:
+    """Axis names of a site's value: the plate's name for a plate's axis, else ``<site>_dim_<i>``
+    (ArviZ's default)."""
+    value_dims = site["value"].dim()
+    names = [f"{name}_dim_{i}" for i in range(value_dims)]
+    batch_dims = value_dims - len(site["fn"].event_shape)
+    for frame in site["cond_indep_stack"]:
+        if frame.vectorized and 0 <= batch_dims + frame.dim:
+            names[batch_dims + frame.dim] = frame.name
+    return names
+
+
+def _tensor_arguments(model: Callable, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The model's tensor arguments by parameter name (``arg_<i>`` where the signature does not
+    tell)."""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        signature = inspect.signature(fn)
+        bound = signature.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = {**{f"arg_{i}": a for i, a in enumerate(args)}, **kwargs}
+        signature = None
+    named = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind if signature else None
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            named.update({f"{name}_{i}": v for i, v in enumerate(value)})
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return {name: value for name, value in named.items() if torch.is_tensor(value)}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def to_inference_data(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
+                      **kwargs: Any) -> Any:
+    """ArviZ InferenceData (a DataTree under ArviZ 1.x) of ``num_samples`` draws z ~ q, one chain.
+
+    Groups: ``posterior`` (every latent site of the model, and ``pyro.deterministic`` sites, in the
+    model's constrained space and the model's shapes), ``posterior_predictive`` (each observed site
+    re-drawn, y_rep ~ p(y | z)), ``log_likelihood`` (log p(y_i | z) per observation, unscaled, for
+    ``az.loo``; Vehtari, Gelman & Gabry 2017), ``observed_data`` and ``constant_data`` (the model's
+    tensor arguments, less those passed as observations). An axis that a vectorized
+    ``pyro.plate`` indexes is named after the plate. ``args``/``kwargs`` go to model and guide.
+    """
+    draws, prototype = _draw(model, guide, args, kwargs, num_samples)
+    observed = _sample_sites(prototype, _is_observation)
+    named = {**_sample_sites(prototype, _is_latent), **observed}
+    dims = {name: _dim_names(name, site) for name, site in named.items()}
+    observed_ids = {id(site["value"]) for site in observed.values()}
+    groups = {
+        "posterior": {name: _numpy(v)[None] for name, v in draws.latent.items()},
+        "posterior_predictive": {name: _numpy(v)[None] for name, v in draws.predictive.items()},
+        "log_likelihood": {name: _numpy(v)[None] for name, v in draws.log_lik.items()},
+        "observed_data": {name: _numpy(site["value"]) for name, site in observed.items()},
+        "constant_data": {name: _numpy(v) for name, v in _tensor_arguments(model, args, kwargs)
+                          .items() if id(v) not in observed_ids},
+    }
+    return _arviz_compat.from_dict({g: v for g, v in groups.items() if v}, dims=dims)
+
+
+_K_GOOD, _K_OK = 0.5, 0.7
+
+
+@dataclass(frozen=True)
+class VIDiagnostics:
+    """Pareto-smoothed importance sampling check of a guide q against the posterior p(z | x).
+
+    Yao, Vehtari, Simpson & Gelman (2018), "Yes, but did it work?: Evaluating variational
+    inference", ICML: with log ratios r_s = log p(x, z_s) − log q(z_s), z_s ~ q, the Pareto shape
+    k̂ fitted to the largest ratios says how far q is from the posterior: k̂ ≤ 0.5 good, k̂ ≤ 0.7
+    usable with importance weighting, else unreliable. ``means`` are the self-normalized PSIS
+    estimates Σ_s w̃_s z_s; ``ess`` = 1 / Σ_s w̃_s² (Kong 1992) of the normalized smoothed weights.
+    """
+
+    pareto_k: float
+    ess: float
+    log_ratios: np.ndarray  # (S,) raw log p(x, z_s) − log q(z_s)
+    log_weights: np.ndarray  # (S,) Pareto-smoothed, normalized: log w̃_s
+    means: dict[str, np.ndarray]  # PSIS-weighted posterior means per latent site
+    guide_means: dict[str, np.ndarray]  # plain means of the same draws under q
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.log_ratios)
+
+    @property
+    def verdict(self) -> str:
+        """"good" (k̂ ≤ 0.5), "ok" (k̂ ≤ 0.7) or "unreliable"."""
+        if self.pareto_k <= _K_GOOD:
+            return "good"
+        return "ok" if self.pareto_k <= _K_OK else "unreliable"
+
+    @property
+    def log_evidence(self) -> float:
+        """Importance-sampling estimate log (1/S Σ_s exp r_s) of log p(x) (raw ratios)."""
+        return float(logsumexp(self.log_ratios) - np.log(self.num_samples))
+
+    def __str__(self) -> str:
+        meaning = {"good": "q is close to the posterior",
+                   "ok": "usable, better with the PSIS-weighted estimates below",
+                   "unreliable": "q is far from the posterior; do not trust its estimates"}
+        lines = [f"VI diagnostics: PSIS on {self.num_samples} draws from the guide",
+                 f"  Pareto k-hat = {self.pareto_k:.3f}: {self.verdict} ({meaning[self.verdict]})",
+                 f"  ESS of the importance weights = {self.ess:.1f} "
+                 f"({100 * self.ess / self.num_samples:.0f}% of the draws)",
+                 f"  log evidence (IS estimate) = {self.log_evidence:.4g}",
+                 "  posterior means, guide -> PSIS-weighted:"]
+        fmt = {"precision": 4, "threshold": 8, "edgeitems": 3}
+        for name, mean in self.means.items():
+            lines.append(f"    {name}: {np.array2string(self.guide_means[name], **fmt)} -> "
+                         f"{np.array2string(mean, **fmt)}")
+        return "\n".join(lines)
+
+
+def vi_diagnostics(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
+                   **kwargs: Any) -> VIDiagnostics:
+    """PSIS diagnostic of ``guide`` for ``model`` (see :class:`VIDiagnostics`) from
+    ``num_samples`` draws z ~ q; draws are independent, so the relative efficiency r_eff = 1."""
+    draws, prototype = _draw(model, guide, args, kwargs, num_samples)
+    for name in _sample_sites(prototype, lambda site: not site["is_observed"]):
+        value = draws.latent[name]
+        if value.is_floating_point() and (value == value[0]).all():
+            raise ValueError(f"all {num_samples} draws of site '{name}' are equal: a point-mass "
+                             "guide (such as AutoDelta) has no density to weigh against p(x, z)")
+    log_ratios = _numpy(draws.log_joint - draws.log_q).astype(np.float64)
+    if not np.isfinite(log_ratios).all():
+        bad = int((~np.isfinite(log_ratios)).sum())
+        raise ValueError(f"{bad} of {num_samples} draws from the guide have a non-finite "
+                         "log p(x, z) - log q(z): the guide puts mass where the model has none, "
+                         "or the model's log density is not a number there")
+    log_weights, k_hat = _arviz_compat.psislw(log_ratios)
+    weights = np.exp(log_weights)
+    latent = {name: _numpy(v).astype(np.float64) for name, v in draws.latent.items()}
+    return VIDiagnostics(
+        pareto_k=k_hat, ess=float(1.0 / np.sum(weights**2)), log_ratios=log_ratios,
+        log_weights=log_weights,
+        means={name: np.tensordot(weights, v, axes=1) for name, v in latent.items()},
+        guide_means={name: v.mean(0) for name, v in latent.items()})

@@ -1,0 +1,180 @@
+"""Multivariate normal N(m, Σ): T(z) = (z, zzᵀ), η = (Λm, -½Λ) with Λ = Σ⁻¹, μ = (m, Σ + mmᵀ),
+A(η) = ½ mᵀΛm - ½ log|Λ| = -¼ η₁ᵀη₂⁻¹η₁ - ½ log|-2η₂| (Wainwright & Jordan 2008, Example 3.3).
+
+η₂ is a full d×d matrix of which only the symmetric part matters (<η₂, zzᵀ> = <sym η₂, zzᵀ>):
+every map symmetrizes it, and the Fisher over the d + d² flattened coordinates is singular along
+antisymmetric directions. ``MultivariateNormal(loc, scale_tril)`` and
+``LowRankMultivariateNormal(loc, cov_factor, cov_diag)`` share this geometry and differ only in
+their arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import LowRankMultivariateNormal as _LowRankMultivariateNormal
+from torch.distributions import MultivariateNormal as _MultivariateNormal
+
+from .base import ExponentialFamily, Params
+
+
+def _outer(a: Tensor, b: Tensor) -> Tensor:
+    return a.unsqueeze(-1) * b.unsqueeze(-2)
+
+
+def _precision(eta2: Tensor) -> Tensor:
+    """Λ = -2 sym(η₂) = -(η₂ + η₂ᵀ)."""
+    return -(eta2 + eta2.mT)
+
+
+def precision_to_scale_tril(precision: Tensor) -> Tensor:
+    """Lower Cholesky factor L of Σ = Λ⁻¹ without inverting Λ.
+
+    With J the flip of both axes, the Cholesky factor L_f of JΛJ gives Λ = UUᵀ with U = J L_f J
+    upper triangular, so Σ = U⁻ᵀU⁻¹ and L = U⁻ᵀ = (Uᵀ)⁻¹: one Cholesky, one triangular solve.
+    """
+    u_t = torch.linalg.cholesky(precision.flip(-2, -1)).flip(-2, -1).mT
+    eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)
+    return torch.linalg.solve_triangular(u_t, eye.expand_as(u_t), upper=False)
+
+
+def natural_to_loc_tril(eta1: Tensor, eta2: Tensor) -> Params:
+    """(m, L) with LLᵀ = Σ = Λ⁻¹, Λ = -2 sym(η₂), m = Σ η₁."""
+    tril = precision_to_scale_tril(_precision(eta2))
+    loc = (tril @ (tril.mT @ eta1.unsqueeze(-1))).squeeze(-1)
+    return loc, tril
+
+
+def loc_tril_to_natural(loc: Tensor, tril: Tensor) -> Params:
+    """η = (Λm, -½Λ) with Λ = (LLᵀ)⁻¹ from the Cholesky factor (LAPACK potri)."""
+    precision = torch.cholesky_inverse(tril)
+    return (precision @ loc.unsqueeze(-1)).squeeze(-1), -0.5 * precision
+
+
+def loc_cov_to_mean(loc: Tensor, cov: Tensor) -> Params:
+    """μ = (m, Σ + mmᵀ)."""
+    return loc, cov + _outer(loc, loc)
+
+
+def mean_to_loc_tril(mu1: Tensor, mu2: Tensor) -> Params:
+    """(m, L) with m = μ₁ and LLᵀ = sym(μ₂) - μ₁μ₁ᵀ."""
+    cov = 0.5 * (mu2 + mu2.mT) - _outer(mu1, mu1)
+    return mu1, torch.linalg.cholesky(cov)
+
+
+class _DenseGaussian(ExponentialFamily):
+    """The η / μ geometry of a d-dimensional Gaussian; subclasses add their arguments."""
+
+    event_dims = (1, 2)
+
+    def event_rank(self) -> int:
+        return 1
+
+    def natural_to_mean(self, eta1: Tensor, eta2: Tensor) -> Params:
+        loc, tril = natural_to_loc_tril(eta1, eta2)
+        return loc_cov_to_mean(loc, tril @ tril.mT)
+
+    def mean_to_natural(self, mu1: Tensor, mu2: Tensor) -> Params:
+        return loc_tril_to_natural(*mean_to_loc_tril(mu1, mu2))
+
+    def log_partition(self, eta1: Tensor, eta2: Tensor) -> Tensor:
+        """A = ½|L_Λ⁻¹η₁|² - Σᵢ log (L_Λ)ᵢᵢ with L_Λ the Cholesky factor of Λ."""
+        chol = torch.linalg.cholesky(_precision(eta2))
+        v = torch.linalg.solve_triangular(chol, eta1.unsqueeze(-1), upper=False).squeeze(-1)
+        return 0.5 * v.square().sum(-1) - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+    def sufficient_statistics(self, z: Tensor, *eta: Tensor) -> Params:
+        return z, _outer(z, z)
+
+    def in_domain(self, eta1: Tensor, eta2: Tensor) -> Tensor:
+        """Λ = -2 sym(η₂) positive definite (its Cholesky succeeds) and η finite."""
+        finite = torch.isfinite(eta1).all(-1) & torch.isfinite(eta2).all((-2, -1))
+        precision = torch.nan_to_num(_precision(eta2), nan=0.0, posinf=0.0, neginf=0.0)
+        return finite & (torch.linalg.cholesky_ex(precision).info == 0)
+
+    def fisher(self, eta1: Tensor, eta2: Tensor) -> Tensor:
+        """Cov[(z, zzᵀ)] by Isserlis' theorem, with P = Σ + mmᵀ:
+
+        Cov(zᵢ, zⱼ) = Σᵢⱼ,  Cov(zᵢ, z_k z_l) = Σᵢₖ m_l + Σᵢₗ m_k,
+        Cov(zᵢzⱼ, z_k z_l) = Pᵢₖ Pⱼₗ + Pᵢₗ Pⱼₖ - 2 mᵢ mⱼ m_k m_l.
+        """
+        loc, tril = natural_to_loc_tril(eta1, eta2)
+        cov = tril @ tril.mT
+        second = cov + _outer(loc, loc)
+        d = loc.shape[-1]
+        c12 = torch.einsum("...ik,...l->...ikl", cov, loc)
+        c12 = (c12 + c12.transpose(-2, -1)).reshape(c12.shape[:-2] + (d * d,))
+        mm = _outer(loc, loc)
+        c22 = (torch.einsum("...ik,...jl->...ijkl", second, second)
+               + torch.einsum("...il,...jk->...ijkl", second, second)
+               - 2 * torch.einsum("...ij,...kl->...ijkl", mm, mm))
+        c22 = c22.reshape(c22.shape[:-4] + (d * d, d * d))
+        top = torch.cat([cov, c12], -1)
+        bottom = torch.cat([c12.mT, c22], -1)
+        return torch.cat([top, bottom], -2)
+
+    def param_event_shapes(self, flat_size: int) -> tuple[torch.Size, ...]:
+        """k = d + d² flattened coordinates: η₁ of shape (d,), η₂ of shape (d, d)."""
+        d = round((math.sqrt(1 + 4 * flat_size) - 1) / 2)
+        if d + d * d != flat_size:
+            raise ValueError(f"{flat_size} is not d + d² for any integer d: not a flattened "
+                             f"{type(self).__name__} parameter")
+        return torch.Size((d,)), torch.Size((d, d))
+
+
+class MultivariateNormal(_DenseGaussian):
+    """Full-covariance Gaussian with arguments (loc, scale_tril)."""
+
+    name = "MultivariateNormal"
+    dist_class = _MultivariateNormal
+    arg_names = ("loc", "scale_tril")
+
+    def args_to_natural(self, loc: Tensor, scale_tril: Tensor) -> Params:
+        return loc_tril_to_natural(loc, scale_tril)
+
+    def natural_to_args(self, eta1: Tensor, eta2: Tensor) -> Params:
+        return natural_to_loc_tril(eta1, eta2)
+
+    def args_to_mean(self, loc: Tensor, scale_tril: Tensor) -> Params:
+        return loc_cov_to_mean(loc, scale_tril @ scale_tril.mT)
+
+    def mean_to_args(self, mu1: Tensor, mu2: Tensor) -> Params:
+        return mean_to_loc_tril(mu1, mu2)
+
+
+class LowRankMultivariateNormal(_DenseGaussian):
+    """Gaussian with covariance WWᵀ + diag(D), arguments (loc, cov_factor W, cov_diag D).
+
+    The maps from arguments go to the dense η and μ; the reverse maps do not exist, because a
+    rank-r factor plus a diagonal cannot represent an arbitrary d×d precision (``full_rank`` False).
+    """
+
+    name = "LowRankMultivariateNormal"
+    dist_class = _LowRankMultivariateNormal
+    arg_names = ("loc", "cov_factor", "cov_diag")
+    full_rank = False
+
+    @staticmethod
+    def _cov(cov_factor: Tensor, cov_diag: Tensor) -> Tensor:
+        return cov_factor @ cov_factor.mT + torch.diag_embed(cov_diag)
+
+    def args_to_natural(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor) -> Params:
+        return loc_tril_to_natural(loc, torch.linalg.cholesky(self._cov(cov_factor, cov_diag)))
+
+    def args_to_mean(self, loc: Tensor, cov_factor: Tensor, cov_diag: Tensor) -> Params:
+        return loc_cov_to_mean(loc, self._cov(cov_factor, cov_diag))
+
+    def natural_to_args(self, eta1: Tensor, eta2: Tensor) -> Params:
+        raise NotImplementedError(self._no_inverse())
+
+    def mean_to_args(self, mu1: Tensor, mu2: Tensor) -> Params:
+        raise NotImplementedError(self._no_inverse())
+
+    @staticmethod
+    def _no_inverse() -> str:
+        return ("LowRankMultivariateNormal cannot represent an arbitrary precision: a covariance "
+                "WWᵀ + diag(D) with a rank-r factor W has fewer degrees of freedom than a dense "
+                "d×d matrix, so natural or mean parameters have no low-rank arguments; step in "
+                "the guide's own parameters with this family's Fisher instead")

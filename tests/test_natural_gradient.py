@@ -1,0 +1,294 @@
+"""NaturalGradient through plain pyro.infer.SVI: exactness, invariance, safety, state."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions import constraints
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+
+from pyro_natgrad import NaturalGradient, StepRefusedWarning, record_args
+
+from .conjugate import (
+    CONJUGATE_SCALARS,
+    linear_regression,
+    regression_loss,
+    regression_model,
+)
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_store():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("case", CONJUGATE_SCALARS, ids=lambda c: c.__name__)
+def test_one_step_lands_on_exact_conjugate_posterior(case):
+    c = case(torch.float64)
+    guide = record_args(c.guide)
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    svi = SVI(c.model, guide, opt, c.loss)
+    guide(*c.data)
+    svi.step(*c.data)
+    assert opt.last_step and all(v["method"] == "natural" for v in opt.last_step.values())
+    for name, value in c.exact.items():
+        torch.testing.assert_close(pyro.param(name).detach(), value, rtol=1e-6, atol=1e-8)
+
+
+def _guide_mean(c):
+    trace = pyro.poutine.trace(c.guide).get_trace(*c.data)
+    (site,) = [n for n in trace.nodes.values() if n["type"] == "sample"]
+    return site["fn"].mean.detach(), site["fn"].stddev.detach()
+
+
+@pytest.mark.parametrize("case", CONJUGATE_SCALARS, ids=lambda c: c.__name__)
+def test_monte_carlo_gradients_converge_to_conjugate_posterior(case):
+    c = case(torch.float64)
+    guide = record_args(c.guide)
+    svi = SVI(c.model, guide, NaturalGradient(guide, lr=0.5),
+              Trace_ELBO(num_particles=64, vectorize_particles=True))
+    for _ in range(100):
+        svi.step(*c.data)
+    fitted_mean, _ = _guide_mean(c)
+    for name, value in c.exact.items():
+        pyro.get_param_store()[name] = value
+    exact_mean, exact_sd = _guide_mean(c)
+    # Within 0.25 posterior sd: the stationary Monte Carlo error of 64-particle steps is ~0.1 sd.
+    assert ((fitted_mean - exact_mean).abs() / exact_sd).max() < 0.25
+
+
+def _mvn_guide(d, dtype):
+    def guide(X, y):
+        loc = pyro.param("loc", torch.zeros(d, dtype=dtype))
+        tril = pyro.param("tril", torch.eye(d, dtype=dtype), constraints.lower_cholesky)
+        pyro.sample("w", dist.MultivariateNormal(loc, scale_tril=tril))
+    return record_args(guide)
+
+
+def _mvn_moments():
+    tril = pyro.param("tril")
+    return pyro.param("loc"), tril @ tril.T
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_step_exact_gaussian_regression_full_covariance(dtype):
+    X, y, mean, cov = linear_regression(dtype)
+    guide = _mvn_guide(X.shape[1], dtype)
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    svi = SVI(regression_model(), guide, opt, regression_loss(_mvn_moments))
+    guide(X, y)
+    svi.step(X, y)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
+    fitted_mean, fitted_cov = _mvn_moments()
+    torch.testing.assert_close(fitted_mean.detach(), mean, **tol)
+    torch.testing.assert_close(fitted_cov.detach(), cov, **tol)
+
+
+def test_auto_multivariate_normal_one_step_exact():
+    X, y, mean, cov = linear_regression(torch.float64)
+    guide = AutoMultivariateNormal(regression_model())
+    guide(X, y)
+    name = guide._pyro_get_fullname
+
+    def moments():
+        tril = pyro.param(name("scale"))[..., None] * pyro.param(name("scale_tril"))
+        return pyro.param(name("loc")), tril @ tril.T
+
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    SVI(regression_model(), guide, opt, regression_loss(moments)).step(X, y)
+    m, c = moments()
+    torch.testing.assert_close(m.detach(), mean)
+    torch.testing.assert_close(c.detach(), cov)
+
+
+def test_mean_field_reaches_mean_field_optimum():
+    """For a Gaussian target N(m, Λ⁻¹) the mean-field optimum has the exact mean and variances
+    1/Λ_ii (Bishop 2006, §10.1.2)."""
+    X, y, mean, cov = linear_regression(torch.float64)
+    d = X.shape[1]
+
+    def guide(X, y):
+        loc = pyro.param("loc", torch.zeros(d, dtype=X.dtype))
+        scale = pyro.param("scale", torch.ones(d, dtype=X.dtype), constraints.positive)
+        pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+
+    guide = record_args(guide)
+    guide(X, y)
+    svi = SVI(regression_model(), guide, NaturalGradient(guide, lr=1.0),
+              regression_loss(lambda: (pyro.param("loc"), torch.diag(pyro.param("scale") ** 2))))
+    for _ in range(200):
+        svi.step(X, y)
+    precision = torch.linalg.inv(cov)
+    torch.testing.assert_close(pyro.param("loc").detach(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pyro.param("scale").detach(), precision.diagonal().rsqrt(),
+                               rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+                                         AutoLowRankMultivariateNormal])
+def test_autoguides_fit_gaussian_regression_with_trace_elbo(guide_class):
+    X, y, mean, cov = linear_regression(torch.float64)
+    model = regression_model()
+    guide = guide_class(model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO(num_particles=32,
+                                                               vectorize_particles=True))
+    for _ in range(100):
+        svi.step(X, y)
+    with torch.no_grad():
+        draws = torch.stack([guide(X, y)["w"] for _ in range(2000)])
+    sd = cov.diagonal().sqrt()
+    # Means within 0.2 posterior sd (Monte Carlo error of 2000 draws is ~0.03 sd).
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.2
+
+
+def _scalar_normal_guide(constraint):
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0, dtype=x.dtype))
+        scale = pyro.param("scale", torch.tensor(1.0, dtype=x.dtype), constraint)
+        pyro.sample("z", dist.Normal(loc, scale))
+    return record_args(guide)
+
+
+def _normal_model(x):
+    z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+    with pyro.plate("n", len(x)):
+        pyro.sample("x", dist.Normal(z, 0.3), obs=x)
+
+
+def _path(constraint, steps=8):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(42)
+    x = torch.linspace(1.0, 3.0, 15, dtype=torch.float64)
+    guide = _scalar_normal_guide(constraint)
+    svi = SVI(_normal_model, guide, NaturalGradient(guide, lr=0.3, adaptive=False),
+              Trace_ELBO(num_particles=8, vectorize_particles=True))
+    path = []
+    for _ in range(steps):
+        svi.step(x)
+        path.append((float(pyro.param("loc")), float(pyro.param("scale"))))
+    return torch.tensor(path)
+
+
+def test_path_of_q_does_not_depend_on_parameterization():
+    """Theorem 3.1 of the seed: exp- and softplus-parameterized scales follow the same q path."""
+    exp_path = _path(constraints.positive)
+    softplus_path = _path(constraints.softplus_positive)
+    torch.testing.assert_close(exp_path, softplus_path, rtol=1e-9, atol=1e-12)
+    assert (exp_path[1:] != exp_path[:-1]).all()  # the path moves
+
+
+def test_parameter_space_option_uses_closed_form_fisher():
+    x = torch.linspace(1.0, 3.0, 15, dtype=torch.float64)
+    guide = _scalar_normal_guide(constraints.positive)
+    opt = NaturalGradient(guide, lr=0.5, space="parameter")
+    svi = SVI(_normal_model, guide, opt, Trace_ELBO(num_particles=16, vectorize_particles=True))
+    for _ in range(100):
+        svi.step(x)
+    assert opt.last_step["z"]["method"] == "closed_form"
+    post_prec = 1 + len(x) / 0.09
+    assert abs(float(pyro.param("loc")) - float(x.sum() / 0.09 / post_prec)) < 0.05
+    assert abs(float(pyro.param("scale")) - post_prec**-0.5) < 0.2 * post_prec**-0.5
+
+
+def test_state_round_trip_resumes_exactly(tmp_path):
+    X, y, _, _ = linear_regression(torch.float64)
+    model = regression_model()
+    guide = AutoMultivariateNormal(model)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, elbo)
+    for _ in range(6):
+        svi.step(X, y)
+    opt.save(tmp_path / "opt.pt")
+    store = pyro.get_param_store()
+    # restored in place: an AutoGuide's plain nn.Parameter (its loc) is not re-read from the store
+    params = {k: v.detach().clone() for k, v in store.named_parameters()}
+    rng = torch.get_rng_state()
+    first = [svi.step(X, y) for _ in range(6)]
+    with torch.no_grad():
+        for k, v in store.named_parameters():
+            v.copy_(params[k])
+    torch.set_rng_state(rng)
+    resumed = NaturalGradient(guide)
+    resumed.load(tmp_path / "opt.pt")
+    second = [SVI(model, guide, resumed, elbo).step(X, y) for _ in range(6)]
+    assert first == second
+
+
+def test_non_finite_gradient_is_refused_and_params_kept():
+    guide = _scalar_normal_guide(constraints.positive)
+    x = torch.ones(3, dtype=torch.float64)
+    guide(x)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    def nan_loss(model, guide, x):
+        return pyro.param("loc") * torch.tensor(float("nan")) + pyro.param("scale")
+
+    opt = NaturalGradient(guide)
+    with pytest.warns(StepRefusedWarning, match=r"non-finite gradient.*loc.*site\(s\) z"):
+        SVI(_normal_model, guide, opt, nan_loss).step(x)
+    for k, v in pyro.get_param_store().items():
+        torch.testing.assert_close(v.detach(), before[k])
+    opt_raise = NaturalGradient(guide, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="loc"):
+        SVI(_normal_model, guide, opt_raise, nan_loss).step(x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr": -1.0}, "lr"),
+    ({"fisher": "bogus"}, "fisher"), ({"space": "x"}, "space"), ({"damping": -1.0}, "damping"),
+    ({"num_samples": 0}, "num_samples"), ({"max_kl": -1.0}, "max_kl"),
+])
+def test_bad_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NaturalGradient(_scalar_normal_guide(constraints.positive), **kwargs)
+
+
+def test_exact_fisher_on_non_exponential_site_names_it():
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("z", dist.StudentT(4.0, loc, 1.0))
+
+    guide = record_args(guide)
+    opt = NaturalGradient(guide, fisher="exact")
+    with pytest.raises(ValueError, match="'z'"):
+        SVI(_normal_model, guide, opt, Trace_ELBO()).step(torch.ones(3))
+
+
+def test_plain_guide_without_recorded_args_gets_a_clear_error():
+    def guide(x):
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    svi = SVI(_normal_model, guide, NaturalGradient(guide), Trace_ELBO())
+    with pytest.raises(TypeError, match="record_args"):
+        svi.step(torch.ones(3))
+
+
+def test_model_params_get_the_base_optimizer():
+    def model(x):
+        shift = pyro.param("shift", torch.tensor(0.0, dtype=x.dtype))
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Normal(z + shift, 0.3), obs=x)
+
+    guide = AutoNormal(model)
+    opt = NaturalGradient(guide, base_args={"lr": 0.05})
+    svi = SVI(model, guide, opt, Trace_ELBO(num_particles=8, vectorize_particles=True))
+    x = torch.full((20,), 2.0, dtype=torch.float64)
+    for _ in range(50):
+        svi.step(x)
+    assert float(pyro.param("shift")) != 0.0
+    assert list(opt.last_step) == ["z_unconstrained"]
