@@ -369,3 +369,44 @@ def test_unwrap_multiplicity():
     # Pyro's Normal.expand is torch's: the copies live in the base's own (expanded) batch.
     bare, copies = unwrap(base.expand([5, 3]))
     assert type(bare) is dist.Normal and bare.batch_shape == (5, 3) and copies == 1.0
+
+
+GAUSSIANS = ["Normal", "MultivariateNormal"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", GAUSSIANS)
+@settings(max_examples=25, deadline=None)
+@given(seed=SEEDS, size=st.floats(0.1, 1e3))
+def test_retraction_stays_in_domain_for_any_step(name, dtype, seed, size):
+    """Lin, Schmidt & Khan's Λ + G + ½GΛ⁻¹G is positive definite for every G, however large."""
+    fam = BY_NAME[name]
+    eta = fam.args_to_natural(*make_args(name, seed, torch.float64))
+    g = torch.Generator().manual_seed(seed + 1)
+    step = tuple(size * torch.randn(e.shape, generator=g, dtype=torch.float64) for e in eta)
+    eta, step = tuple(e.to(dtype) for e in eta), tuple(s.to(dtype) for s in step)
+    retracted = fam.retract(eta, step)
+    assert bool(fam.in_domain(*retracted).all())
+
+
+@pytest.mark.parametrize("name", GAUSSIANS)
+def test_retraction_agrees_with_the_plain_step_to_second_order(name):
+    """retract(η, tδ) − (η + tδ) = O(t²): the retraction is the natural step plus a curvature
+    correction, so small steps are unchanged to first order."""
+    fam = BY_NAME[name]
+    eta = fam.args_to_natural(*make_args(name, 0, torch.float64))
+    step = tuple(torch.randn(e.shape, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64) for e in eta)
+    gaps = []
+    for t in (1e-2, 1e-3):
+        scaled = tuple(t * s for s in step)
+        plain = tuple(e + s for e, s in zip(eta, scaled, strict=True))
+        gaps.append(max(float((r - p).abs().max())
+                        for r, p in zip(fam.retract(eta, scaled), plain, strict=True)))
+    assert gaps[1] < 0.02 * gaps[0]  # ×10 smaller t, ×100 smaller gap (allowing rounding)
+
+
+def test_families_without_retraction_return_none():
+    fam = BY_NAME["Gamma"]
+    eta = fam.args_to_natural(*make_args("Gamma", 0, torch.float64))
+    assert fam.retract(eta, eta) is None

@@ -292,3 +292,29 @@ def test_model_params_get_the_base_optimizer():
         svi.step(x)
     assert float(pyro.param("shift")) != 0.0
     assert list(opt.last_step) == ["z_unconstrained"]
+
+
+def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():
+    """Element 0's plain step would give precision 1 − 20 < 0; Lin, Schmidt & Khan's retraction
+    gives λ' = λ + g + ½g²/λ = 1 − 20 + 200 = 181 instead, and element 1 takes the plain step
+    (λ: 1 → 3, m: 0 → 2/3), computed here by hand from η ← η − ∂L/∂μ."""
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(2, dtype=x.dtype))
+        scale = pyro.param("scale", torch.ones(2, dtype=x.dtype), constraints.positive)
+        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def loss(model, guide, x):  # in mean coordinates: −10 μ₂[0] + μ₂[1] − 2 μ₁[1]
+        loc, scale = pyro.param("loc"), pyro.param("scale")
+        second = loc**2 + scale**2
+        return -10 * second[0] + second[1] - 2 * loc[1]
+
+    x = torch.ones(3, dtype=torch.float64)
+    guide = record_args(guide)
+    guide(x)
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    SVI(_normal_model, guide, opt, loss).step(x)
+    expected_scale = torch.tensor([181.0, 3.0], dtype=torch.float64).rsqrt()
+    torch.testing.assert_close(pyro.param("scale").detach(), expected_scale)
+    torch.testing.assert_close(pyro.param("loc").detach(),
+                               torch.tensor([0.0, 2 / 3], dtype=torch.float64))
+    assert "retraction at 1 of 2" in opt.last_step["z"]["note"]

@@ -96,6 +96,11 @@ class ExponentialFamily:
         """Boolean tensor (batch shape): is η inside the natural parameter space?"""
         raise NotImplementedError
 
+    def retract(self, eta: Params, step: Params) -> Params | None:
+        """A point near η + step that stays in the domain for any step, or None if the family has
+        no such map (the optimizer then shortens the step)."""
+        return None
+
     # ----- geometry built from the maps -------------------------------------------------------
     def fisher(self, *eta: Tensor) -> Tensor:
         """Fisher information in natural coordinates, F(η) = ∇²A(η) = ∂μ/∂η.

@@ -94,6 +94,19 @@ class _DenseGaussian(ExponentialFamily):
         precision = torch.nan_to_num(_precision(eta2), nan=0.0, posinf=0.0, neginf=0.0)
         return finite & (torch.linalg.cholesky_ex(precision).info == 0)
 
+    def retract(self, eta: Params, step: Params) -> Params:
+        """Lin, Schmidt & Khan (2020, ICML), eq. 7: with Λ = -2 sym(η₂) and the plain precision
+        step G = -2 sym(δ₂), Λ' = Λ + G + ½GΛ⁻¹G = ½Λ + ½(Λ + G)Λ⁻¹(Λ + G) is positive definite
+        for every G, and the mean moves by -Λ'⁻¹ρ∇ₘL as in the plain step; in natural
+        coordinates η' = η + δ + (C m, -½C) with C = ½GΛ⁻¹G and m = Λ⁻¹η₁."""
+        (eta1, eta2), (d1, d2) = eta, step
+        chol = torch.linalg.cholesky(_precision(eta2))
+        g = _precision(d2)
+        half = torch.linalg.solve_triangular(chol, g, upper=False)  # L⁻¹G, so C = ½(L⁻¹G)ᵀ(L⁻¹G)
+        c = 0.5 * half.mT @ half
+        m = torch.cholesky_solve(eta1.unsqueeze(-1), chol)
+        return eta1 + d1 + (c @ m).squeeze(-1), eta2 + d2 - 0.5 * c
+
     def fisher(self, eta1: Tensor, eta2: Tensor) -> Tensor:
         """Cov[(z, zzᵀ)] by Isserlis' theorem, with P = Σ + mmᵀ:
 

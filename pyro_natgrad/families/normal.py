@@ -39,6 +39,16 @@ class Normal(ExponentialFamily):
     def in_domain(self, eta1: Tensor, eta2: Tensor) -> Tensor:
         return (eta2 < 0) & torch.isfinite(eta1) & torch.isfinite(eta2)
 
+    def retract(self, eta: Params, step: Params) -> Params:
+        """Lin, Schmidt & Khan (2020, ICML), "Handling the positive-definite constraint in the
+        Bayesian learning rule", eq. 7: with λ = -2η₂ and the plain precision step g = -2δ₂,
+        λ' = λ + g + ½g²/λ > 0 for every g, and the mean moves by -(λ')⁻¹ρ∇ₘL as in the plain
+        step: η' = η + δ + (c m, -½c) with c = ½g²/λ and m = η₁/λ."""
+        (eta1, eta2), (d1, d2) = eta, step
+        precision, g = -2 * eta2, -2 * d2
+        c = 0.5 * g.square() / precision
+        return eta1 + d1 + c * eta1 / precision, eta2 + d2 - 0.5 * c
+
     def fisher(self, eta1: Tensor, eta2: Tensor) -> Tensor:
         """Cov[(z, z²)] = [[σ², 2mσ²], [2mσ², 4m²σ² + 2σ⁴]]."""
         m, s = self.natural_to_args(eta1, eta2)

@@ -125,11 +125,8 @@ class GeometricOptim(PyroOptim):
         if self.schedule is None or pending is None or not set(pending["theta"]) <= set(leaves):
             return False
         theta1 = {n: leaves[n].detach() for n in pending["theta"]}
-        change = self.schedule.loss_change(pending["theta"], theta1, pending["grad"], grads)
-        if math.isfinite(change) and self.schedule.judge(change):
+        if self.schedule.observe(pending["theta"], theta1, pending["grad"], grads):
             return False
-        if not math.isfinite(change):
-            self.schedule.judge(math.inf)
         with torch.no_grad():
             for n, t0 in pending["theta"].items():
                 leaves[n].copy_(t0)

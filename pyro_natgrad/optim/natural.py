@@ -116,12 +116,24 @@ class NaturalGradient(GeometricOptim):
 
         def step(rate: float) -> Candidate | None:
             with torch.no_grad():
-                new_eta = tuple(e - rate * scale * d for e, d in zip(eta, dmu, strict=True))
-                if not bool(family.in_domain(*new_eta).all()):
-                    return None
+                delta = tuple(-rate * scale * d for d in dmu)
+                new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
+                valid = family.in_domain(*new_eta)
+                note = ""
+                if not bool(valid.all()):
+                    # some elements of a batch left the domain: retract those (a shorter step
+                    # for all would slow the rest); if every element left it, shorten the step,
+                    # which measured better than a retraction that inflates the precision
+                    retracted = family.retract(eta, delta) if bool(valid.any()) else None
+                    if retracted is None:
+                        return None
+                    new_eta = _where(family, valid, new_eta, retracted)
+                    note = f"retraction at {int((~valid).sum())} of {valid.numel()} elements"
+                    if not bool(family.in_domain(*new_eta).all()):
+                        return None
                 values = param.unconstrained(family.natural_to_args(*new_eta))
                 kl = float(family.kl(eta, new_eta).sum()) * site.multiplicity
-            return Candidate(values, kl)
+            return Candidate(values, kl, note)
 
         return step
 
@@ -194,6 +206,13 @@ def mean_gradient(family: ExponentialFamily, param: Parameterization, args: tupl
     fisher = family.fisher(*(e.detach() for e in eta))
     dmu = torch.linalg.solve(fisher.expand(batch_shape + fisher.shape[-2:]), flat_deta)
     return family.unflatten(dmu)
+
+
+def _where(family: ExponentialFamily, keep: Tensor, a: tuple[Tensor, ...],
+           b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Per batch element: ``a`` where ``keep``, else ``b``."""
+    return tuple(torch.where(keep.reshape(keep.shape + (1,) * k), x, y)
+                 for x, y, k in zip(a, b, family.event_dims, strict=True))
 
 
 def _vjp(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor]):

@@ -1,15 +1,27 @@
 """Adaptive step size from gradients alone (the optimizer never sees the loss value).
 
-After a step θ₀ → θ₁ the next call brings the gradient g₁ at θ₁. The change of the loss along the
-step is estimated by the trapezoidal rule on the line integral of the gradient,
-ΔL ≈ ½ (g₀ + g₁)ᵀ (θ₁ − θ₀), exact for a quadratic loss (the same information as the Wolfe
-curvature test; Nocedal & Wright 2006, §3.1). A step whose estimate shows the loss got worse by more
-than ``tolerance`` is rejected: the params go back to θ₀ and the step shrinks; accepted steps let
-it grow back ("bold driver", Battiti 1989), never beyond the user's ``lr``.
+After a step θ₀ → θ₁ the next call brings the gradient g₁ at θ₁. Two statistics of the step:
+
+* The change of the loss along it, by the trapezoidal rule on the line integral of the gradient,
+  ΔL ≈ ½ (g₀ + g₁)ᵀ (θ₁ − θ₀), exact for a quadratic loss (the same information as the Wolfe
+  curvature test; Nocedal & Wright 2006, §3.1). A step whose estimate shows the loss got worse by
+  more than ``tolerance`` is rejected: the params go back to θ₀ and the rate shrinks; accepted steps
+  let it grow back ("bold driver", Battiti 1989), never beyond the ceiling.
+* Pflug's stationarity statistic s = g₁ᵀ(θ₁ − θ₀) = −ρ ⟨g₁, g₀⟩ for a preconditioned step
+  θ₁ = θ₀ − ρ P g₀ (Pflug 1983; Chee & Toulis 2018, "Convergence diagnostics for stochastic
+  gradient descent with constant learning rate", AISTATS). While the iterate still travels,
+  successive gradients agree and s < 0; once it only bounces in the noise of Monte Carlo
+  gradients around the optimum, they disagree and s > 0 on average. The test reads s in units of
+  the step's own first-order decrease, r = s / (−g₀ᵀ(θ₁ − θ₀)) clipped to [−1, 1] (so one wild
+  step cannot decide it), summed over consecutive windows of ``window`` steps: a window whose sum
+  is positive multiplies the ceiling by ``shrink``, so the stationary spread of the iterate (∝ ρ)
+  shrinks too. For a natural step of size ρ on a quadratic, E[r] ≈ −(1 − ρ) while travelling and
+  ≈ ρ/2 at stationarity; with exact gradients r ≤ 0 and the ceiling stays at ``lr``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,38 +30,52 @@ from torch import Tensor
 
 @dataclass
 class AdaptiveStep:
-    """Multiplicative step-size control within ``[min_lr, lr]``."""
+    """Multiplicative step-size control within ``[min_lr·lr, ceiling]``, ``ceiling ≤ lr``."""
 
     lr: float
     grow: float = 1.5
     shrink: float = 0.5
     min_lr: float = 1e-4
     tolerance: float = 0.0
+    window: int = 10
     rate: float | None = None
+    ceiling: float | None = None
+    drift: float = 0.0
+    count: int = 0
 
     def __post_init__(self) -> None:
-        if self.rate is None:
-            self.rate = self.lr
+        self.ceiling = self.lr if self.ceiling is None else self.ceiling
+        self.rate = self.ceiling if self.rate is None else self.rate
 
-    @staticmethod
-    def loss_change(theta0: dict[str, Tensor], theta1: dict[str, Tensor],
-                    g0: dict[str, Tensor], g1: dict[str, Tensor]) -> float:
-        """Trapezoidal estimate of L(θ₁) − L(θ₀)."""
-        total = 0.0
+    def observe(self, theta0: dict[str, Tensor], theta1: dict[str, Tensor],
+                g0: dict[str, Tensor], g1: dict[str, Tensor]) -> bool:
+        """Judges the step θ₀ → θ₁ from the gradients at both ends; True when it is kept."""
+        start = end = 0.0
         for name, t0 in theta0.items():
-            total += float(0.5 * torch.sum((g0[name] + g1[name]) * (theta1[name] - t0)))
-        return total
-
-    def judge(self, change: float) -> bool:
-        """Updates the rate from the estimated loss change; True when the step is kept."""
-        if change > self.tolerance:
-            self.rate = max(self.min_lr * self.lr, self.rate * self.shrink)
+            delta = theta1[name] - t0
+            start += float(torch.sum(g0[name] * delta))
+            end += float(torch.sum(g1[name] * delta))
+        change = 0.5 * (start + end)
+        floor = self.min_lr * self.lr
+        if not (math.isfinite(change) and start < 0):
+            self.rate = max(floor, self.rate * self.shrink)
             return False
-        self.rate = min(self.lr, self.rate * self.grow)
+        self.drift += min(1.0, max(-1.0, end / -start))
+        self.count += 1
+        if self.count == self.window:
+            if self.drift > 0:
+                self.ceiling = max(floor, self.ceiling * self.shrink)
+            self.drift, self.count = 0.0, 0
+        if change > self.tolerance:
+            self.rate = max(floor, self.rate * self.shrink)
+            return False
+        self.rate = min(self.ceiling, self.rate * self.grow)
         return True
 
     def state_dict(self) -> dict:
-        return {"rate": self.rate}
+        return {"rate": self.rate, "ceiling": self.ceiling, "drift": self.drift,
+                "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rate = state["rate"]
+        self.rate, self.ceiling = state["rate"], state["ceiling"]
+        self.drift, self.count = state["drift"], state["count"]
