@@ -47,7 +47,7 @@ def _run(name: str, make_optim, steps: int, X, y, seed: int) -> tuple[AutoMultiv
     pyro.set_rng_seed(seed)
     guide = AutoMultivariateNormal(logistic_model)
     svi = SVI(logistic_model, guide, make_optim(guide),
-              Trace_ELBO(num_particles=16, vectorize_particles=True))
+              Trace_ELBO(num_particles=64, vectorize_particles=True))
     evaluate = Trace_ELBO(num_particles=2000, vectorize_particles=True)
     rows, elapsed = [], 0.0
     checkpoints = {1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, steps}
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     X, y = breast_cancer()
     print(f"Bayesian logistic regression, breast cancer ({X.shape[0]} x {X.shape[1]}), "
-          "AutoMultivariateNormal, Trace_ELBO(num_particles=16)")
+          "AutoMultivariateNormal, Trace_ELBO(num_particles=64)")
     guide, ng = _run("NaturalGradient(guide)", lambda g: NaturalGradient(g), args.ng_steps, X, y,
                      args.seed)
     report = vi_diagnostics(logistic_model, guide, X, y, num_samples=2000)
