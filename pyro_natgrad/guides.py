@@ -25,7 +25,8 @@ from torch.distributions import Distribution, transform_to
 
 from .families import ExponentialFamily, family_of, unwrap
 
-__all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args"]
+__all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args",
+           "coordinate_gradient"]
 
 
 def record_args(guide: Callable) -> Callable:
@@ -58,6 +59,19 @@ class Parameterization:
     def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
         """The unconstrained param values that produce ``args`` (differentiable)."""
         raise NotImplementedError
+
+
+def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence[Tensor]],
+                        coords: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """∂L/∂c from the params' gradients ∂L/∂θ, for coordinates c ↦ args = ``to_args(c)`` ↦ θ:
+    one vector-Jacobian product (∂θ/∂c)ᵀ ∂L/∂θ, no Jacobian formed (GPflow's natgrad trick)."""
+    with torch.enable_grad():
+        leaves = [c.detach().requires_grad_() for c in coords]
+        values = param.unconstrained(to_args(*leaves))
+        outs = [values[n] for n in param.param_names]
+        got = torch.autograd.grad(outs, leaves, list(grads), allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves,
+                                                                       strict=True))
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..families import ExponentialFamily
-from .linalg import flat, jacobian
+from .linalg import jacobian, jvp, vjp
 
 
 class PulledBackFisher:
@@ -30,20 +30,11 @@ class PulledBackFisher:
             mu = family.flatten(family.args_to_mean(*args))[0].reshape(-1)
             self._terms.append((eta, mu, multiplicity))
 
-    def _vjp(self, output: Tensor, cotangent: Tensor, create_graph: bool = False) -> list[Tensor]:
-        grads = torch.autograd.grad(output, self.leaves, cotangent, retain_graph=True,
-                                    create_graph=create_graph, allow_unused=True)
-        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, self.leaves,
-                                                                         strict=True)]
-
     def mvp(self, v: Tensor) -> Tensor:
         """F(θ)·v: ∂μ/∂θ·v by the double-backward trick, then (∂η/∂θ)ᵀ by one backward pass."""
         total = torch.zeros_like(v)
         for eta, mu, multiplicity in self._terms:
-            w = torch.zeros_like(mu, requires_grad=True)
-            jt_w = flat(self._vjp(mu, w, create_graph=True))
-            (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True)
-            total = total + multiplicity * flat(self._vjp(eta, jv))
+            total = total + multiplicity * vjp(eta, self.leaves, jvp(mu, self.leaves, v))
         return total
 
     def diag(self) -> Tensor:

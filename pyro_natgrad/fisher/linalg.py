@@ -22,6 +22,39 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def vjp(output: Tensor, inputs: Sequence[Tensor], cotangent: Tensor,
+        create_graph: bool = False) -> Tensor:
+    """Flat (∂output/∂inputs)ᵀ·cotangent, zeros for inputs the output does not depend on."""
+    grads = torch.autograd.grad(output, inputs, cotangent, retain_graph=True,
+                                create_graph=create_graph, allow_unused=True)
+    return flat([torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs,
+                                                                       strict=True)])
+
+
+def jvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
+    """(∂output/∂inputs)·v by the double-backward trick: J v = ∂/∂w [Jᵀw]·v (no forward mode
+    needed, so it works on any live graph)."""
+    w = torch.zeros_like(output, requires_grad=True)
+    (jv,) = torch.autograd.grad(vjp(output, inputs, w, create_graph=True), w, v,
+                                retain_graph=True)
+    return jv
+
+
+def gram_mvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
+    """Jᵀ(J v) for J = ∂output/∂inputs, in memory O(output + inputs) (Schraudolph 2002)."""
+    return vjp(output, inputs, jvp(output, inputs, v))
+
+
+def solve_metric(metric, g: Tensor, form: str, damping: float, cg_iters: int) -> Tensor:
+    """(G + damping·I)⁻¹ g for a metric with ``dense()``, ``diag()`` and ``mvp(v)``: by
+    ``"dense"`` eigendecomposition, ``"diag"`` (the diagonal of G only) or matrix-free ``"cg"``."""
+    if form == "cg":
+        return conjugate_gradient(metric.mvp, g, damping, cg_iters)
+    if form == "diag":
+        return g / (metric.diag() + damping)
+    return solve_psd(metric.dense(), g, damping)
+
+
 def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     """Dense Jacobian ∂output/∂inputs (``output.numel() × Σ inputs.numel()``) of a live graph."""
     out = output.reshape(-1)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .linalg import flat, jacobian
+from .linalg import gram_mvp, jacobian
 
 
 class MonteCarloFisher:
@@ -53,14 +53,5 @@ class MonteCarloFisher:
         return self.scores().square().mean(0)
 
     def mvp(self, v: Tensor) -> Tensor:
-        """F v without forming F: c = S v by the double-backward trick, then Sᵀ c / S."""
-        w = torch.zeros_like(self.log_q, requires_grad=True)
-        grads = torch.autograd.grad(self.log_q, self.leaves, w, retain_graph=True,
-                                    create_graph=True, allow_unused=True)
-        st_w = flat([torch.zeros_like(x) if g is None else g
-                     for g, x in zip(grads, self.leaves, strict=True)])
-        (c,) = torch.autograd.grad(st_w, w, v, retain_graph=True)
-        grads = torch.autograd.grad(self.log_q, self.leaves, c / self.num_samples,
-                                    retain_graph=True, allow_unused=True)
-        return flat([torch.zeros_like(x) if g is None else g
-                     for g, x in zip(grads, self.leaves, strict=True)])
+        """F v = Sᵀ(S v)/S without forming the score matrix S."""
+        return gram_mvp(self.log_q, self.leaves, v) / self.num_samples

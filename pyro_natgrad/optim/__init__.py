@@ -1,6 +1,8 @@
-"""Optimizers that compose the guide reader with family / metric geometry."""
+"""The optimizers: geometry-aware :class:`pyro.optim.PyroOptim` subclasses."""
 
 from .base import Candidate, GeometricOptim, StepRefusedWarning
 from .natural import NaturalGradient
+from .wasserstein import WassersteinGradient
 
-__all__ = ["GeometricOptim", "Candidate", "StepRefusedWarning", "NaturalGradient"]
+__all__ = ["GeometricOptim", "Candidate", "StepRefusedWarning", "NaturalGradient",
+           "WassersteinGradient"]

@@ -19,10 +19,11 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
+from ..fisher.linalg import unflat
 from ..guides import Group, GuideReader
 from .schedule import AdaptiveStep
 
-__all__ = ["GeometricOptim", "Candidate", "StepRefusedWarning"]
+__all__ = ["GeometricOptim", "Candidate", "StepRefusedWarning", "linear_step"]
 
 
 class StepRefusedWarning(UserWarning):
@@ -52,6 +53,9 @@ class GeometricOptim(PyroOptim):
         stay in the domain by construction), and ½ δᵀFδ ≤ ½·dim θ for first-order steps in the
         guide's own parameters, whose quadratic KL model is only locally right.
     :param max_backtracks: halvings tried before a step outside the domain is refused.
+    :param stationarity_window: steps per window of Pflug's stationarity test, which lowers the
+        largest step once Monte Carlo noise dominates (None: off); see
+        :mod:`~pyro_natgrad.optim.schedule`.
     :param on_nonfinite: ``"warn"`` (refuse the step, warn, keep the params) or ``"raise"``.
     :param base_optim: torch optimizer class for params outside the guide's distributions.
     :param base_args: its arguments.
@@ -60,6 +64,7 @@ class GeometricOptim(PyroOptim):
     def __init__(self, guide: Callable, lr: float, *, adaptive: bool = True,
                  max_kl: float | str | None = "auto", max_backtracks: int = 20,
                  on_nonfinite: str = "warn", min_lr: float = 1e-4,
+                 stationarity_window: int | None = 10,
                  base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
                  base_args: dict | None = None):
         if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
@@ -76,7 +81,8 @@ class GeometricOptim(PyroOptim):
         self.max_kl = max_kl
         self.max_backtracks = int(max_backtracks)
         self.on_nonfinite = on_nonfinite
-        self.schedule = AdaptiveStep(self.lr, min_lr=min_lr) if adaptive else None
+        self.schedule = (AdaptiveStep(self.lr, min_lr=min_lr, window=stationarity_window)
+                         if adaptive else None)
         self.reader = GuideReader(guide)
         self.num_steps = 0
         self.last_step: dict[str, dict] = {}
@@ -88,6 +94,21 @@ class GeometricOptim(PyroOptim):
                  grads: dict[str, Tensor]) -> tuple[StepFn, str]:
         """Returns ``step(rate) -> Candidate | None`` for one group, and the method's name."""
         raise NotImplementedError
+
+    def _method(self, group: Group) -> str:
+        """The name of the method a group's step uses."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """Which method each guide site uses (as of the latest step)."""
+        rows = [("site", "distribution", "method", "params")]
+        for group in self._groups:
+            method = self._method(group)
+            for s in group.sites:
+                rows.append((s.name, type(s.base).__name__, method, ", ".join(s.param_names)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+                         for r in rows)
 
     # ----- the step -----------------------------------------------------------------------------
     def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
@@ -146,7 +167,8 @@ class GeometricOptim(PyroOptim):
         for backtrack in range(self.max_backtracks + 1):
             candidate = step(tried)
             problem = self._problem(candidate)
-            if problem is None and max_kl is not None and candidate.kl > max_kl:
+            if (problem is None and max_kl is not None and candidate.kl is not None
+                    and candidate.kl > max_kl):
                 problem = "kl"
                 tried *= max(0.01, min(0.9, math.sqrt(max_kl / candidate.kl)))
             elif problem is not None:
@@ -205,6 +227,19 @@ class GeometricOptim(PyroOptim):
         if self.schedule is not None and geometry["schedule"] is not None:
             self.schedule.load_state_dict(geometry["schedule"])
         self._pending = _clone(geometry["pending"])
+
+
+def linear_step(names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
+                curvature: float) -> StepFn:
+    """θ − rate·direction, with the metric's quadratic model ½ rate² dᵀGd as its KL."""
+    current = [t.detach().clone() for t in theta]
+
+    def step(rate: float) -> Candidate:
+        values = {n: c - rate * d for n, c, d in
+                  zip(names, current, unflat(direction, current), strict=True)}
+        return Candidate(values, 0.5 * rate ** 2 * curvature)
+
+    return step
 
 
 def _clone(tree):

@@ -22,10 +22,10 @@ from torch import Tensor
 
 from ..families import ExponentialFamily
 from ..fisher.closed_form import PulledBackFisher
-from ..fisher.linalg import conjugate_gradient, flat, solve_psd, unflat
+from ..fisher.linalg import flat, solve_metric
 from ..fisher.monte_carlo import MonteCarloFisher
-from ..guides import Group, Parameterization
-from .base import Candidate, GeometricOptim, StepFn
+from ..guides import Group, Parameterization, coordinate_gradient
+from .base import Candidate, GeometricOptim, StepFn, linear_step
 
 __all__ = ["NaturalGradient"]
 
@@ -72,17 +72,6 @@ class NaturalGradient(GeometricOptim):
         self.damping, self.num_samples, self.fisher_decay = damping, num_samples, fisher_decay
         self.dense_max, self.cg_iters = dense_max, cg_iters
         self._fisher_averages: dict[tuple[str, ...], Tensor] = {}
-
-    def summary(self) -> str:
-        """Which method each guide site uses (as of the latest step)."""
-        rows = [("site", "distribution", "method", "params")]
-        for group in self._groups:
-            method = self._method(group)
-            for s in group.sites:
-                rows.append((s.name, type(s.base).__name__, method, ", ".join(s.param_names)))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
-                         for r in rows)
 
     def _method(self, group: Group) -> str:
         exp_family = all(s.family is not None for s in group.sites)
@@ -150,29 +139,10 @@ class NaturalGradient(GeometricOptim):
             metric = PulledBackFisher([(s.family, s.family.args(s.base), s.multiplicity)
                                        for s in group.sites], theta)
         form = self.form or ("dense" if g.numel() <= self.dense_max else "cg")
-        direction = self._solve(metric, g, form, names)
-        curvature = float(direction @ metric.mvp(direction))
-        current = [t.detach().clone() for t in theta]
-
-        def step(rate: float) -> Candidate:
-            values = {n: c - rate * d for n, c, d in
-                      zip(names, current, unflat(direction, current), strict=True)}
-            return Candidate(values, 0.5 * rate ** 2 * curvature)
-
-        return step
-
-    def _solve(self, metric, g: Tensor, form: str, names: tuple[str, ...]) -> Tensor:
-        if form == "cg":
-            return conjugate_gradient(metric.mvp, g, self.damping, self.cg_iters)
-        matrix = metric.diag() if form == "diag" else metric.dense()
-        if self.fisher_decay:
-            previous = self._fisher_averages.get(names)
-            if previous is not None and previous.shape == matrix.shape:
-                matrix = self.fisher_decay * previous + (1 - self.fisher_decay) * matrix
-            self._fisher_averages[names] = matrix.detach()
-        if form == "diag":
-            return g / (matrix + self.damping)
-        return solve_psd(matrix, g, self.damping)
+        if self.fisher_decay and form != "cg":
+            metric = _Averaged(metric, form, self._fisher_averages, names, self.fisher_decay)
+        direction = solve_metric(metric, g, form, self.damping, self.cg_iters)
+        return linear_step(names, theta, direction, float(direction @ metric.mvp(direction)))
 
     def get_state(self) -> dict:
         state = super().get_state()
@@ -186,6 +156,28 @@ class NaturalGradient(GeometricOptim):
         self._fisher_averages = {tuple(k.split("|")): v.clone() for k, v in averages.items()}
 
 
+class _Averaged:
+    """A metric whose dense or diagonal matrix is a running average across steps,
+    G ← decay·G_prev + (1 − decay)·G (kept in ``store`` under the group's param names)."""
+
+    def __init__(self, metric, form: str, store: dict, names: tuple[str, ...], decay: float):
+        matrix = metric.diag() if form == "diag" else metric.dense()
+        previous = store.get(names)
+        if previous is not None and previous.shape == matrix.shape:
+            matrix = decay * previous + (1 - decay) * matrix
+        store[names] = matrix.detach()
+        self.matrix = matrix
+
+    def dense(self) -> Tensor:
+        return self.matrix if self.matrix.dim() == 2 else torch.diag(self.matrix)
+
+    def diag(self) -> Tensor:
+        return self.matrix if self.matrix.dim() == 1 else self.matrix.diagonal()
+
+    def mvp(self, v: Tensor) -> Tensor:
+        return self.matrix * v if self.matrix.dim() == 1 else self.matrix @ v
+
+
 def mean_gradient(family: ExponentialFamily, param: Parameterization, args: tuple[Tensor, ...],
                   grads: list[Tensor]) -> tuple[Tensor, ...]:
     """∂L/∂μ from ∂L/∂θ: the vector-Jacobian product through μ ↦ args ↦ θ.
@@ -193,15 +185,10 @@ def mean_gradient(family: ExponentialFamily, param: Parameterization, args: tupl
     Families whose μ ↦ args map is iterative (Gamma, Beta, Dirichlet) use the equivalent
     ∂L/∂μ = F(η)⁻¹ ∂L/∂η, with the closed-form Fisher, instead.
     """
-    with torch.enable_grad():
-        if getattr(family, "closed_form_mean_map", True):
-            mu = [m.detach().requires_grad_() for m in family.args_to_mean(*args)]
-            values = param.unconstrained(family.mean_to_args(*mu))
-            outs = [values[n] for n in param.param_names]
-            return _vjp(outs, mu, grads)
-        eta = [e.detach().requires_grad_() for e in family.args_to_natural(*args)]
-        values = param.unconstrained(family.natural_to_args(*eta))
-        deta = _vjp([values[n] for n in param.param_names], eta, grads)
+    if getattr(family, "closed_form_mean_map", True):
+        return coordinate_gradient(param, family.mean_to_args, family.args_to_mean(*args), grads)
+    eta = family.args_to_natural(*args)
+    deta = coordinate_gradient(param, family.natural_to_args, eta, grads)
     flat_deta, batch_shape = family.flatten(deta)
     fisher = family.fisher(*(e.detach() for e in eta))
     dmu = torch.linalg.solve(fisher.expand(batch_shape + fisher.shape[-2:]), flat_deta)
@@ -213,12 +200,6 @@ def _where(family: ExponentialFamily, keep: Tensor, a: tuple[Tensor, ...],
     """Per batch element: ``a`` where ``keep``, else ``b``."""
     return tuple(torch.where(keep.reshape(keep.shape + (1,) * k), x, y)
                  for x, y, k in zip(a, b, family.event_dims, strict=True))
-
-
-def _vjp(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor]):
-    grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs,
-                                                                       strict=True))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
