@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
 from .families import ExponentialFamily, family_of, unwrap
+from .fisher.monte_carlo import draw
 
 __all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args",
            "coordinate_gradient"]
@@ -193,6 +194,12 @@ class GuideReader:
             site = self._site(name, fn, base, copies, site_scale, leaves)
             if site is not None:
                 sites.append(site)
+        if not sites:
+            raise ValueError(
+                f"guide {getattr(self.guide, '__name__', type(self.guide).__name__)!r} has no "
+                "latent sample site whose distribution depends on a continuous param (point "
+                "masses such as AutoDelta's are not distributions), so a geometric optimizer has "
+                "nothing to precondition; use a plain Pyro optimizer such as pyro.optim.Adam")
         return _group(sites)
 
     def _site(self, name: str, fn: Distribution, base: Distribution, copies: float,
@@ -215,9 +222,11 @@ class GuideReader:
         if family is not None:
             outputs = [a for a in family.args(base) if isinstance(a, Tensor) and a.requires_grad]
         else:
-            with torch.no_grad():
-                z = fn.sample()
-            outputs = [fn.log_prob(z).sum()]
+            log_q = fn.log_prob(draw(fn)).sum()
+            # a log-density that drops the graph still has params if its samples depend on them:
+            # keep the site, so the metric that needs the log-density can name it
+            outputs = [log_q if log_q.requires_grad or not fn.has_rsample else fn.rsample()]
+            outputs = [o for o in outputs if o.requires_grad]
         if not outputs:
             return (), None
         grads = [torch.autograd.grad(o.sum(), [leaves[n] for n in names], allow_unused=True,

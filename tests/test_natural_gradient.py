@@ -294,7 +294,7 @@ def test_model_params_get_the_base_optimizer():
     assert list(opt.last_step) == ["z_unconstrained"]
 
 
-def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():
+def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():  # retract=True
     """Element 0's plain step would give precision 1 − 20 < 0; Lin, Schmidt & Khan's retraction
     gives λ' = λ + g + ½g²/λ = 1 − 20 + 200 = 181 instead, and element 1 takes the plain step
     (λ: 1 → 3, m: 0 → 2/3), computed here by hand from η ← η − ∂L/∂μ."""
@@ -311,7 +311,7 @@ def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():
     x = torch.ones(3, dtype=torch.float64)
     guide = record_args(guide)
     guide(x)
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False, retract=True)
     SVI(_normal_model, guide, opt, loss).step(x)
     expected_scale = torch.tensor([181.0, 3.0], dtype=torch.float64).rsqrt()
     torch.testing.assert_close(pyro.param("scale").detach(), expected_scale)

@@ -1,9 +1,12 @@
-"""WassersteinGradient: the Bures–Wasserstein step checked by hand, convergence to the exact
-posterior (full covariance) and the mean-field optimum (diagonal), the seed's narrow-vs-far
-situation, positive definiteness under wild steps, Gaussian VI as a Bures–Wasserstein flow, and
-the optimizer contract (state, refusals, options)."""
+"""WassersteinGradient: each step checked against the Bures–Wasserstein update computed by hand,
+the pulled-back metric against the closed-form W₂ distance, convergence to the exact posterior
+(full covariance, low rank) and to the mean-field optimum (diagonal), the seed's narrow-and-far
+situation, positive definiteness under wild steps, Gaussian VI as a Bures–Wasserstein flow, and the
+optimizer contract (state, refusals, options)."""
 
 from __future__ import annotations
+
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -13,20 +16,42 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from torch.distributions import kl_divergence
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
-from pyro_natgrad.wasserstein import bures_step, gaussian_vi_flow
+from pyro_natgrad.fisher.linalg import unflat
+from pyro_natgrad.wasserstein import (
+    BuresMetric,
+    bures_step,
+    cholesky_to_cov_gradient,
+    gaussian_vi_flow,
+)
 
 from .conjugate import linear_regression, regression_loss, regression_model
 
-DTYPES = (torch.float32, torch.float64)
 NOISE = 1.0  # a better-conditioned regression than the natural-gradient tests use: the W₂ step
 # is not affine invariant, its convergence rate is the condition number of the posterior precision
+# (here eigenvalues 4.8, 24, 121)
+F64 = torch.float64
 
 
-def _data(dtype=torch.float64):
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """3-dimensional problems gain nothing from intra-op threads, and on a loaded machine
+    OpenMP's spinning threads slow each step thirtyfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(dtype=F64):
     return linear_regression(dtype, n=10, noise=NOISE)
 
 
@@ -38,192 +63,370 @@ def _loss(moments):
     return regression_loss(moments, NOISE)
 
 
-def _mvn_guide(d, dtype):
+def _loss_at(m, cov, X, y):
+    """The closed-form regression loss at given (m, Σ)."""
+    return _loss(lambda: (m, cov))(None, None, X, y)
+
+
+# ----- guides and their (mean, covariance), read from the param store so SVI sees the params ---
+P = pyro.param
+
+
+def _tril_guide(dtype=F64):
     def guide(X, y):
-        loc = pyro.param("loc", torch.zeros(d, dtype=dtype))
-        tril = pyro.param("tril", torch.eye(d, dtype=dtype), constraints.lower_cholesky)
+        loc = P("loc", torch.zeros(3, dtype=dtype))
+        tril = P("tril", torch.eye(3, dtype=dtype), constraints.lower_cholesky)
         pyro.sample("w", dist.MultivariateNormal(loc, scale_tril=tril))
     return record_args(guide)
 
 
-def _diag_guide(d, dtype):
+def _tril_moments():
+    return P("loc"), P("tril") @ P("tril").T
+
+
+def _diag_guide(dtype=F64):
     def guide(X, y):
-        loc = pyro.param("loc", torch.zeros(d, dtype=dtype))
-        scale = pyro.param("scale", torch.ones(d, dtype=dtype), constraints.positive)
+        loc = P("loc", torch.zeros(3, dtype=dtype))
+        scale = P("scale", torch.ones(3, dtype=dtype), constraints.positive)
         pyro.sample("w", dist.Normal(loc, scale).to_event(1))
     return record_args(guide)
 
 
-def _mvn_moments():
-    tril = pyro.param("tril")
-    return pyro.param("loc"), tril @ tril.T
-
-
 def _diag_moments():
-    return pyro.param("loc"), torch.diag(pyro.param("scale") ** 2)
+    return P("loc"), torch.diag(P("scale") ** 2)
 
 
-def test_one_step_is_the_bures_wasserstein_update_computed_by_hand():
-    """m' = m − h∇ₘL, Σ' = (I − hM)Σ(I − hM), M = 2∇_ΣL, with ∇ taken here by autograd of the
-    closed-form loss in (m, Σ) directly, independently of the optimizer's pullback."""
-    X, y, _, _ = _data()
-    guide = _mvn_guide(3, torch.float64)
-    guide(X, y)
+def _log_scale_guide():
+    """A Normal whose scale is exp(param): not an invertible map to (loc, scale) params the
+    optimizer can write, so it steps in θ with the pulled-back Bures metric."""
+    def guide(X, y):
+        loc = P("loc", torch.zeros(3, dtype=F64))
+        log_scale = P("log_scale", torch.zeros(3, dtype=F64))
+        pyro.sample("w", dist.Normal(loc, log_scale.exp()).to_event(1))
+    return record_args(guide)
+
+
+def _auto_mvn_moments():
+    tril = P("AutoMultivariateNormal.scale")[:, None] * P("AutoMultivariateNormal.scale_tril")
+    return P("AutoMultivariateNormal.loc"), tril @ tril.T
+
+
+def _auto_diag_moments():
+    return P("AutoDiagonalNormal.loc"), torch.diag(P("AutoDiagonalNormal.scale") ** 2)
+
+
+def _auto_normal_moments():
+    return P("AutoNormal.locs.w"), torch.diag(P("AutoNormal.scales.w") ** 2)
+
+
+def _low_rank_moments():
+    scale = P("AutoLowRankMultivariateNormal.scale")
+    factor = P("AutoLowRankMultivariateNormal.cov_factor") * scale[:, None]
+    return P("AutoLowRankMultivariateNormal.loc"), factor @ factor.T + torch.diag(scale**2)
+
+
+def _set_loc(name):
     with torch.no_grad():
-        pyro.param("loc").unconstrained().copy_(torch.tensor([0.3, -0.2, 0.1]))
-    loss = _loss(_mvn_moments)
-    m0, cov0 = (t.detach().clone().requires_grad_() for t in _mvn_moments())
+        pyro.get_param_store()[name].unconstrained().copy_(
+            torch.tensor([0.3, -0.2, 0.1], dtype=F64))
+
+
+# ----- one step = the closed-form update ------------------------------------------------------
+@pytest.mark.parametrize("kind", ["scale_tril", "AutoMultivariateNormal"])
+def test_full_covariance_step_is_the_bures_wasserstein_update_computed_by_hand(kind):
+    """m' = m − h∇ₘL, Σ' = (I − hM)Σ(I − hM), M = 2∇_ΣL, with ∇ taken here by autograd of the
+    closed-form loss in (m, Σ) directly, independently of the optimizer's pullback through the
+    guide's params (lower-Cholesky param, or AutoMultivariateNormal's scale · unit-Cholesky)."""
+    X, y, _, _ = _data()
+    if kind == "scale_tril":
+        guide, moments, loc = _tril_guide(), _tril_moments, "loc"
+    else:
+        guide, moments = AutoMultivariateNormal(_model()), _auto_mvn_moments
+        loc = "AutoMultivariateNormal.loc"
+    guide(X, y)
+    _set_loc(loc)
+    m0, cov0 = (t.detach().clone().requires_grad_() for t in moments())
     gm, gcov = torch.autograd.grad(_loss_at(m0, cov0, X, y), (m0, cov0))
     h = 1e-3
-    eye = torch.eye(3, dtype=torch.float64)
-    a = eye - h * (gcov + gcov.T)
-    expected_m, expected_cov = m0 - h * gm, a @ cov0 @ a.T
+    a = torch.eye(3, dtype=F64) - h * (gcov + gcov.T)
     opt = WassersteinGradient(guide, lr=h, adaptive=False)
-    SVI(_model(), guide, opt, loss).step(X, y)
-    m1, cov1 = _mvn_moments()
-    torch.testing.assert_close(m1.detach(), expected_m.detach())
-    torch.testing.assert_close(cov1.detach(), expected_cov.detach())
-    assert opt.last_step["w"]["method"] == "bures"
+    SVI(_model(), guide, opt, _loss(moments)).step(X, y)
+    m1, cov1 = moments()
+    torch.testing.assert_close(m1.detach(), (m0 - h * gm).detach())
+    torch.testing.assert_close(cov1.detach(), (a @ cov0 @ a.T).detach())
+    assert torch.linalg.matrix_norm(cov1 - cov0) > 1e-3  # a step that shows
+    assert next(iter(opt.last_step.values()))["method"] == "bures"
 
 
-def _loss_at(m, cov, X, y):
-    """The closed-form regression loss at given (m, Σ) (the moments callable replaced)."""
-    return _loss(lambda: (m, cov))(None, None, X, y)
+@pytest.mark.parametrize("kind", ["scale", "AutoDiagonalNormal", "AutoNormal"])
+def test_diagonal_step_is_euclidean_in_mean_and_scale(kind):
+    """On N(m, diag σ²) the W₂ metric is Euclidean in (m, σ): m' = m − h∂L/∂m,
+    σ' = σ − h∂L/∂σ, the gradients by autograd of the closed-form loss in (m, σ)."""
+    X, y, _, _ = _data()
+    guide, moments, loc, scale = {
+        "scale": (_diag_guide(), _diag_moments, "loc", "scale"),
+        "AutoDiagonalNormal": (AutoDiagonalNormal(_model()), _auto_diag_moments,
+                               "AutoDiagonalNormal.loc", "AutoDiagonalNormal.scale"),
+        "AutoNormal": (AutoNormal(_model()), _auto_normal_moments, "AutoNormal.locs.w",
+                       "AutoNormal.scales.w"),
+    }[kind]
+    guide(X, y)
+    _set_loc(loc)
+    m0, s0 = (P(n).detach().clone().requires_grad_() for n in (loc, scale))
+    gm, gs = torch.autograd.grad(_loss_at(m0, torch.diag(s0**2), X, y), (m0, s0))
+    h = 1e-3
+    opt = WassersteinGradient(guide, lr=h, adaptive=False)
+    SVI(_model(), guide, opt, _loss(moments)).step(X, y)
+    torch.testing.assert_close(P(loc).detach(), m0.detach() - h * gm)
+    torch.testing.assert_close(P(scale).detach(), s0.detach() - h * gs)
+    assert next(iter(opt.last_step.values()))["method"] == "bures"
 
 
-def test_bures_step_matches_the_euclidean_step_in_mean_and_scale_in_one_dimension():
-    """For N(m, σ²) the W₂ metric is Euclidean in (m, σ): σ' = σ − h ∂L/∂σ to first order."""
+def test_pulled_back_step_on_log_scale_is_the_inverse_metric_times_the_gradient():
+    """θ = (m, u), σ = eᵘ: the W₂ metric (δm)² + (δσ)² pulls back to diag(1, σ²), so the step is
+    m' = m − h∂L/∂m, u' = u − h σ⁻² ∂L/∂u (to first order σ' = σ − h∂L/∂σ, the Bures step)."""
+    X, y, _, _ = _data()
+    guide = _log_scale_guide()
+    guide(X, y)
+    _set_loc("loc")
+    m0, u0 = (P(n).detach().clone().requires_grad_() for n in ("loc", "log_scale"))
+    gm, gu = torch.autograd.grad(_loss_at(m0, torch.diag(u0.exp() ** 2), X, y), (m0, u0))
+    h = 1e-3
+    opt = WassersteinGradient(guide, lr=h, adaptive=False, damping=0.0)
+    SVI(_model(), guide, opt,
+        _loss(lambda: (P("loc"), torch.diag(P("log_scale").exp() ** 2)))).step(X, y)
+    assert opt.last_step["w"]["method"] == "bures_metric"
+    torch.testing.assert_close(P("loc").detach(), m0.detach() - h * gm)
+    torch.testing.assert_close(P("log_scale").detach(), u0.detach() - h * gu * (-2 * u0).exp())
+
+
+def test_bures_step_in_one_dimension_is_the_euclidean_step_in_scale():
+    """For N(m, σ²), Σ' = (1 − 2h∂L/∂Σ)²σ² with ∂L/∂Σ = ∂L/∂σ / 2σ gives σ' = σ − h∂L/∂σ."""
     m, s, gm, gs, h = 0.4, 1.3, 0.7, -0.9, 1e-3
-    cov = torch.tensor([[s * s]], dtype=torch.float64)
-    grad_cov = torch.tensor([[gs / (2 * s)]], dtype=torch.float64)  # ∂L/∂σ² = ∂L/∂σ / 2σ
-    new_m, new_cov = bures_step(torch.tensor([m], dtype=torch.float64), cov,
-                                torch.tensor([gm], dtype=torch.float64), grad_cov, h)
-    assert float(new_m) == pytest.approx(m - h * gm)
-    assert float(new_cov.sqrt()) == pytest.approx(s - h * gs, rel=1e-12)
+    new_m, new_s = bures_step(torch.tensor([m], dtype=F64), torch.tensor([[s]], dtype=F64),
+                              torch.tensor([gm], dtype=F64),
+                              torch.tensor([[gs / (2 * s)]], dtype=F64), h)
+    assert float(new_m) == pytest.approx(m - h * gm, rel=1e-12)
+    assert float(new_s) == pytest.approx(s - h * gs, rel=1e-12)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_full_covariance_converges_to_exact_posterior(dtype):
+def test_cholesky_reverse_rule_matches_autograd_through_the_cholesky():
+    """∂L/∂Σ from ∂L/∂L equals autograd's through L = cholesky(sym Σ), batched, without Σ."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 4, 4, generator=g, dtype=F64)
+    cov = (a @ a.mT + torch.eye(4, dtype=F64)).requires_grad_()
+    grad_tril = torch.randn(2, 4, 4, generator=g, dtype=F64).tril()
+    tril = torch.linalg.cholesky(0.5 * (cov + cov.mT))
+    (expected,) = torch.autograd.grad((tril * grad_tril).sum(), cov)
+    torch.testing.assert_close(cholesky_to_cov_gradient(tril.detach(), grad_tril), expected)
+
+
+def test_pulled_back_bures_metric_is_the_local_w2_distance():
+    """δθᵀGδθ = W₂²(q_θ, q_{θ+δθ}) + O(|δθ|³) against the closed form
+    W₂² = |m − m'|² + tr(Σ + Σ' − 2(Σ^½Σ'Σ^½)^½), for a low-rank-plus-diagonal Gaussian in d = 4;
+    the matrix-free product agrees with the dense matrix."""
+    g = torch.Generator().manual_seed(1)
+    theta = [torch.randn(shape, generator=g, dtype=F64).requires_grad_()
+             for shape in ((4,), (4, 2), (4,))]
+
+    def loc_cov(loc, factor, raw):
+        return loc, factor @ factor.T + torch.diag(torch.nn.functional.softplus(raw))
+
+    loc, cov = loc_cov(*theta)
+    metric = BuresMetric([(loc, cov, 1.0)], theta)
+    v = torch.randn(16, generator=g, dtype=F64)
+    torch.testing.assert_close(metric.mvp(v), metric.dense() @ v)
+    eps = 1e-5
+    loc1, cov1 = loc_cov(*(t.detach() + eps * d for t, d in zip(theta, unflat(v, theta),
+                                                                 strict=True)))
+    root = _sqrtm(cov.detach())
+    w2 = ((loc1 - loc.detach()).square().sum()
+          + torch.trace(cov.detach() + cov1 - 2 * _sqrtm(root @ cov1 @ root)))
+    assert float(w2) / eps**2 == pytest.approx(float(v @ metric.dense() @ v), rel=1e-4)
+
+
+def _sqrtm(a):
+    evals, evecs = torch.linalg.eigh(a)
+    return evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
+
+
+# ----- convergence ------------------------------------------------------------------------------
+def _fit(svi, X, y, moments, target, tol, max_steps):
+    """Steps until (mean, covariance) are within ``tol`` of ``target``; the number of steps."""
+    for step in range(1, max_steps + 1):
+        svi.step(X, y)
+        m, c = (t.detach() for t in moments())
+        if max(float((m - target[0]).abs().max()), float((c - target[1]).abs().max())) < tol:
+            return step
+    pytest.fail(f"not within {tol} after {max_steps} steps: {m} vs {target[0]}, {c} vs "
+                f"{target[1]}")
+
+
+@pytest.mark.parametrize("kind,dtype,tol", [("scale_tril", torch.float32, 1e-4),
+                                            ("scale_tril", F64, 1e-8),
+                                            ("AutoLowRankMultivariateNormal", F64, 1e-8)])
+def test_full_covariance_converges_to_exact_posterior(kind, dtype, tol):
+    """Exact gradients (closed-form loss); measured: 570 steps to 1e-8 (float64) with the
+    closed-form step on a Cholesky guide, 567 with the pulled-back metric on the rank-2 plus
+    diagonal guide (which can represent any 3 × 3 covariance: both follow the same W₂ gradient
+    flow), 449 to 1e-4 in float32."""
     X, y, mean, cov = _data(dtype)
-    guide = _mvn_guide(3, dtype)
+    if kind == "scale_tril":
+        guide, moments = _tril_guide(dtype), _tril_moments
+    else:
+        guide, moments = AutoLowRankMultivariateNormal(_model()), _low_rank_moments
     guide(X, y)
     opt = WassersteinGradient(guide, lr=1e-2)
-    svi = SVI(_model(), guide, opt, _loss(_mvn_moments))
-    for _ in range(500):
-        svi.step(X, y)
-    m, c = _mvn_moments()
-    tol = {torch.float32: 1e-3, torch.float64: 1e-6}[dtype]
-    torch.testing.assert_close(m.detach(), mean, rtol=tol, atol=tol)
-    torch.testing.assert_close(c.detach(), cov, rtol=tol, atol=tol)
+    svi = SVI(_model(), guide, opt, _loss(moments))
+    steps = _fit(svi, X, y, moments, (mean, cov), tol, 900)
+    assert steps > 50  # a first-order flow, not a one-step natural update
+    assert next(iter(opt.last_step.values()))["method"] in ("bures", "bures_metric")
 
 
 def test_diagonal_guide_converges_to_mean_field_optimum():
-    """Mean-field optimum of N(m, Λ⁻¹): mean m, variances 1/diag(Λ)."""
+    """The mean-field optimum of N(m, Λ⁻¹) is mean m, variances 1/diag(Λ) (measured: 556 steps
+    to 1e-8)."""
     X, y, mean, cov = _data()
-    guide = _diag_guide(3, torch.float64)
+    guide = _diag_guide()
     guide(X, y)
-    svi = SVI(_model(), guide, WassersteinGradient(guide, lr=1e-2),
-              _loss(_diag_moments))
-    for _ in range(500):
-        svi.step(X, y)
-    torch.testing.assert_close(pyro.param("loc").detach(), mean, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(pyro.param("scale").detach() ** 2,
-                               1 / torch.linalg.inv(cov).diagonal(), rtol=1e-6, atol=1e-6)
+    svi = SVI(_model(), guide, WassersteinGradient(guide, lr=1e-2), _loss(_diag_moments))
+    target = (mean, torch.diag(1 / torch.linalg.inv(cov).diagonal()))
+    _fit(svi, X, y, _diag_moments, target, 1e-8, 900)
 
 
-def test_autoguides_fit_with_trace_elbo():
+@pytest.mark.parametrize("make", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+                                  AutoLowRankMultivariateNormal], ids=lambda m: m.__name__)
+def test_autoguides_fit_with_trace_elbo(make):
+    """Monte Carlo gradients (32 vectorized particles): means within 0.35 posterior sd after 200
+    steps (measured: 0.11 to 0.21)."""
     X, y, mean, cov = _data()
-    sd = cov.diagonal().sqrt()
-    for make in (AutoMultivariateNormal, AutoDiagonalNormal):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        guide = make(_model())
-        opt = WassersteinGradient(guide, lr=1e-2)
-        svi = SVI(_model(), guide, opt,
-                  Trace_ELBO(num_particles=32, vectorize_particles=True))
-        for _ in range(400):
-            svi.step(X, y)
-        assert opt.last_step["_AutoMultivariateNormal_latent" if make is AutoMultivariateNormal
-                             else "_AutoDiagonalNormal_latent"]["method"] in ("bures", "undone")
-        error = ((guide.loc.detach() - mean) / sd).abs().max()
-        assert error < 0.5, f"{make.__name__}: max |Δmean|/sd = {float(error):.3f}"
+    pyro.set_rng_seed(0)
+    guide = make(_model())
+    opt = WassersteinGradient(guide, lr=1e-2)
+    svi = SVI(_model(), guide, opt, Trace_ELBO(num_particles=32, vectorize_particles=True))
+    for _ in range(200):
+        svi.step(X, y)
+    assert set(opt.summary().split()) & {"bures", "bures_metric"}
+    error = ((guide.median(X, y)["w"].detach() - mean) / cov.diagonal().sqrt()).abs().max()
+    assert error < 0.35, f"max |Δmean|/sd = {float(error):.3f}"
 
 
+# ----- the seed's case: a narrow guide far from the posterior ----------------------------------
 def _narrow_far(optim_factory, steps):
-    """q = N(0, 0.1²) fitted to p = N(5, 0.5²) by the exact KL(q ‖ p); returns q's mean path."""
+    """q = N(0, 0.1²) fitted to p = N(5, 0.5²) by the exact KL(q ‖ p); q's (mean, sd) path."""
+    pyro.clear_param_store()
+
     def guide():
-        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0, dtype=torch.float64)),
-                                     pyro.param("scale", torch.tensor(0.1, dtype=torch.float64),
-                                                constraints.positive)))
+        pyro.sample("z", dist.Normal(P("loc", torch.tensor(0.0, dtype=F64)),
+                                     P("scale", torch.tensor(0.1, dtype=F64),
+                                       constraints.positive)))
     guide = record_args(guide)
 
     def loss(model, guide_):
-        q = dist.Normal(pyro.param("loc"), pyro.param("scale"))
-        return kl_divergence(q, dist.Normal(torch.tensor(5.0, dtype=torch.float64), 0.5))
+        q = dist.Normal(P("loc"), P("scale"))
+        return kl_divergence(q, dist.Normal(torch.tensor(5.0, dtype=F64), 0.5))
 
     guide()
-    opt = optim_factory(guide)
-    svi = SVI(lambda: None, guide, opt, loss)
+    svi = SVI(lambda: None, guide, optim_factory(guide), loss)
     path = []
     for _ in range(steps):
         svi.step()
-        path.append(float(pyro.param("loc")))
+        path.append((float(P("loc").detach()), float(P("scale").detach())))
     return path
 
 
-def test_wasserstein_moves_a_narrow_far_guide_where_the_fisher_step_stalls():
+@pytest.mark.parametrize("space", ["natural", "parameter"])
+def test_wasserstein_moves_a_narrow_far_guide_where_the_fisher_step_stalls(space):
     """The Fisher metric scales the mean's step by q's variance σ² = 0.01, so from N(0, 0.1²) the
-    natural step toward N(5, 0.5²) crawls; the W₂ step moves the mean by h∇ₘL whatever σ is.
-    Same nominal step size 0.1, no adaptation, exact gradients."""
-    natural = _narrow_far(lambda g: NaturalGradient(g, lr=0.1, adaptive=False), 20)
+    natural step toward N(5, 0.5²) crawls (measured: mean 0.02 after one step, 1.12 (natural
+    parameters) / 0.99 (θ-space) after 20); the W₂ step moves the mean by h∇ₘL whatever σ is,
+    m ← m − 0.1 (m − 5)/0.25, a contraction by 0.6 toward 5 (2.0 after one step, 4.9998 after 20),
+    while σ: 0.1 → 1.06 → 0.73 → 0.5. Same nominal step size 0.1, no adaptation, exact gradients."""
+    natural = _narrow_far(lambda g: NaturalGradient(g, lr=0.1, space=space, adaptive=False), 20)
     wasserstein = _narrow_far(lambda g: WassersteinGradient(g, lr=0.1, adaptive=False), 20)
-    # W₂ on the mean: m ← m − 0.1 (m − 5)/0.25, a contraction by 0.6 per step toward 5
-    assert abs(wasserstein[-1] - 5) < 1e-3
-    assert all(b >= a for a, b in zip(wasserstein, wasserstein[1:], strict=False))
-    assert natural[0] < 0.05 and natural[-1] < 3.0  # the Fisher step is still far after 20
+    means = [m for m, _ in wasserstein]
+    assert means[0] == pytest.approx(2.0)
+    assert all(b > a for a, b in zip(means, means[1:], strict=False))  # steadily, no overshoot
+    assert wasserstein[-1] == pytest.approx((5.0, 0.5), abs=1e-3)
+    assert natural[0][0] < 0.05 and natural[-1][0] < 1.5
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), lr=st.floats(1e-3, 10.0), noise=st.floats(0.0, 1e3))
-def test_positive_definite_under_large_steps_and_noisy_gradients(seed, lr, noise):
+# ----- safety ------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lr=st.floats(1e-3, 10.0), noise=st.floats(0.0, 1e3),
+       adaptive=st.booleans(), diagonal=st.booleans(),
+       dtype=st.sampled_from([torch.float32, F64]))
+def test_positive_definite_under_large_steps_and_noisy_gradients(seed, lr, noise, adaptive,
+                                                                 diagonal, dtype):
+    """Steps up to 1000× the stable size with gradients drowned in noise: every written factor L
+    is finite, lower triangular with a positive diagonal, i.e. Σ = LLᵀ positive definite (a step
+    that would not give one is shortened or refused), and the next step runs from it."""
     pyro.clear_param_store()
-    X, y, _, _ = _data()
-    guide = _mvn_guide(3, torch.float64)
+    X, y, _, _ = _data(dtype)
+    if diagonal:
+        guide, factor = _diag_guide(dtype), lambda: torch.diag(P("scale"))
+    else:
+        guide, factor = _tril_guide(dtype), lambda: P("tril")
     guide(X, y)
     g = torch.Generator().manual_seed(seed)
 
     def noisy_loss(model, guide_, X, y):
-        m, c = _mvn_moments()
-        return _loss(_mvn_moments)(model, guide_, X, y) + noise * (
-            torch.randn(3, generator=g, dtype=torch.float64) @ m
-            + (torch.randn(3, 3, generator=g, dtype=torch.float64) * c).sum())
+        """The regression's −ELBO (up to a constant) from (m, L), so that no covariance is
+        formed or factorized here, plus noise linear in (m, L)."""
+        m, tril = P("loc"), factor()
+        kl = kl_divergence(dist.MultivariateNormal(m, scale_tril=tril),
+                           dist.MultivariateNormal(torch.zeros_like(m), scale_tril=torch.eye(
+                               3, dtype=dtype)))
+        resid = ((y - X @ m) ** 2).sum() + (X @ tril).square().sum()
+        return kl + 0.5 * resid / NOISE**2 + noise * (
+            torch.randn(3, generator=g, dtype=dtype) @ m
+            + (torch.randn(3, 3, generator=g, dtype=dtype) * tril).sum())
 
-    svi = SVI(_model(), guide, WassersteinGradient(guide, lr=lr), noisy_loss)
-    for _ in range(5):
-        svi.step(X, y)
-    tril = pyro.param("tril").detach()
-    assert torch.isfinite(tril).all()
-    assert bool((tril.diagonal() > 0).all())
-    assert torch.linalg.cholesky_ex(tril @ tril.T).info == 0
+    svi = SVI(_model(), guide, WassersteinGradient(guide, lr=lr, adaptive=adaptive), noisy_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepRefusedWarning)
+        for _ in range(5):
+            svi.step(X, y)
+            tril = factor().detach()
+            assert torch.isfinite(tril).all()
+            assert torch.equal(tril, tril.tril()) and bool((tril.diagonal() > 0).all())
 
 
+def test_nonfinite_gradient_is_refused_and_params_kept():
+    X, y, _, _ = _data()
+    guide = _tril_guide()
+    guide(X, y)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    def nan_loss(model, guide_, X, y):
+        return P("loc").sum() * torch.tensor(float("nan")) + P("tril").sum()
+
+    opt = WassersteinGradient(guide)
+    with pytest.warns(StepRefusedWarning, match="non-finite gradient"):
+        SVI(_model(), guide, opt, nan_loss).step(X, y)
+    assert opt.last_step["w"]["method"] == "refused"
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k])
+
+
+# ----- Gaussian VI as a Bures–Wasserstein flow (the optimizer never sees the model) ---------------
 @pytest.mark.parametrize("hessian", ["exact", "stein"])
 def test_gaussian_vi_flow_finds_a_gaussian_target(hessian):
     """For p = N(a, B) the flow's fixed point is q = p (Lambert et al. 2022)."""
-    a = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    b = torch.tensor([[2.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
-    target = dist.MultivariateNormal(a, b)
+    a = torch.tensor([1.0, -2.0], dtype=F64)
+    b = torch.tensor([[2.0, 0.6], [0.6, 0.5]], dtype=F64)
     g = torch.Generator().manual_seed(0)
-    loc, cov = gaussian_vi_flow(target.log_prob, torch.zeros(2, dtype=torch.float64),
-                                torch.eye(2, dtype=torch.float64), h=0.1, num_steps=300,
-                                num_samples=256, hessian=hessian, generator=g)
+    loc, cov = gaussian_vi_flow(dist.MultivariateNormal(a, b).log_prob, torch.zeros(2, dtype=F64),
+                                torch.eye(2, dtype=F64), h=0.1, num_steps=300, num_samples=256,
+                                hessian=hessian, generator=g)
     torch.testing.assert_close(loc, a, atol=0.05, rtol=0)
     torch.testing.assert_close(cov, b, atol=0.1, rtol=0)
 
 
+# ----- other reparameterized guides --------------------------------------------------------------
 def test_pushforward_metric_for_a_student_t_guide():
     """Non-Gaussian sites use the pushforward metric E[JᵀJ] and still fit."""
-    x = torch.tensor([4.8, 5.1, 5.3, 4.9, 5.0], dtype=torch.float64)
+    x = torch.tensor([4.8, 5.1, 5.3, 4.9, 5.0], dtype=F64)
 
     def model(x):
         z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 10.0))
@@ -231,8 +434,8 @@ def test_pushforward_metric_for_a_student_t_guide():
             pyro.sample("x", dist.Normal(z, 0.5), obs=x)
 
     def guide(x):
-        loc = pyro.param("loc", torch.tensor(0.0, dtype=x.dtype))
-        scale = pyro.param("scale", torch.tensor(1.0, dtype=x.dtype), constraints.positive)
+        loc = P("loc", torch.tensor(0.0, dtype=x.dtype))
+        scale = P("scale", torch.tensor(1.0, dtype=x.dtype), constraints.positive)
         pyro.sample("z", dist.StudentT(torch.tensor(30.0, dtype=x.dtype), loc, scale))
 
     guide = record_args(guide)
@@ -241,17 +444,17 @@ def test_pushforward_metric_for_a_student_t_guide():
     svi = SVI(model, guide, opt, Trace_ELBO(num_particles=32, vectorize_particles=True))
     for _ in range(300):
         svi.step(x)
-    assert opt.last_step["z"]["method"] in ("pushforward", "undone")
     assert "pushforward" in opt.summary()
-    assert abs(float(pyro.param("loc")) - float(x.mean())) < 0.1
+    assert abs(float(P("loc").detach()) - float(x.mean())) < 0.1
 
 
-def test_state_round_trip_and_refusal(tmp_path):
+# ----- contract -----------------------------------------------------------------------------------
+def test_state_round_trip(tmp_path):
     X, y, _, _ = _data()
-    guide = _mvn_guide(3, torch.float64)
+    guide = _tril_guide()
     guide(X, y)
     opt = WassersteinGradient(guide, lr=1e-3)
-    svi = SVI(_model(), guide, opt, _loss(_mvn_moments))
+    svi = SVI(_model(), guide, opt, _loss(_tril_moments))
     for _ in range(5):
         svi.step(X, y)
     opt.save(tmp_path / "w.pt")
@@ -261,20 +464,17 @@ def test_state_round_trip_and_refusal(tmp_path):
     for kind in ("theta", "grad"):
         for name, value in opt._pending[kind].items():
             assert torch.equal(resumed._pending[kind][name], value)
-    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-
-    def nan_loss(model, guide_, X, y):
-        return pyro.param("loc").sum() * torch.tensor(float("nan"))
-
-    with pytest.warns(StepRefusedWarning, match="non-finite gradient"):
-        SVI(_model(), guide, WassersteinGradient(guide), nan_loss).step(X, y)
-    for k, v in pyro.get_param_store().items():
-        torch.testing.assert_close(v.detach(), before[k])
 
 
-@pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"metric": "fisher"}, {"form": "qr"},
-                                    {"damping": -1.0}, {"num_samples": 0}])
+@pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"lr": float("nan")}, {"metric": "fisher"},
+                                    {"form": "qr"}, {"damping": -1.0}, {"num_samples": 0}])
 def test_bad_options_are_rejected(kwargs):
-    guide = _mvn_guide(3, torch.float64)
     with pytest.raises(ValueError):
-        WassersteinGradient(guide, **kwargs)
+        WassersteinGradient(_tril_guide(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"hessian": "bfgs"}, {"h": 0.0}, {"num_samples": 0}])
+def test_bad_flow_options_are_rejected(kwargs):
+    args = dict(h=0.1, num_steps=1) | kwargs
+    with pytest.raises(ValueError):
+        gaussian_vi_flow(lambda z: -z.square().sum(-1), torch.zeros(2), torch.eye(2), **args)

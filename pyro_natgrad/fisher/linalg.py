@@ -35,9 +35,11 @@ def jvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
     """(∂output/∂inputs)·v by the double-backward trick: J v = ∂/∂w [Jᵀw]·v (no forward mode
     needed, so it works on any live graph)."""
     w = torch.zeros_like(output, requires_grad=True)
-    (jv,) = torch.autograd.grad(vjp(output, inputs, w, create_graph=True), w, v,
-                                retain_graph=True)
-    return jv
+    jt_w = vjp(output, inputs, w, create_graph=True)
+    if not jt_w.requires_grad:  # no double backward (e.g. implicit reparameterization): J·v
+        return (jacobian(output, inputs) @ v).reshape(output.shape)
+    (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(output) if jv is None else jv
 
 
 def gram_mvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:

@@ -1,10 +1,17 @@
 """Monte Carlo Fisher information of any guide distribution.
 
 F(θ) = E_{z∼q_θ}[∇θ log q_θ(z) ∇θ log q_θ(z)ᵀ] (the seed's definition, §1), estimated with S draws
-z_s taken without gradient. The per-draw scores come from one batched backward pass
-(``is_grads_batched``), so there is no Python loop over draws. Three forms: ``dense`` (SᵀS/S),
-``diag`` (mean squared scores) and matrix-free ``mvp`` (Sᵀ(S v)/S computed as two backward passes
-through the log-density, memory O(dim θ + S); Martens 2010, Schraudolph 2002).
+z_s taken without gradient, for distributions with no closed-form Fisher: flows, Student-t,
+mixtures. One group of coupled sites is served at once; each site k of ELBO scale c_k contributes
+c_k·F_k (as the closed form's multiplicity does), from its own rows of weighted scores
+r_ks = √c_k ∇θ log q_k(z_ks), so that F̂ = (1/S) Σ_s Σ_k r_ks r_ksᵀ. A site whose distribution
+depends on an earlier site's sample gets its conditional Fisher at the traced value.
+
+The score matrix comes from one batched autodiff pass (reverse mode over the S·K draws, or the
+double-backward forward mode over dim θ, whichever is smaller), so there is no Python loop over
+draws. Three forms: ``dense`` (RᵀR/S), ``diag`` (mean squared scores) and matrix-free ``mvp``
+(Rᵀ(R v)/S as two backward passes through the log-densities, memory O(dim θ + S); Martens 2010,
+"Deep learning via Hessian-free optimization"; Schraudolph 2002).
 """
 
 from __future__ import annotations
@@ -15,43 +22,89 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .linalg import gram_mvp, jacobian
+from .linalg import gram_mvp, jacobian, jvp, vjp
+
+__all__ = ["MonteCarloFisher", "draw"]
+
+
+def draw(fn: Distribution, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+    """z ∼ fn without gradient, as a fresh tensor.
+
+    Transforms cache x ↔ y by tensor identity (Pyro's flows, e.g. ``AffineAutoregressive``, also
+    cache their log-scale): ``fn.log_prob`` of the very tensor ``fn.sample`` returned would reuse
+    values computed without gradient, and a flow's score would silently vanish. A copy is
+    inverted afresh, through the params.
+    """
+    with torch.no_grad():
+        return fn.sample(sample_shape).clone()
 
 
 class MonteCarloFisher:
-    """Score-outer-product Fisher of the joint guide density of one group of sites."""
+    """Score-outer-product Fisher F̂ = (1/S) Σ_s Σ_k r_ks r_ksᵀ of one group of guide sites.
 
-    def __init__(self, sites: Sequence[tuple[Distribution, float]], leaves: Sequence[Tensor],
-                 num_samples: int):
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    :param sites: ``(name, distribution, scale)`` per site, the distribution built from ``leaves``.
+    :param leaves: the unconstrained params θ the metric is taken in.
+    :param num_samples: draws S per site.
+    """
+
+    def __init__(self, sites: Sequence[tuple[str, Distribution, float]],
+                 leaves: Sequence[Tensor], num_samples: int):
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if not sites:
+            raise ValueError("a Monte Carlo Fisher needs at least one guide site")
         self.leaves = list(leaves)
         self.num_samples = num_samples
-        log_q = 0
-        for fn, scale in sites:
-            with torch.no_grad():
-                z = fn.sample((num_samples,))
-            lp = fn.log_prob(z)
+        rows = []
+        for name, fn, scale in sites:
+            with torch.enable_grad():
+                lp = fn.log_prob(draw(fn, (num_samples,)))
             if not lp.requires_grad:
-                raise ValueError(f"the log-density of {type(fn).__name__} does not depend on the "
-                                 "params differentiably; it has no Monte Carlo Fisher")
-            log_q = log_q + scale * lp.reshape(num_samples, -1).sum(-1)
-        self.log_q = log_q
+                raise ValueError(
+                    f"guide site {name!r}: log_prob of {type(fn).__name__} is not differentiable "
+                    "in the guide's params (it has no grad_fn), so its score ∇θ log q(z) and "
+                    "Monte Carlo Fisher are undefined; build its log-density from the params "
+                    "with differentiable torch operations")
+            rows.append(float(scale) ** 0.5 * lp.reshape(num_samples, -1).sum(-1))
+        self.log_q = torch.stack(rows, dim=1)  # (S, K): weighted log-density per draw and site
         self._scores: Tensor | None = None
 
     def scores(self) -> Tensor:
-        """The S × dim θ matrix of per-draw scores ∇θ log q(z_s)."""
+        """Weighted scores r_ks = √c_k ∇θ log q_k(z_ks), shape (S, K, dim θ)."""
         if self._scores is None:
-            self._scores = jacobian(self.log_q, self.leaves)
+            s, k = self.log_q.shape
+            self._scores = _jacobian(self.log_q.reshape(-1), self.leaves).reshape(s, k, -1)
         return self._scores
 
     def dense(self) -> Tensor:
-        s = self.scores()
-        return s.T @ s / self.num_samples
+        r = self.scores().flatten(0, 1)
+        return r.T @ r / self.num_samples
 
     def diag(self) -> Tensor:
-        return self.scores().square().mean(0)
+        return self.scores().square().sum((0, 1)) / self.num_samples
 
     def mvp(self, v: Tensor) -> Tensor:
-        """F v = Sᵀ(S v)/S without forming the score matrix S."""
-        return gram_mvp(self.log_q, self.leaves, v) / self.num_samples
+        """F̂ v = Rᵀ(R v)/S without forming the score matrix R."""
+        return gram_mvp(self.log_q.reshape(-1), self.leaves, v) / self.num_samples
+
+
+def _jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """∂output/∂inputs (n × d): reverse mode (n backward rows) when n ≤ d, else forward mode
+    (d columns J e_i by the double-backward trick of :func:`~.linalg.jvp`), so that the batched
+    pass never holds an n × n or d × d identity larger than it has to."""
+    n, d = output.numel(), sum(x.numel() for x in inputs)
+    if n <= d:
+        return jacobian(output, inputs)
+    w = torch.zeros_like(output, requires_grad=True)
+    jt_w = vjp(output, inputs, w, create_graph=True)
+    if not jt_w.requires_grad:  # no double backward: fall back to reverse mode
+        return jacobian(output, inputs)
+    eye = torch.eye(d, dtype=output.dtype, device=output.device)
+    try:
+        (columns,) = torch.autograd.grad(jt_w, w, eye, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: one pass per column
+        columns = torch.stack([jvp(output, inputs, e) for e in eye])
+    if columns is None:
+        return torch.zeros(n, d, dtype=output.dtype, device=output.device)
+    return columns.T

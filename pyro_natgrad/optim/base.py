@@ -161,14 +161,22 @@ class GeometricOptim(PyroOptim):
             self._refuse(group, f"non-finite gradient of param(s) {bad} at guide site(s) "
                                 f"{site_names}; step refused, params unchanged")
             return False
-        step, method = self._step_fn(group, leaves, grads)
+        try:
+            step, method = self._step_fn(group, leaves, grads)
+        except torch.linalg.LinAlgError as e:
+            self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
+                                f"factorized ({e}); step refused, params unchanged")
+            return False
         max_kl = self._max_kl(group, leaves, method)
         tried = rate
         for backtrack in range(self.max_backtracks + 1):
-            candidate = step(tried)
+            try:
+                candidate = step(tried)
+            except torch.linalg.LinAlgError:
+                candidate = None  # e.g. a covariance that is not positive definite: shorten
             problem = self._problem(candidate)
             if (problem is None and max_kl is not None and candidate.kl is not None
-                    and candidate.kl > max_kl):
+                    and candidate.kl > max_kl * (1 + 1e-9)):  # not on a rounding error
                 problem = "kl"
                 tried *= max(0.01, min(0.9, math.sqrt(max_kl / candidate.kl)))
             elif problem is not None:

@@ -49,6 +49,11 @@ class NaturalGradient(GeometricOptim):
     :param damping: λ added to the parameter-space metric, (F + λI)⁻¹.
     :param num_samples: samples for the Monte Carlo Fisher.
     :param fisher_decay: running average of the Monte Carlo Fisher across steps (0: none).
+    :param retract: when a natural step leaves the domain, move the elements that left it by the
+        family's retraction (Gaussians: Lin, Schmidt & Khan 2020) instead of shortening the whole
+        step. Off by default: with Monte Carlo gradients far from the optimum the retraction
+        inflates the precision and slows the fit (measured on posteriordb's sblrc-blr: −ELBO
+        2.9e5 vs 4.9e2 after 200 steps with AutoDiagonalNormal).
     Remaining keywords go to :class:`~pyro_natgrad.optim.base.GeometricOptim` (``adaptive``,
     ``max_kl``, ``base_optim``, ...).
     """
@@ -56,7 +61,7 @@ class NaturalGradient(GeometricOptim):
     def __init__(self, guide: Callable, lr: float = 0.5, *, fisher: str = "auto",
                  space: str = "natural", form: str | None = None, damping: float = 1e-6,
                  num_samples: int = 64, fisher_decay: float = 0.0, dense_max: int = 2000,
-                 cg_iters: int = 50, **kwargs):
+                 cg_iters: int = 50, retract: bool = False, **kwargs):
         _check_choice("fisher", fisher, _FISHERS)
         _check_choice("space", space, _SPACES)
         if form is not None:
@@ -70,7 +75,7 @@ class NaturalGradient(GeometricOptim):
         super().__init__(guide, lr, **kwargs)
         self.fisher, self.space, self.form = fisher, space, form
         self.damping, self.num_samples, self.fisher_decay = damping, num_samples, fisher_decay
-        self.dense_max, self.cg_iters = dense_max, cg_iters
+        self.dense_max, self.cg_iters, self.retract = dense_max, cg_iters, retract
         self._fisher_averages: dict[tuple[str, ...], Tensor] = {}
 
     def _method(self, group: Group) -> str:
@@ -110,10 +115,7 @@ class NaturalGradient(GeometricOptim):
                 valid = family.in_domain(*new_eta)
                 note = ""
                 if not bool(valid.all()):
-                    # some elements of a batch left the domain: retract those (a shorter step
-                    # for all would slow the rest); if every element left it, shorten the step,
-                    # which measured better than a retraction that inflates the precision
-                    retracted = family.retract(eta, delta) if bool(valid.any()) else None
+                    retracted = family.retract(eta, delta) if self.retract else None
                     if retracted is None:
                         return None
                     new_eta = _where(family, valid, new_eta, retracted)
@@ -133,7 +135,7 @@ class NaturalGradient(GeometricOptim):
         theta = [leaves[n] for n in names]
         g = flat([grads[n] for n in names])
         if method == "monte_carlo":
-            metric = MonteCarloFisher([(s.fn, s.scale) for s in group.sites], theta,
+            metric = MonteCarloFisher([(s.name, s.fn, s.scale) for s in group.sites], theta,
                                       self.num_samples)
         else:
             metric = PulledBackFisher([(s.family, s.family.args(s.base), s.multiplicity)

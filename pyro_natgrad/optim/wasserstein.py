@@ -1,16 +1,25 @@
 """Wasserstein natural-gradient descent on the ELBO, as a drop-in Pyro optimizer.
 
-θ ← θ − ρ G(θ)⁻¹ ∇θ L with G the Wasserstein-2 metric of the guide (the seed, §4):
+θ ← θ − ρ G(θ)⁻¹ ∇θ L with G the Wasserstein-2 metric of the guide (the seed, §4). Per group of
+guide sites, the first that applies:
 
-* Gaussian sites written through an invertible parameterization (AutoNormal, AutoDiagonalNormal,
-  AutoMultivariateNormal, custom guides whose Normal / MultivariateNormal arguments are params):
-  the closed-form Bures–Wasserstein step m' = m − h∇ₘL, Σ' = (I − hM)Σ(I − hM), M = 2 sym ∇_ΣL
-  (see :mod:`pyro_natgrad.wasserstein.gaussian`), with h = ρ / (copies × ELBO scale) of the site.
-  The gradients in (m, Σ) come from the params' gradients by one vector-Jacobian product through
-  (m, Σ) ↦ distribution arguments ↦ params.
-* Any other reparameterized site (low-rank Gaussians, flows, Student-t, ...): the pushforward
-  metric E[JᵀJ] of its sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`),
-  estimated with ``num_samples`` draws and solved dense, diagonal or by conjugate gradient.
+* ``"bures"``: a Normal or MultivariateNormal site written through an invertible parameterization
+  (AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, custom guides whose loc / scale /
+  scale_tril are params) takes the closed-form Bures–Wasserstein step m' = m − h∇ₘL,
+  Σ' = (I − hM)Σ(I − hM), M = 2 sym ∇_ΣL (:func:`~pyro_natgrad.wasserstein.bures_step`; for a
+  Normal, the Euclidean step in (m, σ)), with h = ρ / (copies × ELBO scale) of the site. The
+  gradients in the distribution's arguments (m, L) or (m, σ) come from the params' gradients by one
+  vector-Jacobian product through arguments ↦ params, ∂L/∂Σ from ∂L/∂L by the Cholesky reverse
+  rule (:func:`~pyro_natgrad.wasserstein.cholesky_to_cov_gradient`); the new Cholesky factor
+  (never Σ itself) is written back through the same map.
+* ``"bures_metric"``: any other group of Gaussian sites (AutoLowRankMultivariateNormal, params
+  shared between sites, amortized guides) steps linearly in its params with the exact W₂ metric
+  of Gaussians pulled back to them (:class:`~pyro_natgrad.wasserstein.BuresMetric`).
+* ``"pushforward"``: any other reparameterized site (flows, Student-t, ...) uses the pushforward
+  metric E[JᵀJ] of its sampling map, an upper bound of the W₂ metric
+  (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`), estimated with ``num_samples`` draws.
+
+The two linear steps solve their metric dense, diagonal or by conjugate gradient (matrix-free).
 """
 
 from __future__ import annotations
@@ -19,15 +28,17 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
-from ..guides import Group, coordinate_gradient
-from ..wasserstein import PushforwardMetric, bures_step
+from ..guides import Group, Site, coordinate_gradient
+from ..wasserstein import BuresMetric, PushforwardMetric, bures_step, cholesky_to_cov_gradient
 from .base import Candidate, GeometricOptim, StepFn, linear_step
 
 __all__ = ["WassersteinGradient"]
 
-_GAUSSIANS = ("Normal", "MultivariateNormal")
+_CLOSED_FORM = ("Normal", "MultivariateNormal")
+_GAUSSIANS = _CLOSED_FORM + ("LowRankMultivariateNormal",)
 _FORMS = ("dense", "diag", "cg")
 
 
@@ -42,14 +53,14 @@ class WassersteinGradient(GeometricOptim):
         the adaptive step corrects too large a value).
     :param metric: ``"auto"`` (Bures–Wasserstein for Gaussian sites, pushforward elsewhere) or
         ``"pushforward"`` for every site.
-    :param form: ``"dense"``, ``"diag"`` or ``"cg"`` for the pushforward metric (default: dense up
-        to ``dense_max`` params, else CG).
+    :param form: ``"dense"``, ``"diag"`` or ``"cg"`` for the pulled-back Bures and the pushforward
+        metrics (default: dense up to ``dense_max`` params, else CG).
     :param damping: λ in (G + λI)⁻¹.
     :param num_samples: draws for the pushforward metric.
     Remaining keywords go to :class:`~pyro_natgrad.optim.base.GeometricOptim`. ``max_kl``, when a
-    number, bounds KL(q_old ‖ q_new) of Gaussian sites and ½ρ²δᵀGδ of the others (default: no
-    bound); Pflug's stationarity test is off by default (``stationarity_window=None``), because
-    it presumes an affine-invariant step.
+    number, bounds KL(q_old ‖ q_new) of ``"bures"`` sites and ½ρ²δᵀGδ (half a squared W₂ length)
+    of the others (default: no bound); Pflug's stationarity test is off by default
+    (``stationarity_window=None``), because it presumes an affine-invariant step.
     """
 
     def __init__(self, guide: Callable, lr: float = 0.1, *, metric: str = "auto",
@@ -70,9 +81,12 @@ class WassersteinGradient(GeometricOptim):
         self.num_samples, self.dense_max, self.cg_iters = num_samples, dense_max, cg_iters
 
     def _method(self, group: Group) -> str:
-        site = group.sites[0]
-        if (self.metric == "auto" and group.natural and site.family.name in _GAUSSIANS):
+        if self.metric == "pushforward":
+            return "pushforward"
+        if group.natural and group.sites[0].family.name in _CLOSED_FORM:
             return "bures"
+        if all(s.family is not None and s.family.name in _GAUSSIANS for s in group.sites):
+            return "bures_metric"
         return "pushforward"
 
     def _step_fn(self, group: Group, leaves: dict[str, Tensor],
@@ -80,59 +94,62 @@ class WassersteinGradient(GeometricOptim):
         method = self._method(group)
         if method == "bures":
             return self._bures_step(group, leaves, grads), method
-        return self._pushforward_step(group, leaves, grads), method
+        return self._linear_step(group, leaves, grads, method), method
 
     def _bures_step(self, group: Group, leaves: dict[str, Tensor],
                     grads: dict[str, Tensor]) -> StepFn:
         site = group.sites[0]
         family, param = site.family, site.parameterization
-        dense = family.name == "MultivariateNormal"
+        dense = family.name == "MultivariateNormal"  # arguments (m, L), else (m, σ)
         with torch.no_grad():
             args = param.args({n: leaves[n].detach() for n in param.param_names})
-            eta = family.args_to_natural(*args)
-            coords = (args[0], args[1] @ args[1].mT) if dense else args
-        to_args = _loc_cov_to_args if dense else _identity
-        d_loc, d_second = coordinate_gradient(param, to_args, coords,
+            current = family.distribution(*args)
+        d_loc, d_second = coordinate_gradient(param, _identity, args,
                                               [grads[n] for n in param.param_names])
+        if dense:
+            d_second = cholesky_to_cov_gradient(args[1], d_second)
         scale = 1.0 / site.multiplicity
 
         def step(rate: float) -> Candidate | None:
             h = rate * scale
             with torch.no_grad():
                 if dense:
-                    new_args = _loc_cov_to_args(*bures_step(*coords, d_loc, d_second, h),
-                                                checked=True)
+                    new_args = bures_step(*args, d_loc, d_second, h)
+                    positive = new_args[1].diagonal(dim1=-2, dim2=-1)
                 else:
-                    new_args = (coords[0] - h * d_loc, coords[1] - h * d_second)
-                if new_args is None or not bool((new_args[1].diagonal(dim1=-2, dim2=-1)
-                                                 if dense else new_args[1]).gt(0).all()):
+                    new_args = (args[0] - h * d_loc, args[1] - h * d_second)
+                    positive = new_args[1]
+                if not bool(positive.gt(0).all()):  # Σ' singular, or σ' ≤ 0 (or NaN)
                     return None
                 values = param.unconstrained(new_args)
-                kl = float(family.kl(eta, family.args_to_natural(*new_args)).sum())
+                kl = float(kl_divergence(current, family.distribution(*new_args)).sum())
             return Candidate(values, kl * site.multiplicity)
 
         return step
 
-    def _pushforward_step(self, group: Group, leaves: dict[str, Tensor],
-                          grads: dict[str, Tensor]) -> StepFn:
+    def _linear_step(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
+                     method: str) -> StepFn:
         names = group.param_names
         theta = [leaves[n] for n in names]
         g = flat([grads[n] for n in names])
-        metric = PushforwardMetric([(s.fn, s.scale) for s in group.sites], theta,
-                                   self.num_samples)
+        if method == "bures_metric":
+            metric = BuresMetric([(*_loc_cov(s), s.multiplicity) for s in group.sites], theta)
+        else:
+            metric = PushforwardMetric([(s.fn, s.scale) for s in group.sites], theta,
+                                       self.num_samples)
         form = self.form or ("dense" if g.numel() <= self.dense_max else "cg")
         direction = solve_metric(metric, g, form, self.damping, self.cg_iters)
         return linear_step(names, theta, direction, float(direction @ metric.mvp(direction)))
 
 
+def _loc_cov(site: Site) -> tuple[Tensor, Tensor]:
+    """(m, Σ) of a Gaussian site's base distribution, a Normal's as 1 × 1 covariances, on the live
+    graph from the params."""
+    base = site.base
+    if site.family.name == "Normal":
+        return base.loc[..., None], base.variance[..., None, None]
+    return base.loc, base.covariance_matrix
+
+
 def _identity(*args: Tensor) -> tuple[Tensor, ...]:
     return args
-
-
-def _loc_cov_to_args(loc: Tensor, cov: Tensor, checked: bool = False):
-    """(m, Σ) ↦ (m, cholesky(Σ)); with ``checked``, None when Σ is not positive definite."""
-    cov = 0.5 * (cov + cov.mT)
-    if not checked:
-        return loc, torch.linalg.cholesky(cov)
-    tril, info = torch.linalg.cholesky_ex(cov)
-    return None if bool((info != 0).any()) or not bool(torch.isfinite(tril).all()) else (loc, tril)

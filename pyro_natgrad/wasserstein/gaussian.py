@@ -4,26 +4,51 @@ On N(m, Σ) the Wasserstein-2 distance is W₂² = |m − m'|² + tr(Σ + Σ' �
 Riemannian gradient of a function L(m, Σ) is the affine map x ↦ ∇ₘL + 2 ∇_ΣL (x − m), and
 following it for time h gives m' = m − h ∇ₘL, Σ' = (I − hM) Σ (I − hM) with M = 2 sym(∇_ΣL)
 (Lambert, Chewi, Bach, Bonnabel & Rigollet 2022, "Variational inference via Wasserstein gradient
-flows", NeurIPS, §3; Diao, Balasubramanian, Chewi & Salim 2023, "Forward-backward Gaussian
-variational inference via JKO in the Bures–Wasserstein space", ICML, eq. 3). Σ' is positive
-semidefinite for every h and definite while I − hM is invertible. For a 1-D Gaussian the metric
-is Euclidean in (m, σ) and the step is σ' = σ − h ∂L/∂σ.
+flows", NeurIPS; Diao, Balasubramanian, Chewi & Salim 2023, "Forward-backward Gaussian
+variational inference via JKO in the Bures–Wasserstein space", ICML). Σ' is positive
+semidefinite for every h and definite while I − hM is invertible; it is computed on Cholesky
+factors. For a 1-D Gaussian the metric is Euclidean in (m, σ) and the step is σ' = σ − h ∂L/∂σ.
+
+The metric itself, for Gaussians N(m(θ), Σ(θ)) whose params cannot be stepped in (m, Σ) directly
+(low-rank covariances, shared or amortized params), is pulled back to θ by :class:`BuresMetric`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from ..fisher.linalg import jacobian, jvp, vjp
 
-def bures_step(loc: Tensor, cov: Tensor, grad_loc: Tensor, grad_cov: Tensor,
+
+def bures_step(loc: Tensor, scale_tril: Tensor, grad_loc: Tensor, grad_cov: Tensor,
                h: float) -> tuple[Tensor, Tensor]:
-    """(m − h∇ₘL, (I − hM)Σ(I − hM)) with M = ∇_ΣL + ∇_ΣLᵀ, batched over leading dims."""
+    """(m − h∇ₘL, L') with L'L'ᵀ = (I − hM) LLᵀ (I − hM), M = ∇_ΣL + ∇_ΣLᵀ, batched.
+
+    L' is the lower Cholesky factor of Σ' taken from the QR decomposition ((I − hM)L)ᵀ = QR,
+    L' = Rᵀ diag(sign Rᵢᵢ), so Σ is never formed: the factor's condition number, not its square,
+    limits the precision (this matters in float32). A zero on the diagonal of L' means I − hM is
+    singular and Σ' only semidefinite.
+    """
     eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
     a = eye - h * (grad_cov + grad_cov.mT)
-    return loc - h * grad_loc, a @ cov @ a.mT
+    r = torch.linalg.qr((a @ scale_tril).mT, mode="r")[1]
+    return loc - h * grad_loc, r.mT * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def cholesky_to_cov_gradient(scale_tril: Tensor, grad_tril: Tensor) -> Tensor:
+    """The symmetric ∂L/∂Σ from ∂L/∂L for L = cholesky(Σ), by the Cholesky reverse rule
+    ∂L/∂Σ = sym(L⁻ᵀ Φ(Lᵀ ∂L/∂L) L⁻¹), Φ = lower triangle with the diagonal halved (Murray 2016,
+    "Differentiation of the Cholesky decomposition", arXiv:1602.07527): triangular solves with L
+    only, Σ is never formed. Only the lower triangle of ``grad_tril`` is read."""
+    p = scale_tril.mT @ grad_tril.tril()
+    phi = p.tril() - 0.5 * torch.diag_embed(p.diagonal(dim1=-2, dim2=-1))
+    left = torch.linalg.solve_triangular(scale_tril.mT, phi, upper=True)  # L⁻ᵀΦ
+    out = torch.linalg.solve_triangular(scale_tril.mT, left.mT, upper=True).mT  # L⁻ᵀΦL⁻¹
+    return 0.5 * (out + out.mT)
 
 
 def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: Tensor,
@@ -31,7 +56,8 @@ def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: 
                      hessian: str = "exact",
                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Gaussian VI of an unnormalized density p as the Bures–Wasserstein gradient flow of
-    KL(q ‖ p) (Lambert et al. 2022, Algorithm 1): with z ~ N(m, Σ),
+    KL(q ‖ p) (Lambert et al. 2022, their Bures–Wasserstein SGD with the expectations taken
+    by Monte Carlo): with z ~ N(m, Σ),
     m ← m + h E[∇log p(z)],  Σ ← (I − hM)Σ(I − hM),  M = −E[∇²log p(z)] − Σ⁻¹.
 
     ``hessian="exact"`` differentiates ∇log p; ``"stein"`` uses only gradients, by Stein's
@@ -44,8 +70,8 @@ def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: 
         raise ValueError(f"need h > 0, num_steps >= 0, num_samples >= 1; got {h}, {num_steps}, "
                          f"{num_samples}")
     d = loc.shape[-1]
+    chol = torch.linalg.cholesky(cov)
     for _ in range(num_steps):
-        chol = torch.linalg.cholesky(cov)
         eps = torch.randn(num_samples, d, dtype=loc.dtype, device=loc.device,
                           generator=generator)
         z = (loc + eps @ chol.mT).detach().requires_grad_()
@@ -61,6 +87,75 @@ def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: 
         expected_hessian = 0.5 * (expected_hessian + expected_hessian.mT).detach()
         precision = torch.cholesky_inverse(chol)
         # bures_step with ∇ₘL = −E[∇log p] and 2∇_ΣL = M
-        loc, cov = bures_step(loc, cov, -grad.detach().mean(0),
-                              -0.5 * (expected_hessian + precision), h)
-    return loc, cov
+        loc, chol = bures_step(loc, chol, -grad.detach().mean(0),
+                               -0.5 * (expected_hessian + precision), h)
+    return loc, chol @ chol.mT
+
+
+def lyapunov_solve(cov: Tensor, rhs: Tensor) -> Tensor:
+    """S with SΣ + ΣS = rhs for symmetric positive definite Σ (batched): with Σ = U diag(λ) Uᵀ,
+    S = U [(Uᵀ rhs U)ᵢⱼ / (λᵢ + λⱼ)] Uᵀ."""
+    return _lyapunov_eigh(torch.linalg.eigh(cov), rhs)
+
+
+def _lyapunov_eigh(eig: tuple[Tensor, Tensor], rhs: Tensor) -> Tensor:
+    evals, evecs = eig
+    inner = evecs.mT @ rhs @ evecs / (evals[..., :, None] + evals[..., None, :])
+    return evecs @ inner @ evecs.mT
+
+
+class BuresMetric:
+    """The Bures–Wasserstein metric of Gaussians N(m(θ), Σ(θ)) pulled back to the params θ:
+
+    δθᵀ G δθ = |δm|² + tr(S Σ S) = |δm|² + ½⟨L_Σ(δΣ), δΣ⟩,  L_Σ(δΣ) = S: SΣ + ΣS = δΣ,
+
+    with δm = J_m δθ, δΣ = J_Σ δθ, so G = J_mᵀJ_m + J_Σᵀ ½L_Σ J_Σ, the exact W₂ metric of the
+    submanifold of Gaussians the params reach (Takatsu 2011, "Wasserstein geometry of Gaussian
+    measures", Osaka J. Math.; Bhatia, Jain & Lim 2019, "On the Bures–Wasserstein distance between
+    positive definite matrices", Expo. Math.). In one dimension G is Euclidean in (m, σ).
+
+    ``gaussians``: (m, Σ, weight) per site, m of shape batch + (d,) and Σ batch + (d, d), built
+    from ``leaves`` on a live graph; each site's term is multiplied by its weight (copies × ELBO
+    scale: the W₂ metric of a product of independent copies is the sum of theirs).
+    """
+
+    def __init__(self, gaussians: Sequence[tuple[Tensor, Tensor, float]],
+                 leaves: Sequence[Tensor]):
+        self.leaves = list(leaves)
+        # (output, its metric as a map on output perturbations, weight); constant outputs dropped
+        self._terms: list[tuple[Tensor, Callable[[Tensor], Tensor], float]] = []
+        for loc, cov, weight in gaussians:
+            half_lyapunov = partial(_half_lyapunov, torch.linalg.eigh(cov.detach()))
+            for out, lift in ((loc, _identity), (cov, half_lyapunov)):
+                if out.requires_grad:
+                    self._terms.append((out, lift, weight))
+
+    def mvp(self, v: Tensor) -> Tensor:
+        """G v = J_mᵀ(J_m v) + J_Σᵀ ½L_Σ(J_Σ v): forward products by the double-backward trick,
+        one backward pass each for the transposes; O(d³) per site, no Jacobian formed."""
+        total = torch.zeros_like(v)
+        for out, lift, weight in self._terms:
+            total = total + weight * vjp(out, self.leaves,
+                                         lift(jvp(out, self.leaves, v).reshape(out.shape)))
+        return total
+
+    def dense(self) -> Tensor:
+        """The matrix G from the Jacobians of m and Σ (small groups only)."""
+        size = sum(x.numel() for x in self.leaves)
+        total = self.leaves[0].new_zeros(size, size)
+        for out, lift, weight in self._terms:
+            j = jacobian(out, self.leaves)
+            lifted = lift(j.T.reshape((-1,) + out.shape))  # one perturbation per param
+            total = total + weight * lifted.reshape(j.shape[1], -1) @ j
+        return 0.5 * (total + total.T)
+
+    def diag(self) -> Tensor:
+        return self.dense().diagonal()
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _half_lyapunov(eig: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
+    return 0.5 * _lyapunov_eigh(eig, x)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from ..fisher.linalg import flat, jacobian
+from ..fisher.linalg import gram_mvp, jacobian
 
 
 class PushforwardMetric:
@@ -43,14 +43,5 @@ class PushforwardMetric:
         return jacobian(self.z, self.leaves).square().sum(0) / self.num_samples
 
     def mvp(self, v: Tensor) -> Tensor:
-        """G v = E[Jᵀ(J v)], J v by the double-backward trick, without forming J."""
-        w = torch.zeros_like(self.z, requires_grad=True)
-        grads = torch.autograd.grad(self.z, self.leaves, w, retain_graph=True, create_graph=True,
-                                    allow_unused=True)
-        jt_w = flat([torch.zeros_like(x) if g is None else g
-                     for g, x in zip(grads, self.leaves, strict=True)])
-        (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True)
-        grads = torch.autograd.grad(self.z, self.leaves, jv / self.num_samples, retain_graph=True,
-                                    allow_unused=True)
-        return flat([torch.zeros_like(x) if g is None else g
-                     for g, x in zip(grads, self.leaves, strict=True)])
+        """G v = E[Jᵀ(J v)] without forming J."""
+        return gram_mvp(self.z, self.leaves, v) / self.num_samples
