@@ -49,9 +49,9 @@ class GeometricOptim(PyroOptim):
     :param lr: step size (> 0).
     :param adaptive: reject steps whose trapezoidal loss estimate rose and shrink the step.
     :param max_kl: trust region: scale a group's step so KL(q_old ‖ q_new) ≤ max_kl (the seed's
-        constraint ½ δᵀFδ ≤ ε²). ``"auto"``: no bound on steps taken in natural parameters (they
-        stay in the domain by construction), and ½ δᵀFδ ≤ ½·dim θ for first-order steps in the
-        guide's own parameters, whose quadratic KL model is only locally right.
+        constraint ½ δᵀFδ ≤ ε²). ``"auto"``: no bound on steps taken in a family's own coordinates
+        (natural parameters; Bures–Wasserstein (m, Σ)), and ½ δᵀGδ ≤ ½·dim θ for first-order
+        steps in the guide's own parameters, whose quadratic model is only locally right.
     :param max_backtracks: halvings tried before a step outside the domain is refused.
     :param stationarity_window: steps per window of Pflug's stationarity test, which lowers the
         largest step once Monte Carlo noise dominates (None: off); see
@@ -197,7 +197,7 @@ class GeometricOptim(PyroOptim):
     def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
         if self.max_kl != "auto":
             return self.max_kl
-        if method == "natural":
+        if method in ("natural", "bures"):  # exact steps in the family's own coordinates
             return None
         return 0.5 * sum(leaves[n].numel() for n in group.param_names)
 

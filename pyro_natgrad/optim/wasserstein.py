@@ -74,7 +74,6 @@ class WassersteinGradient(GeometricOptim):
             raise ValueError(f"damping must be >= 0, got {damping!r}")
         if not (isinstance(num_samples, int) and num_samples > 0):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        kwargs.setdefault("max_kl", None)
         kwargs.setdefault("stationarity_window", None)  # a W₂ step is not affine invariant
         super().__init__(guide, lr, **kwargs)
         self.metric, self.form, self.damping = metric, form, damping
