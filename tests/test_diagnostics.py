@@ -35,14 +35,6 @@ DTYPES = [torch.float32, torch.float64]
 MC_SE = 4.0  # tolerance in Monte Carlo standard errors
 
 
-@pytest.fixture(autouse=True)
-def _fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # Normal-Normal with known noise: mu ~ N(M0, S0²), y_i ~ N(mu, SIGMA²); exact Gaussian posterior.
 M0, S0, SIGMA = 1.0, 2.0, 0.7
 

@@ -19,14 +19,6 @@ from .test_diagnostics import normal_data, normal_model, normal_posterior
 matplotlib.use("Agg")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def _nothing(*args):
     pass
 

@@ -27,14 +27,6 @@ from .conjugate import (
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 @pytest.mark.parametrize("case", CONJUGATE_SCALARS, ids=lambda c: c.__name__)
 def test_one_step_lands_on_exact_conjugate_posterior(case):
     c = case(torch.float64)
