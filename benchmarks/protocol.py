@@ -130,6 +130,9 @@ def fit(model: Callable, make_guide: Callable, make_optim: Callable, data: tuple
                 except (ValueError, RuntimeError) as e:
                     run.failed = f"step {step}: evaluation {type(e).__name__}"
                     break
+                if not math.isfinite(value):
+                    run.failed = f"step {step}: −ELBO estimate {value}"
+                    break
                 run.steps.append(step)
                 run.seconds.append(elapsed)
                 run.losses.append(value)
@@ -162,24 +165,42 @@ def grid_search(run_one: Callable[[Callable, int], Run], grid: dict[str, Callabl
     return best, runs, tried
 
 
+class _Labelled:
+    """Runs an optimizer inside a profiler range named ``optimizer``."""
+
+    def __init__(self, optim):
+        self.optim = optim
+
+    def __call__(self, *args, **kwargs):
+        with torch.profiler.record_function("optimizer"):
+            return self.optim(*args, **kwargs)
+
+
 def peak_memory_mib(model: Callable, guide: Callable, data: tuple, num_particles: int,
-                    make_optim: Callable) -> float:
-    """Peak of torch's CPU allocations during one SVI step (loss, gradient and optimizer), in MiB
-    above the allocations live when the step starts, from the torch profiler's memory events."""
+                    make_optim: Callable) -> tuple[float, float]:
+    """Peak torch CPU allocations (MiB) during one SVI step, above those live when it starts:
+    (whole step: loss, gradient and optimizer; the optimizer's own call, above what was live
+    when it was called), from the torch profiler's memory events."""
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
     with torch.no_grad():
         elbo.loss(model, guide, *data)
     svi = SVI(model, guide, make_optim(guide), elbo)
+    svi.optim = _Labelled(svi.optim)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         svi.step(*data)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
+    events = list(prof.profiler.kineto_results.events())
+    window = next(e for e in events if e.name() == "optimizer")
+    start, end = window.start_ns(), window.start_ns() + window.duration_ns()
+    live = step_peak = at_call = optim_peak = 0
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if t < start:
+            at_call = live + nbytes
         live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+        step_peak = max(step_peak, live)
+        if start <= t <= end:
+            optim_peak = max(optim_peak, live - at_call)
+    return step_peak / 2**20, optim_peak / 2**20
 
 
 def optimizer_families(problem: Problem, quick: bool) -> dict[str, dict[str, Callable]]:
@@ -248,7 +269,9 @@ def compare(problem: Problem, label: str, seeds: int, quick: bool) -> Comparison
     finals = [r for rs in runs.values() for r in rs] + [r for t in tried.values()
                                                          for r in t.values()]
     best = min(finals, key=lambda r: r.final)
-    if reference is None:
+    if not math.isfinite(best.final):  # every run failed
+        reference, error = (math.nan, math.nan) if reference is None else (reference, error)
+    elif reference is None:
         reference, error = best.final, best.errors[-1] if best.errors else math.nan
         how = ("best final −ELBO of any run (optimum unknown)" + (" " + how if how else ""))
     elif best.final < reference and label not in problem.exact:
