@@ -1,9 +1,10 @@
 """Benchmark of pyro_natgrad's optimizers against Pyro's Adam and ClippedAdam:
 ``python -m benchmarks.run [--quick] [--problems a,b] [--seeds 3]``.
 
-Writes ``benchmarks/results/benchmark.md`` (``benchmark_quick.md`` with ``--quick``): the
-protocol, one row per problem, guide and optimizer family, and the peak-memory table; and one
-plot per problem and guide, ``benchmark_<problem>_<guide>.png`` (−ELBO gap vs steps and seconds).
+Writes ``benchmarks/results/benchmark.md``: the protocol, one row per problem, guide and optimizer
+family, and the peak-memory table; and one plot per problem and guide,
+``benchmark_<problem>_<guide>.png`` (−ELBO gap vs steps and seconds). ``--quick`` writes the same
+under ``benchmarks/results/quick/`` (ignored by git).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ HEADER = ["| problem | guide | particles | optimizer | steps to target | s to ta
           "posterior error | notes |", "|" + "---|" * 12]
 
 
-def plot(c: Comparison) -> str:
+def plot(c: Comparison, folder: Path) -> str:
     """−ELBO − reference against steps and against optimizer seconds, seed 0."""
     import matplotlib
 
@@ -144,7 +145,7 @@ def plot(c: Comparison) -> str:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{c.problem.name}, {c.guide}, {c.problem.particles} particles (seed 0)")
     fig.tight_layout()
-    path = RESULTS / f"benchmark_{c.problem.name}_{c.guide}.png"
+    path = folder / f"benchmark_{c.problem.name}_{c.guide}.png"
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path.name
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown problem(s) {unknown}; choose from {list(PROBLEMS)}")
     torch.set_num_threads(1)
-    RESULTS.mkdir(exist_ok=True)
+    folder = RESULTS / "quick" if args.quick else RESULTS
+    folder.mkdir(exist_ok=True)
     started, cpu = time.time(), time.process_time()
     problems = {name: PROBLEMS[name]() for name in names}
     text = describe(args, problems)
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             tick = time.time()
             c = compare(problem, label, args.seeds_used, args.quick)
             table += rows(c)
-            plots.append(plot(c))
+            plots.append(plot(c, folder))
             references.append(f"- {name}, {label} ({problem.section}; {c.steps} steps, "
                               f"{c.eval_particles} evaluation particles): −ELBO* = "
                               f"{c.reference:.3f} ± {_num(c.reference_error, 3)} ({c.how})")
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
            f"{EARLY} steps and at the budget (— : every run failed). References (± standard "
            "error of the estimate):", *references, "", *mem,
            "Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
-    path = RESULTS / ("benchmark_quick.md" if args.quick else "benchmark.md")
+    path = folder / ("benchmark_quick.md" if args.quick else "benchmark.md")
     path.write_text("\n".join(out))
     print("\n".join(out[out.index("## Results"):]))
     print(f"wrote {path} in {minutes:.1f} minutes ({cpu_minutes:.1f} CPU)")
