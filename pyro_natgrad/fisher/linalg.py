@@ -57,6 +57,16 @@ def solve_metric(metric, g: Tensor, form: str, damping: float, cg_iters: int) ->
     return solve_psd(metric.dense(), g, damping)
 
 
+def hutchinson_trace(mvp: Callable[[Tensor], Tensor], like: Tensor, probes: int = 8) -> Tensor:
+    """tr A ≈ (1/k) Σ_j v_jᵀ A v_j over k Rademacher probes v_j (Hutchinson 1990), for A given
+    only as a matrix-vector product; ``like`` sets the dimension, dtype and device."""
+    total = like.new_zeros(())
+    for _ in range(probes):
+        v = torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+        total = total + v.dot(mvp(v))
+    return total / probes
+
+
 def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     """Dense Jacobian ∂output/∂inputs (``output.numel() × Σ inputs.numel()``) of a live graph."""
     out = output.reshape(-1)

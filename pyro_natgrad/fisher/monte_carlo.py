@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .linalg import gram_mvp, jacobian, jvp, vjp
+from .linalg import gram_mvp, hutchinson_trace, jacobian, jvp, vjp
 
 __all__ = ["MonteCarloFisher", "draw"]
 
@@ -86,6 +86,14 @@ class MonteCarloFisher:
     def mvp(self, v: Tensor) -> Tensor:
         """F̂ v = Rᵀ(R v)/S without forming the score matrix R."""
         return gram_mvp(self.log_q.reshape(-1), self.leaves, v) / self.num_samples
+
+    def trace(self) -> Tensor:
+        """tr F̂ = (1/S) Σ |r_ks|²: exact once the scores are formed, else Hutchinson's estimate
+        from Fisher-vector products (memory O(dim θ))."""
+        if self._scores is not None:
+            return self._scores.square().sum() / self.num_samples
+        like = torch.cat([x.detach().reshape(-1) for x in self.leaves])
+        return hutchinson_trace(self.mvp, like)
 
 
 def _jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:

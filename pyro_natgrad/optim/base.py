@@ -18,6 +18,7 @@ import pyro
 import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
+from torch.distributions import constraints, transform_to
 
 from ..fisher.linalg import unflat
 from ..guides import Group, GuideReader
@@ -49,9 +50,13 @@ class GeometricOptim(PyroOptim):
     :param lr: step size (> 0).
     :param adaptive: reject steps whose trapezoidal loss estimate rose and shrink the step.
     :param max_kl: trust region: scale a group's step so KL(q_old ‖ q_new) ≤ max_kl (the seed's
-        constraint ½ δᵀFδ ≤ ε²). ``"auto"``: no bound on steps taken in a family's own coordinates
-        (natural parameters; Bures–Wasserstein (m, Σ)), and ½ δᵀGδ ≤ ½·dim θ for first-order
-        steps in the guide's own parameters, whose quadratic model is only locally right.
+        constraint ½ δᵀFδ ≤ ε²); a number, None (no bound) or ``"auto"``: a radius per group that
+        starts at ½√n (n = the group's param count), halves below the KL of a rejected step and
+        doubles past the KL of an accepted one (a trust-region radius, Nocedal & Wright 2006,
+        §4.1, in the units of KL). It is capped at ½√n for first-order steps in the guide's own
+        parameters, whose quadratic model is only locally right, and uncapped for steps taken in a
+        family's own coordinates (natural parameters; Bures–Wasserstein (m, Σ)). Without
+        ``adaptive`` the cap alone applies.
     :param max_backtracks: halvings tried before a step outside the domain is refused.
     :param stationarity_window: steps per window of Pflug's stationarity test, which lowers the
         largest step once Monte Carlo noise dominates (None: off); see
@@ -88,6 +93,8 @@ class GeometricOptim(PyroOptim):
         self.last_step: dict[str, dict] = {}
         self._pending: dict | None = None
         self._groups: list[Group] = []
+        self._radius: dict[tuple[str, ...], float] = {}
+        self._taken: dict[tuple[str, ...], float] = {}
 
     # ----- what subclasses provide --------------------------------------------------------------
     def _step_fn(self, group: Group, leaves: dict[str, Tensor],
@@ -131,12 +138,14 @@ class GeometricOptim(PyroOptim):
         rate = self.schedule.rate if self.schedule is not None else self.lr
         before = {n: leaves[n].detach().clone() for n in owned}
         stepped = set()
+        self._taken = {}
         for group in groups:
             if self._step_group(group, leaves, grads, rate):
                 stepped.update(group.param_names)
         if self.schedule is not None and stepped:
             self._pending = {"theta": {n: before[n] for n in stepped},
-                             "grad": {n: grads[n] for n in stepped}}
+                             "grad": {n: grads[n] for n in stepped},
+                             "kl": {"|".join(k): v for k, v in self._taken.items()}}
 
     def _judge_previous(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> bool:
         """Accepts or rejects the previous step. A rejected step is undone (params back to θ₀)
@@ -146,7 +155,17 @@ class GeometricOptim(PyroOptim):
         if self.schedule is None or pending is None or not set(pending["theta"]) <= set(leaves):
             return False
         theta1 = {n: leaves[n].detach() for n in pending["theta"]}
-        if self.schedule.observe(pending["theta"], theta1, pending["grad"], grads):
+        accepted = self.schedule.observe(pending["theta"], theta1, pending["grad"], grads)
+        for key, kl in pending.get("kl", {}).items():
+            names = tuple(key.split("|"))
+            if names not in self._radius:
+                continue
+            if not accepted:
+                floor = self.schedule.min_lr * self._start_radius(names, leaves)
+                self._radius[names] = max(floor, 0.5 * kl)
+            elif self.schedule.last_ratio <= 0:  # the gradient still agrees: no overshoot
+                self._radius[names] = max(self._radius[names], 2.0 * kl)
+        if accepted:
             return False
         with torch.no_grad():
             for n, t0 in pending["theta"].items():
@@ -188,6 +207,8 @@ class GeometricOptim(PyroOptim):
                 for s in group.sites:
                     self.last_step[s.name] = {"method": method, "lr": tried, "kl": candidate.kl,
                                               "backtracks": backtrack, "note": candidate.note}
+                if candidate.kl is not None and self.max_kl == "auto":
+                    self._taken[group.param_names] = candidate.kl
                 return True
         self._refuse(group, f"no valid step at guide site(s) {site_names} after "
                             f"{self.max_backtracks} halvings (last lr {tried:.3g}); "
@@ -197,9 +218,17 @@ class GeometricOptim(PyroOptim):
     def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
         if self.max_kl != "auto":
             return self.max_kl
-        if method in ("natural", "bures"):  # exact steps in the family's own coordinates
-            return None
-        return 0.5 * sum(leaves[n].numel() for n in group.param_names)
+        n = sum(leaves[name].numel() for name in group.param_names)
+        cap = None if method in ("natural", "bures") else 0.5 * n  # exact steps: no cap
+        if self.schedule is None:
+            return cap
+        radius = self._radius.setdefault(group.param_names, self._start_radius(group.param_names,
+                                                                               leaves))
+        return radius if cap is None else min(radius, cap)
+
+    @staticmethod
+    def _start_radius(names: tuple[str, ...], leaves: dict[str, Tensor]) -> float:
+        return 0.5 * math.sqrt(sum(leaves[n].numel() for n in names))
 
     @staticmethod
     def _problem(candidate: Candidate | None) -> str | None:
@@ -209,6 +238,8 @@ class GeometricOptim(PyroOptim):
             return "non-finite"
         if candidate.kl is not None and not math.isfinite(candidate.kl):
             return "non-finite"
+        if not _in_support(candidate.values):
+            return "domain"
         return None
 
     def _refuse(self, group: Group, message: str) -> None:
@@ -224,7 +255,8 @@ class GeometricOptim(PyroOptim):
         return {"base": super().get_state(),
                 "geometry": {"num_steps": self.num_steps,
                              "schedule": self.schedule.state_dict() if self.schedule else None,
-                             "pending": _clone(self._pending)}}
+                             "pending": _clone(self._pending),
+                             "radius": {"|".join(k): v for k, v in self._radius.items()}}}
 
     def set_state(self, state: dict) -> None:
         if "geometry" not in state:  # a plain PyroOptim state
@@ -235,6 +267,7 @@ class GeometricOptim(PyroOptim):
         if self.schedule is not None and geometry["schedule"] is not None:
             self.schedule.load_state_dict(geometry["schedule"])
         self._pending = _clone(geometry["pending"])
+        self._radius = {tuple(k.split("|")): v for k, v in geometry.get("radius", {}).items()}
 
 
 def linear_step(names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
@@ -248,6 +281,21 @@ def linear_step(names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
         return Candidate(values, 0.5 * rate ** 2 * curvature)
 
     return step
+
+
+def _in_support(values: dict[str, Tensor]) -> bool:
+    """Whether each unconstrained value maps to a finite value inside its param's constraint
+    (a softplus or exp that underflows to 0 would leave a scale's support)."""
+    constraints_ = getattr(pyro.get_param_store(), "_constraints", {})
+    with torch.no_grad():
+        for name, value in values.items():
+            constraint = constraints_.get(name, constraints.real)
+            if constraint is constraints.real:
+                continue
+            constrained = transform_to(constraint)(value)
+            if not (torch.isfinite(constrained).all() and constraint.check(constrained).all()):
+                return False
+    return True
 
 
 def _clone(tree):

@@ -45,8 +45,14 @@ class NaturalGradient(GeometricOptim):
         ``"exact"`` (closed form only: an error for other sites) or ``"monte_carlo"``.
     :param space: ``"natural"`` (mirror descent where possible) or ``"parameter"``.
     :param form: how a parameter-space metric is solved: ``"dense"``, ``"diag"`` or ``"cg"``
-        (matrix-free conjugate gradient); default: dense up to ``dense_max`` params, else CG.
+        (matrix-free conjugate gradient); default: dense up to ``dense_max`` params, else CG,
+        except that a Monte Carlo Fisher with fewer draws than params (rank-deficient: S draws
+        per site span at most S directions) is solved by its diagonal, which every draw informs.
     :param damping: λ added to the parameter-space metric, (F + λI)⁻¹.
+    :param relative_damping: for a Monte Carlo Fisher, λ also includes
+        ``relative_damping``·tr F̂ / dim θ: with S draws F̂ has rank ≤ S per site, and a solve
+        with a tiny absolute λ would step as 1/λ along the directions no draw saw (Levenberg–
+        Marquardt damping scaled to the metric, as in Martens & Grosse 2015, K-FAC, §6).
     :param num_samples: samples for the Monte Carlo Fisher.
     :param fisher_decay: running average of the Monte Carlo Fisher across steps (0: none).
     :param retract: when a natural step leaves the domain, move the elements that left it by the
@@ -60,7 +66,8 @@ class NaturalGradient(GeometricOptim):
 
     def __init__(self, guide: Callable, lr: float = 0.5, *, fisher: str = "auto",
                  space: str = "natural", form: str | None = None, damping: float = 1e-6,
-                 num_samples: int = 64, fisher_decay: float = 0.0, dense_max: int = 2000,
+                 relative_damping: float = 1e-2, num_samples: int = 64,
+                 fisher_decay: float = 0.0, dense_max: int = 2000,
                  cg_iters: int = 50, retract: bool = False, **kwargs):
         _check_choice("fisher", fisher, _FISHERS)
         _check_choice("space", space, _SPACES)
@@ -68,6 +75,8 @@ class NaturalGradient(GeometricOptim):
             _check_choice("form", form, _FORMS)
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping!r}")
+        if not relative_damping >= 0:
+            raise ValueError(f"relative_damping must be >= 0, got {relative_damping!r}")
         if not (isinstance(num_samples, int) and num_samples > 0):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if not 0 <= fisher_decay < 1:
@@ -75,6 +84,7 @@ class NaturalGradient(GeometricOptim):
         super().__init__(guide, lr, **kwargs)
         self.fisher, self.space, self.form = fisher, space, form
         self.damping, self.num_samples, self.fisher_decay = damping, num_samples, fisher_decay
+        self.relative_damping = relative_damping
         self.dense_max, self.cg_iters, self.retract = dense_max, cg_iters, retract
         self._fisher_averages: dict[tuple[str, ...], Tensor] = {}
 
@@ -140,11 +150,16 @@ class NaturalGradient(GeometricOptim):
         else:
             metric = PulledBackFisher([(s.family, s.family.args(s.base), s.multiplicity)
                                        for s in group.sites], theta)
-        form = self.form or ("dense" if g.numel() <= self.dense_max else "cg")
+        form = self.form or _default_form(g.numel(), self.dense_max, method == "monte_carlo"
+                                          and self.num_samples * len(group.sites) < g.numel())
         if self.fisher_decay and form != "cg":
             metric = _Averaged(metric, form, self._fisher_averages, names, self.fisher_decay)
-        direction = solve_metric(metric, g, form, self.damping, self.cg_iters)
-        return linear_step(names, theta, direction, float(direction @ metric.mvp(direction)))
+        damping = self.damping
+        if method == "monte_carlo" and self.relative_damping:
+            damping += self.relative_damping * float(metric.trace()) / g.numel()
+        direction = solve_metric(metric, g, form, damping, self.cg_iters)
+        curvature = direction @ (metric.mvp(direction) + damping * direction)
+        return linear_step(names, theta, direction, float(curvature))
 
     def get_state(self) -> dict:
         state = super().get_state()
@@ -179,6 +194,9 @@ class _Averaged:
     def mvp(self, v: Tensor) -> Tensor:
         return self.matrix * v if self.matrix.dim() == 1 else self.matrix @ v
 
+    def trace(self) -> Tensor:
+        return self.diag().sum()
+
 
 def mean_gradient(family: ExponentialFamily, param: Parameterization, args: tuple[Tensor, ...],
                   grads: list[Tensor]) -> tuple[Tensor, ...]:
@@ -202,6 +220,12 @@ def _where(family: ExponentialFamily, keep: Tensor, a: tuple[Tensor, ...],
     """Per batch element: ``a`` where ``keep``, else ``b``."""
     return tuple(torch.where(keep.reshape(keep.shape + (1,) * k), x, y)
                  for x, y, k in zip(a, b, family.event_dims, strict=True))
+
+
+def _default_form(n: int, dense_max: int, rank_deficient: bool) -> str:
+    if rank_deficient:
+        return "diag"
+    return "dense" if n <= dense_max else "cg"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -25,7 +25,7 @@ After a step θ₀ → θ₁ the next call brings the gradient g₁ at θ₁. Tw
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -45,6 +45,8 @@ class AdaptiveStep:
     ceiling: float | None = None
     drift: float = 0.0
     count: int = 0
+    # r of the step judged last (+∞: not a descent step); read right after ``observe``, not state
+    last_ratio: float = field(default=math.inf, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ceiling = self.lr if self.ceiling is None else self.ceiling
@@ -60,10 +62,12 @@ class AdaptiveStep:
             end += float(torch.sum(g1[name] * delta))
         change = 0.5 * (start + end)
         floor = self.min_lr * self.lr
+        self.last_ratio = math.inf
         if not (math.isfinite(change) and start < 0):
             self.rate = max(floor, self.rate * self.shrink)
             return False
-        self.drift += min(1.0, max(-1.0, end / -start))
+        self.last_ratio = end / -start
+        self.drift += min(1.0, max(-1.0, self.last_ratio))
         self.count += 1
         if self.window is not None and self.count == self.window:
             if self.drift > 0:

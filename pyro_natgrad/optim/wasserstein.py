@@ -59,8 +59,10 @@ class WassersteinGradient(GeometricOptim):
     :param num_samples: draws for the pushforward metric.
     Remaining keywords go to :class:`~pyro_natgrad.optim.base.GeometricOptim`. ``max_kl``, when a
     number, bounds KL(q_old ‖ q_new) of ``"bures"`` sites and ½ρ²δᵀGδ (half a squared W₂ length)
-    of the others (default: no bound); Pflug's stationarity test is off by default
-    (``stationarity_window=None``), because it presumes an affine-invariant step.
+    of the others; ``"auto"``: no bound on ``"bures"`` steps, ½ρ²δᵀGδ ≤ ½·dim θ on the others
+    (a squared length has the problem's units, so the KL radius of
+    :class:`~pyro_natgrad.optim.base.GeometricOptim` does not apply). Pflug's stationarity test is
+    off by default (``stationarity_window=None``), because it presumes an affine-invariant step.
     """
 
     def __init__(self, guide: Callable, lr: float = 0.1, *, metric: str = "auto",
@@ -87,6 +89,13 @@ class WassersteinGradient(GeometricOptim):
         if all(s.family is not None and s.family.name in _GAUSSIANS for s in group.sites):
             return "bures_metric"
         return "pushforward"
+
+    def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
+        if self.max_kl != "auto":
+            return self.max_kl
+        if method == "bures":
+            return None
+        return 0.5 * sum(leaves[n].numel() for n in group.param_names)
 
     def _step_fn(self, group: Group, leaves: dict[str, Tensor],
                  grads: dict[str, Tensor]) -> tuple[StepFn, str]:
