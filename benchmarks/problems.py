@@ -84,6 +84,14 @@ def breast_cancer_logistic() -> Problem:
                     "AutoDiagonalNormal": AutoDiagonalNormal}, steps=300, eval_particles=500)
 
 
+def breast_cancer_logistic_256() -> Problem:
+    """The same with 256 particles for every optimizer: how the steps to the target depend on
+    the gradient noise (the issue's prototype used 1,000)."""
+    return Problem("breast_cancer_logistic_p256", "2 logistic", logistic_model,
+                   breast_cancer(DTYPE), {"AutoMultivariateNormal": AutoMultivariateNormal},
+                   steps=300, particles=256, eval_particles=500)
+
+
 def posteriordb(name: str) -> Problem:
     post = load_posterior(name, DTYPE)
     big = post.data[0].numel() > 50_000  # diamonds: 5000 × 24
@@ -172,6 +180,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "beta_bernoulli": lambda: conjugate_scalar(conjugate.beta_bernoulli, "Beta"),
     "gamma_poisson": lambda: conjugate_scalar(conjugate.gamma_poisson, "Gamma"),
     "breast_cancer_logistic": breast_cancer_logistic,
+    "breast_cancer_logistic_p256": breast_cancer_logistic_256,
     **{name: (lambda name=name: posteriordb(name)) for name in MODELS},
     "logistic_d500": synthetic_logistic_500,
     "logistic_d10000": synthetic_logistic_10k,

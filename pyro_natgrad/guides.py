@@ -75,6 +75,12 @@ def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence
                                                                        strict=True))
 
 
+def args_gradient(param: Parameterization, args: Sequence[Tensor],
+                  grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """∂L/∂args, the distribution's own arguments, from the params' gradients."""
+    return coordinate_gradient(param, lambda *a: a, args, grads)
+
+
 @dataclass
 class Direct(Parameterization):
     """Each argument is one param's constrained value: ``arg_i = transform_to(c_i)(u_i)``."""

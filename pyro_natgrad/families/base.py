@@ -36,7 +36,9 @@ class ExponentialFamily:
     every natural parameter, e.g. a low-rank covariance: then ``natural_to_args`` is unavailable and
     the optimizer steps in the guide's own parameters with this family's Fisher instead).
     ``closed_form_mean_map`` is False when μ ↦ args has no closed form and is solved iteratively
-    (Gamma, Beta, Dirichlet): consumers then prefer the η-side maps.
+    (Gamma, Beta, Dirichlet): consumers then prefer the η-side maps. ``location_split`` is True
+    for Gaussians, whose natural step can be written in (mean, precision) and the precision's
+    part shortened alone (the first argument is the mean).
     """
 
     name: str = ""
@@ -45,6 +47,7 @@ class ExponentialFamily:
     event_dims: tuple[int, ...] = ()
     full_rank: bool = True
     closed_form_mean_map: bool = True
+    location_split: bool = False
 
     # ----- reading and building distributions -------------------------------------------------
     def args(self, d: Distribution) -> Params:
@@ -71,6 +74,11 @@ class ExponentialFamily:
 
     def mean_to_args(self, *mu: Tensor) -> Params:
         raise NotImplementedError
+
+    def mean_gradient(self, args: Params, d_args: Params) -> Params | None:
+        """∂L/∂μ from ∂L/∂args in closed form (the adjoint of μ ↦ args), or None: consumers
+        then differentiate ``mean_to_args`` instead."""
+        return None
 
     def natural_to_mean(self, *eta: Tensor) -> Params:
         """μ(η) = ∇A(η)."""
@@ -117,12 +125,15 @@ class ExponentialFamily:
         jac = torch.func.vmap(torch.func.jacrev(mean_flat))(flat.reshape(-1, flat.shape[-1]))
         return jac.reshape(batch_shape + jac.shape[-2:])
 
-    def kl(self, eta_p: Params, eta_q: Params) -> Tensor:
-        """KL(q_{η_p} ‖ q_{η_q}) as the Bregman divergence of the log-partition."""
-        mu_p = self.natural_to_mean(*eta_p)
+    def kl(self, eta_p: Params, eta_q: Params, mu_p: Params | None = None,
+           log_partition_p: Tensor | None = None) -> Tensor:
+        """KL(q_{η_p} ‖ q_{η_q}) = A(η_q) − A(η_p) − <η_q − η_p, μ_p>, the Bregman divergence of
+        the log-partition; μ_p and A(η_p), when known, are not recomputed."""
+        mu_p = self.natural_to_mean(*eta_p) if mu_p is None else mu_p
+        a_p = self.log_partition(*eta_p) if log_partition_p is None else log_partition_p
         inner = sum(self._inner(a - b, m, k) for a, b, m, k in
                     zip(eta_q, eta_p, mu_p, self.event_dims, strict=True))
-        return self.log_partition(*eta_q) - self.log_partition(*eta_p) - inner
+        return self.log_partition(*eta_q) - a_p - inner
 
     def inner(self, eta: Params, mu: Params) -> Tensor:
         """<η, μ> summed over each parameter's event dimensions (batch shape)."""

@@ -64,6 +64,18 @@ def mean_to_loc_tril(mu1: Tensor, mu2: Tensor) -> Params:
     return mu1, torch.linalg.cholesky(cov)
 
 
+def cholesky_to_cov_gradient(scale_tril: Tensor, grad_tril: Tensor) -> Tensor:
+    """The symmetric ∂L/∂Σ from ∂L/∂L for L = cholesky(Σ), by the Cholesky reverse rule
+    ∂L/∂Σ = sym(L⁻ᵀ Φ(Lᵀ ∂L/∂L) L⁻¹), Φ = lower triangle with the diagonal halved (Murray 2016,
+    "Differentiation of the Cholesky decomposition", arXiv:1602.07527): triangular solves with L
+    only, Σ is never formed. Only the lower triangle of ``grad_tril`` is read."""
+    p = scale_tril.mT @ grad_tril.tril()
+    phi = p.tril() - 0.5 * torch.diag_embed(p.diagonal(dim1=-2, dim2=-1))
+    left = torch.linalg.solve_triangular(scale_tril.mT, phi, upper=True)  # L⁻ᵀΦ
+    out = torch.linalg.solve_triangular(scale_tril.mT, left.mT, upper=True).mT  # L⁻ᵀΦL⁻¹
+    return 0.5 * (out + out.mT)
+
+
 class _DenseGaussian(ExponentialFamily):
     """The η / μ geometry of a d-dimensional Gaussian; subclasses add their arguments."""
 
@@ -143,6 +155,7 @@ class MultivariateNormal(_DenseGaussian):
     name = "MultivariateNormal"
     dist_class = _MultivariateNormal
     arg_names = ("loc", "scale_tril")
+    location_split = True
 
     def args_to_natural(self, loc: Tensor, scale_tril: Tensor) -> Params:
         return loc_tril_to_natural(loc, scale_tril)
@@ -155,6 +168,14 @@ class MultivariateNormal(_DenseGaussian):
 
     def mean_to_args(self, mu1: Tensor, mu2: Tensor) -> Params:
         return mean_to_loc_tril(mu1, mu2)
+
+    def mean_gradient(self, args: Params, d_args: Params) -> Params:
+        """With m = μ₁, Σ = μ₂ − μ₁μ₁ᵀ = LLᵀ: ∂L/∂μ₂ = G = ∂L/∂Σ (Cholesky reverse rule), and
+        ∂L/∂μ₁ = ∂L/∂m − 2Gm; Σ is never recomputed from μ₂ − μ₁μ₁ᵀ (which cancels when
+        |m|² ≫ λ_min(Σ))."""
+        (loc, tril), (d_loc, d_tril) = args, d_args
+        g = cholesky_to_cov_gradient(tril, d_tril)
+        return d_loc - 2 * (g @ loc.unsqueeze(-1)).squeeze(-1), g
 
 
 class LowRankMultivariateNormal(_DenseGaussian):

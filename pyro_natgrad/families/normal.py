@@ -14,6 +14,7 @@ class Normal(ExponentialFamily):
     name = "Normal"
     dist_class = _Normal
     arg_names = ("loc", "scale")
+    location_split = True
     event_dims = (0, 0)
 
     def args_to_natural(self, loc: Tensor, scale: Tensor) -> Params:
@@ -29,6 +30,13 @@ class Normal(ExponentialFamily):
 
     def mean_to_args(self, mu1: Tensor, mu2: Tensor) -> Params:
         return mu1, (mu2 - mu1.square()).sqrt()
+
+    def mean_gradient(self, args: Params, d_args: Params) -> Params:
+        """With m = μ₁, σ = (μ₂ − μ₁²)^½: ∂L/∂μ₂ = ∂L/∂σ / (2σ), ∂L/∂μ₁ = ∂L/∂m − 2m ∂L/∂μ₂
+        (σ is never recomputed from μ₂ − μ₁², which cancels when m² ≫ σ²)."""
+        (loc, scale), (d_loc, d_scale) = args, d_args
+        d_mu2 = d_scale / (2 * scale)
+        return d_loc - 2 * loc * d_mu2, d_mu2
 
     def log_partition(self, eta1: Tensor, eta2: Tensor) -> Tensor:
         return -eta1.square() / (4 * eta2) - 0.5 * torch.log(-2 * eta2)

@@ -24,7 +24,7 @@ from ..families import ExponentialFamily
 from ..fisher.closed_form import PulledBackFisher
 from ..fisher.linalg import flat, solve_metric
 from ..fisher.monte_carlo import MonteCarloFisher
-from ..guides import Group, Parameterization, coordinate_gradient
+from ..guides import Group, Parameterization, args_gradient, coordinate_gradient
 from .base import Candidate, GeometricOptim, StepFn, linear_step
 
 __all__ = ["NaturalGradient"]
@@ -115,7 +115,10 @@ class NaturalGradient(GeometricOptim):
         with torch.no_grad():
             args = param.args({n: leaves[n].detach() for n in param.param_names})
             eta = family.args_to_natural(*args)
-        dmu = mean_gradient(family, param, args, [grads[n] for n in param.param_names])
+            mu, log_partition = family.args_to_mean(*args), family.log_partition(*eta)
+        param_grads = [grads[n] for n in param.param_names]
+        dmu = mean_gradient(family, param, args, param_grads)
+        d_loc = args_gradient(param, args, param_grads)[0] if family.location_split else None
         scale = 1.0 / site.multiplicity
 
         def step(rate: float) -> Candidate | None:
@@ -125,18 +128,39 @@ class NaturalGradient(GeometricOptim):
                 valid = family.in_domain(*new_eta)
                 note = ""
                 if not bool(valid.all()):
-                    retracted = family.retract(eta, delta) if self.retract else None
-                    if retracted is None:
-                        return None
-                    new_eta = _where(family, valid, new_eta, retracted)
-                    note = f"retraction at {int((~valid).sum())} of {valid.numel()} elements"
+                    if self.retract:
+                        retracted = family.retract(eta, delta)
+                        if retracted is None:
+                            return None
+                        new_eta = _where(family, valid, new_eta, retracted)
+                        note = f"retraction at {int((~valid).sum())} of {valid.numel()} elements"
+                    elif d_loc is not None:
+                        new_eta, note = self._shorten_precision(family, eta, dmu, d_loc,
+                                                                rate * scale)
                     if not bool(family.in_domain(*new_eta).all()):
                         return None
                 values = param.unconstrained(family.natural_to_args(*new_eta))
-                kl = float(family.kl(eta, new_eta).sum()) * site.multiplicity
+                kl = float(family.kl(eta, new_eta, mu, log_partition).sum()) * site.multiplicity
             return Candidate(values, kl, note)
 
         return step
+
+    def _shorten_precision(self, family: ExponentialFamily, eta: tuple[Tensor, ...],
+                           dmu: tuple[Tensor, ...], d_loc: Tensor,
+                           rate: float) -> tuple[tuple[Tensor, ...], str]:
+        """A Gaussian step whose precision left the domain: the precision's rate ρ_Λ is halved
+        until Λ' = Λ + 2ρ_Λ ∂L/∂Σ is positive definite while the mean keeps its rate ρ,
+        m' = m − ρ Λ'⁻¹ ∂L/∂m (the natural step written in (m, Λ), Khan & Rue 2023, "The
+        Bayesian learning rule", §4.1): in η, δ₁ = −ρ_Λ ∂L/∂μ₁ − (ρ − ρ_Λ) ∂L/∂m, δ₂ = −ρ_Λ ∂L/∂μ₂.
+        Far from the optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean's
+        step is not held back by it. Returns the last point tried and a note."""
+        inner = rate
+        for _ in range(self.max_backtracks):
+            inner *= 0.5
+            new_eta = (eta[0] - inner * dmu[0] - (rate - inner) * d_loc, eta[1] - inner * dmu[1])
+            if bool(family.in_domain(*new_eta).all()):
+                break
+        return new_eta, f"precision step shortened to {inner / rate:.3g} of the mean's"
 
     # ----- θ ← θ − ρ F(θ)⁻¹ ∇θ L ------------------------------------------------------------------
     def _parameter_step(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
@@ -200,12 +224,17 @@ class _Averaged:
 
 def mean_gradient(family: ExponentialFamily, param: Parameterization, args: tuple[Tensor, ...],
                   grads: list[Tensor]) -> tuple[Tensor, ...]:
-    """∂L/∂μ from ∂L/∂θ: the vector-Jacobian product through μ ↦ args ↦ θ.
+    """∂L/∂μ from ∂L/∂θ: the vector-Jacobian product through μ ↦ args ↦ θ, its μ ↦ args part
+    in closed form where the family gives one (Normal, MultivariateNormal).
 
     Families whose μ ↦ args map is iterative (Gamma, Beta, Dirichlet) use the equivalent
     ∂L/∂μ = F(η)⁻¹ ∂L/∂η, with the closed-form Fisher, instead.
     """
-    if getattr(family, "closed_form_mean_map", True):
+    with torch.no_grad():
+        dmu = family.mean_gradient(args, args_gradient(param, args, grads))
+    if dmu is not None:
+        return dmu
+    if family.closed_form_mean_map:
         return coordinate_gradient(param, family.mean_to_args, family.args_to_mean(*args), grads)
     eta = family.args_to_natural(*args)
     deta = coordinate_gradient(param, family.natural_to_args, eta, grads)

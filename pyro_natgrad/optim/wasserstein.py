@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
-from ..guides import Group, Site, coordinate_gradient
+from ..guides import Group, Site, args_gradient
 from ..wasserstein import BuresMetric, PushforwardMetric, bures_step, cholesky_to_cov_gradient
 from .base import Candidate, GeometricOptim, StepFn, linear_step
 
@@ -112,8 +112,7 @@ class WassersteinGradient(GeometricOptim):
         with torch.no_grad():
             args = param.args({n: leaves[n].detach() for n in param.param_names})
             current = family.distribution(*args)
-        d_loc, d_second = coordinate_gradient(param, _identity, args,
-                                              [grads[n] for n in param.param_names])
+        d_loc, d_second = args_gradient(param, args, [grads[n] for n in param.param_names])
         if dense:
             d_second = cholesky_to_cov_gradient(args[1], d_second)
         scale = 1.0 / site.multiplicity
@@ -158,6 +157,3 @@ def _loc_cov(site: Site) -> tuple[Tensor, Tensor]:
         return base.loc[..., None], base.variance[..., None, None]
     return base.loc, base.covariance_matrix
 
-
-def _identity(*args: Tensor) -> tuple[Tensor, ...]:
-    return args

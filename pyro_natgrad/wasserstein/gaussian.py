@@ -39,18 +39,6 @@ def bures_step(loc: Tensor, scale_tril: Tensor, grad_loc: Tensor, grad_cov: Tens
     return loc - h * grad_loc, r.mT * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
-def cholesky_to_cov_gradient(scale_tril: Tensor, grad_tril: Tensor) -> Tensor:
-    """The symmetric ∂L/∂Σ from ∂L/∂L for L = cholesky(Σ), by the Cholesky reverse rule
-    ∂L/∂Σ = sym(L⁻ᵀ Φ(Lᵀ ∂L/∂L) L⁻¹), Φ = lower triangle with the diagonal halved (Murray 2016,
-    "Differentiation of the Cholesky decomposition", arXiv:1602.07527): triangular solves with L
-    only, Σ is never formed. Only the lower triangle of ``grad_tril`` is read."""
-    p = scale_tril.mT @ grad_tril.tril()
-    phi = p.tril() - 0.5 * torch.diag_embed(p.diagonal(dim1=-2, dim2=-1))
-    left = torch.linalg.solve_triangular(scale_tril.mT, phi, upper=True)  # L⁻ᵀΦ
-    out = torch.linalg.solve_triangular(scale_tril.mT, left.mT, upper=True).mT  # L⁻ᵀΦL⁻¹
-    return 0.5 * (out + out.mT)
-
-
 def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: Tensor,
                      h: float, num_steps: int, num_samples: int = 64,
                      hessian: str = "exact",
