@@ -15,7 +15,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from pyro_natgrad import NaturalGradient, StepRefusedWarning, record_args
+from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
 
 from .conjugate import (
     CONJUGATE_SCALARS,
@@ -310,3 +310,130 @@ def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():  
     torch.testing.assert_close(pyro.param("loc").detach(),
                                torch.tensor([0.0, 2 / 3], dtype=torch.float64))
     assert "retraction at 1 of 2" in opt.last_step["z"]["note"]
+
+
+def _indefinite_quadratic(a: torch.Tensor):
+    """A 2-D MVN guide q = N(m, LLᵀ) and the loss E_q[½ zᵀAz] − H[q] = ½mᵀAm + ½tr(AΣ) − H[q]
+    in closed form: ∂L/∂m = Am, ∂L/∂Σ = ½(A − Σ⁻¹), so the natural step's precision is
+    Λ' = (1 − ρ)Λ + ρA, indefinite for ρ = 1 when A is."""
+    f64 = torch.float64
+
+    def guide():
+        pyro.sample("z", dist.MultivariateNormal(
+            pyro.param("loc", torch.tensor([1.0, -2.0], dtype=f64)),
+            scale_tril=pyro.param("tril", torch.eye(2, dtype=f64), constraints.lower_cholesky)))
+
+    def loss(model, guide_):
+        m, tril = pyro.param("loc"), pyro.param("tril")
+        q = dist.MultivariateNormal(m, scale_tril=tril)
+        return 0.5 * m @ a @ m + 0.5 * torch.trace(a @ tril @ tril.T) - q.entropy()
+
+    return record_args(guide), loss
+
+
+def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
+    """Λ' = (1 − ρ_Λ)Λ + ρ_Λ A with Λ = I, A = diag(1, −3) is positive definite only for
+    ρ_Λ < 1/4, so the halvings 1/2, 1/4 fail and ρ_Λ = 1/8, while the mean keeps the full step
+    m' = m − ρ Λ'⁻¹ ∂L/∂m with ρ = 1 (the natural step in (m, Λ) with two rates)."""
+    a = torch.diag(torch.tensor([1.0, -3.0], dtype=torch.float64))
+    guide, loss = _indefinite_quadratic(a)
+    guide()
+    m0 = pyro.param("loc").detach().clone()
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=None)
+    SVI(lambda: None, guide, opt, loss).step()
+    precision = torch.cholesky_inverse(pyro.param("tril").detach())
+    rho = 1 / 8
+    expected = (1 - rho) * torch.eye(2, dtype=a.dtype) + rho * a
+    torch.testing.assert_close(precision, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pyro.param("loc").detach(),
+                               m0 - torch.linalg.solve(expected, a @ m0), rtol=1e-10, atol=1e-12)
+    assert "precision step shortened to 0.125" in opt.last_step["z"]["note"]
+
+
+def test_natural_step_is_exact_for_a_mean_far_from_zero():
+    """∂L/∂μ is computed from ∂L/∂(m, σ) in closed form, so σ is never rebuilt as
+    (μ₂ − μ₁²)^½, which cancels when m² ≫ σ² (here m = 1e6, σ = 1e-3: μ₂ − μ₁² loses every digit
+    of σ² in float64). One step with lr = 1 from q = N(m₀, σ₀²) lands on p = N(1e6 + 1, 1e-6)
+    for the loss KL(q ‖ p)."""
+    f64 = torch.float64
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(1e6, dtype=f64)),
+                                     pyro.param("scale", torch.tensor(2e-3, dtype=f64),
+                                                constraints.positive)))
+    guide = record_args(guide)
+    target = dist.Normal(torch.tensor(1e6 + 1, dtype=f64), torch.tensor(1e-3, dtype=f64))
+
+    def loss(model, guide_):
+        q = dist.Normal(pyro.param("loc"), pyro.param("scale"))
+        return torch.distributions.kl_divergence(q, target)
+
+    guide()
+    SVI(lambda: None, guide, NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=None),
+        loss).step()
+    torch.testing.assert_close(pyro.param("loc").detach(), target.loc, rtol=1e-12, atol=1e-6)
+    torch.testing.assert_close(pyro.param("scale").detach(), target.scale, rtol=1e-6, atol=0)
+
+
+def test_kl_radius_bounds_each_step_and_grows_after_good_steps():
+    """max_kl="auto": the first step of a group is bounded by KL ≤ ½√n (n = 2 params here), and
+    the radius doubles past the KL of an accepted step whose far-end gradient still agreed; every
+    step's KL stays within the radius in force. Loss E_q[z⁴] − H[q] in closed form, far from its
+    minimum, where a full natural step overshoots (measured: the first three steps are cut)."""
+    f64 = torch.float64
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(3.0, dtype=f64)),
+                                     pyro.param("scale", torch.tensor(1.0, dtype=f64),
+                                                constraints.positive)))
+    guide = record_args(guide)
+
+    def loss(model, guide_):
+        m, s = pyro.param("loc"), pyro.param("scale")
+        return m**4 + 6 * m**2 * s**2 + 3 * s**4 - torch.log(s)
+
+    guide()
+    opt = NaturalGradient(guide, lr=1.0)
+    svi = SVI(lambda: None, guide, opt, loss)
+    start, cut, losses = 0.5 * 2**0.5, [], []
+    for _ in range(8):
+        losses.append(svi.step())
+        step = opt.last_step["z"]
+        radius = opt.get_state()["geometry"]["radius"]["loc|scale"]  # the one this step obeyed
+        assert step["method"] == "natural" and step["kl"] <= radius * (1 + 1e-9)
+        cut.append(step["lr"] < 1.0)
+    assert cut[:3] == [True] * 3 and not any(cut[-3:])  # cut far away, free near the minimum
+    assert radius > 4 * start  # it grew
+    assert losses[-1] < 0.01 * losses[0]
+
+
+@pytest.mark.parametrize("make_optim", [
+    lambda g: NaturalGradient(g, lr=1.0, space="parameter"),
+    lambda g: WassersteinGradient(g, lr=1.0, metric="pushforward"),
+], ids=["natural-parameter", "wasserstein-pushforward"])
+def test_a_linear_step_the_guide_cannot_build_is_shortened(make_optim):
+    """A linear step in the guide's own params can pass every elementwise check and still give
+    params the guide cannot build (e.g. an AutoLowRankMultivariateNormal whose capacitance
+    I + WᵀD⁻¹W fails its float32 Cholesky). The optimizer re-builds the guide before it accepts
+    such a step and shortens it otherwise, so SVI never sees the failure. Here the guide refuses
+    scale > 2 while the target N(0, 10²) pulls the scale up."""
+    f64 = torch.float64
+
+    def guide():
+        scale = pyro.param("scale", torch.tensor(1.0, dtype=f64), constraints.positive)
+        if scale > 2:
+            raise ValueError("scale above 2: this guide cannot be built")
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0, dtype=f64)), scale))
+    guide = record_args(guide)
+    target = dist.Normal(torch.tensor(0.0, dtype=f64), torch.tensor(10.0, dtype=f64))
+
+    def loss(model, guide_):
+        q = dist.Normal(pyro.param("loc"), pyro.param("scale"))
+        return torch.distributions.kl_divergence(q, target)
+
+    guide()
+    opt = make_optim(guide)
+    svi = SVI(lambda: None, guide, opt, loss)
+    for _ in range(20):
+        svi.step()
+    assert 1.5 < float(pyro.param("scale")) <= 2.0

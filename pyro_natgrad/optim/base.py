@@ -26,6 +26,9 @@ from .schedule import AdaptiveStep
 
 __all__ = ["GeometricOptim", "Candidate", "StepRefusedWarning", "linear_step"]
 
+# methods whose steps are checked against the family's own domain as they are built
+_SELF_CHECKED = ("natural", "bures")
+
 
 class StepRefusedWarning(UserWarning):
     """A group's step was refused (non-finite gradient, or no valid step was found)."""
@@ -202,8 +205,15 @@ class GeometricOptim(PyroOptim):
                 tried *= 0.5
             if problem is None:
                 with torch.no_grad():
+                    current = {n: leaves[n].detach().clone() for n in candidate.values}
                     for n, v in candidate.values.items():
                         leaves[n].copy_(v)
+                if method not in _SELF_CHECKED and not self._guide_builds():
+                    with torch.no_grad():  # e.g. a low-rank capacitance that is not PD in float32
+                        for n, v in current.items():
+                            leaves[n].copy_(v)
+                    tried *= 0.5
+                    continue
                 for s in group.sites:
                     self.last_step[s.name] = {"method": method, "lr": tried, "kl": candidate.kl,
                                               "backtracks": backtrack, "note": candidate.note}
@@ -215,11 +225,21 @@ class GeometricOptim(PyroOptim):
                             "step refused, params unchanged")
         return False
 
+    def _guide_builds(self) -> bool:
+        """Whether the guide still builds its distributions at the current params (a linear step
+        in the guide's own parameters can pass every elementwise check and still give, e.g., a
+        LowRankMultivariateNormal whose capacitance matrix fails its Cholesky)."""
+        try:
+            self.reader.trace()
+        except (torch.linalg.LinAlgError, ValueError, RuntimeError):
+            return False
+        return True
+
     def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
         if self.max_kl != "auto":
             return self.max_kl
         n = sum(leaves[name].numel() for name in group.param_names)
-        cap = None if method in ("natural", "bures") else 0.5 * n  # exact steps: no cap
+        cap = None if method in _SELF_CHECKED else 0.5 * n  # exact steps: no cap
         if self.schedule is None:
             return cap
         radius = self._radius.setdefault(group.param_names, self._start_radius(group.param_names,
