@@ -14,6 +14,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
+    AutoIAFNormal,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
@@ -168,6 +169,38 @@ def bnn_diabetes() -> Problem:
                    extra=mc_diag, long_run_reference=False)
 
 
+def robust_regression(dtype=DTYPE) -> tuple[Callable, tuple]:
+    """w ~ N(0, I₃), y ~ StudentT(3, Xw, 0.5), 100 rows of X ~ N(0, I), w = (1, −2, 0.5)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 3, generator=g, dtype=dtype)
+    chi2 = torch.randn(100, 3, generator=g, dtype=dtype).square().sum(-1)  # 3 degrees of freedom
+    t = torch.randn(100, generator=g, dtype=dtype) / torch.sqrt(chi2 / 3)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=dtype) + 0.5 * t
+
+    def model(X, y):
+        w = pyro.sample("w", dist.Normal(X.new_zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.StudentT(3.0, (X * w).sum(-1), 0.5), obs=y)
+    return model, (X, y)
+
+
+def studentt_guide(X, y):
+    """w ~ StudentT(5, loc, scale), independent coordinates: not an exponential family."""
+    pyro.sample("w", dist.StudentT(5.0, pyro.param("loc", X.new_zeros(3)),
+                                   pyro.param("scale", X.new_ones(3), constraints.positive)
+                                   ).to_event(1))
+
+
+def non_gaussian_guides() -> Problem:
+    """Robust regression with guides outside the exponential families: NaturalGradient uses the
+    Monte Carlo Fisher (its default for such sites); WassersteinGradient the pushforward metric."""
+    model, data = robust_regression()
+    return Problem("robust_regression", "6 non-Gaussian guides", model, data,
+                   {"StudentT": _plain_guide(studentt_guide),
+                    "AutoIAFNormal": lambda m: AutoIAFNormal(m, hidden_dim=[8])},
+                   steps=200, particles=16, eval_particles=1000, long_run_reference=False)
+
+
 def network(hidden: int) -> tuple[Callable, Callable, tuple, int]:
     """The diabetes BNN with ``hidden`` units and its AutoNormal guide (for the memory test):
     (model, guide, data, particles); 2 × (12·hidden + 2) guide params."""
@@ -185,4 +218,5 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "logistic_d500": synthetic_logistic_500,
     "logistic_d10000": synthetic_logistic_10k,
     "bnn_diabetes": bnn_diabetes,
+    "robust_regression": non_gaussian_guides,
 }

@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--problems", help="comma-separated, from: " + ", ".join(PROBLEMS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    parser.add_argument("--out", default="benchmark",
+                        help="name of the Markdown file written (default: benchmark)")
     args = parser.parse_args(argv)
     args.seeds_used = 1 if args.quick else args.seeds
     names = (args.problems.split(",") if args.problems else
@@ -221,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     mem = [] if args.no_memory else memory(QUICK_WIDTHS if args.quick else MEMORY_WIDTHS)
     minutes, cpu_minutes = (time.time() - started) / 60, (time.process_time() - cpu) / 60
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "") + (
-        f" --problems {args.problems}" if args.problems else "")
+        f" --problems {args.problems}" if args.problems else "") + (
+        " --no-memory" if args.no_memory else "") + (
+        f" --out {args.out}" if args.out != "benchmark" else "")
     out = ["# Benchmark: pyro_natgrad vs Pyro's Adam and ClippedAdam", "",
            f"Produced by `{command}` in {minutes:.1f} minutes ({cpu_minutes:.1f} minutes of CPU "
            "time).", "", *text, "## Results", "",
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
            f"{EARLY} steps and at the budget (— : every run failed). References (± standard "
            "error of the estimate):", *references, "", *mem,
            "Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
-    path = folder / ("benchmark_quick.md" if args.quick else "benchmark.md")
+    path = folder / (f"{args.out}_quick.md" if args.quick else f"{args.out}.md")
     path.write_text("\n".join(out))
     print("\n".join(out[out.index("## Results"):]))
     print(f"wrote {path} in {minutes:.1f} minutes ({cpu_minutes:.1f} CPU)")

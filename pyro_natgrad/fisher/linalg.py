@@ -68,7 +68,30 @@ def hutchinson_trace(mvp: Callable[[Tensor], Tensor], like: Tensor, probes: int 
 
 
 def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """Dense Jacobian ∂output/∂inputs (``output.numel() × Σ inputs.numel()``) of a live graph."""
+    """Dense Jacobian ∂output/∂inputs (n × d) of a live graph: reverse mode (n backward rows)
+    when n ≤ d, else forward mode (d columns J e_i by the double-backward trick of :func:`jvp`),
+    so that the batched pass never holds an n × n or d × d identity larger than it has to (a
+    metric estimated from many draws of few params)."""
+    n, d = output.numel(), sum(x.numel() for x in inputs)
+    if n <= d:
+        return _reverse_jacobian(output, inputs)
+    w = torch.zeros_like(output, requires_grad=True)
+    jt_w = vjp(output, inputs, w, create_graph=True)
+    if not jt_w.requires_grad:  # no double backward: fall back to reverse mode
+        return _reverse_jacobian(output, inputs)
+    eye = torch.eye(d, dtype=output.dtype, device=output.device)
+    try:
+        (columns,) = torch.autograd.grad(jt_w, w, eye, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)
+    except RuntimeError:  # an op without a batching rule: one pass per column
+        columns = torch.stack([jvp(output, inputs, e) for e in eye])
+    if columns is None:
+        return torch.zeros(n, d, dtype=output.dtype, device=output.device)
+    return columns.T
+
+
+def _reverse_jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """∂output/∂inputs by one batched backward pass per output row."""
     out = output.reshape(-1)
     eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
     try:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .linalg import gram_mvp, hutchinson_trace, jacobian, jvp, vjp
+from .linalg import gram_mvp, hutchinson_trace, jacobian
 
 __all__ = ["MonteCarloFisher", "draw"]
 
@@ -73,7 +73,7 @@ class MonteCarloFisher:
         """Weighted scores r_ks = √c_k ∇θ log q_k(z_ks), shape (S, K, dim θ)."""
         if self._scores is None:
             s, k = self.log_q.shape
-            self._scores = _jacobian(self.log_q.reshape(-1), self.leaves).reshape(s, k, -1)
+            self._scores = jacobian(self.log_q.reshape(-1), self.leaves).reshape(s, k, -1)
         return self._scores
 
     def dense(self) -> Tensor:
@@ -94,25 +94,3 @@ class MonteCarloFisher:
             return self._scores.square().sum() / self.num_samples
         like = torch.cat([x.detach().reshape(-1) for x in self.leaves])
         return hutchinson_trace(self.mvp, like)
-
-
-def _jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """∂output/∂inputs (n × d): reverse mode (n backward rows) when n ≤ d, else forward mode
-    (d columns J e_i by the double-backward trick of :func:`~.linalg.jvp`), so that the batched
-    pass never holds an n × n or d × d identity larger than it has to."""
-    n, d = output.numel(), sum(x.numel() for x in inputs)
-    if n <= d:
-        return jacobian(output, inputs)
-    w = torch.zeros_like(output, requires_grad=True)
-    jt_w = vjp(output, inputs, w, create_graph=True)
-    if not jt_w.requires_grad:  # no double backward: fall back to reverse mode
-        return jacobian(output, inputs)
-    eye = torch.eye(d, dtype=output.dtype, device=output.device)
-    try:
-        (columns,) = torch.autograd.grad(jt_w, w, eye, retain_graph=True, allow_unused=True,
-                                         is_grads_batched=True)
-    except RuntimeError:  # an op without a batching rule: one pass per column
-        columns = torch.stack([jvp(output, inputs, e) for e in eye])
-    if columns is None:
-        return torch.zeros(n, d, dtype=output.dtype, device=output.device)
-    return columns.T
