@@ -13,10 +13,15 @@ After a step θ₀ → θ₁ the next call brings the gradient g₁ at θ₁. Tw
   successive gradients agree and s < 0; once it only bounces in the noise of Monte Carlo
   gradients around the optimum, they disagree and s > 0 on average. The test reads s in units of
   the step's own first-order decrease, r = s / (−g₀ᵀ(θ₁ − θ₀)) clipped to [−1, 1] (so one wild
-  step cannot decide it), summed over consecutive windows of ``window`` steps: a window whose sum
-  is positive multiplies the ceiling by ``shrink``, so the stationary spread of the iterate (∝ ρ)
-  shrinks too. For a natural step of size ρ on a quadratic, E[r] ≈ −(1 − ρ) while travelling and
-  ≈ ρ/2 at stationarity; with exact gradients r ≤ 0 and the ceiling stays at ``lr``. The test
+  step cannot decide it), summed over consecutive windows: a window whose sum is positive
+  multiplies the ceiling by ``shrink``, so the stationary spread of the iterate (∝ ρ) shrinks
+  too. A window lasts ``window``·(lr/ceiling)^½ steps: at a lower rate the iterate needs more
+  steps to settle before the test can judge it (Chee & Toulis restart the test after each
+  decrease), so the ceiling falls like 1/t² rather than geometrically to the floor, which froze
+  fits with Monte Carlo gradients far from the optimum (a window ∝ 1/ceiling, the Robbins–Monro
+  1/t rate, was measured too slow to damp mini-batch noise in a few hundred steps). For a
+  natural step of size ρ on a quadratic, E[r] ≈ −(1 − ρ) while travelling and ≈ ρ/2 at
+  stationarity; with exact gradients r ≤ 0 and the ceiling stays at ``lr``. The test
   presumes a well-conditioned (natural) step: a Euclidean-like step zig-zags across a stiff
   direction while still travelling along a flat one, which it would mistake for noise
   (``window=None`` turns it off).
@@ -69,7 +74,8 @@ class AdaptiveStep:
         self.last_ratio = end / -start
         self.drift += min(1.0, max(-1.0, self.last_ratio))
         self.count += 1
-        if self.window is not None and self.count == self.window:
+        if self.window is not None and self.count >= self.window * math.sqrt(
+                self.lr / self.ceiling):
             if self.drift > 0:
                 self.ceiling = max(floor, self.ceiling * self.shrink)
             self.drift, self.count = 0.0, 0
