@@ -115,7 +115,8 @@ def _robust_regression():
 
 def _neg_elbo(model, guide, data) -> float:
     with torch.no_grad():
-        return sum(Trace_ELBO(num_particles=500, vectorize_particles=True).loss(
+        elbo = Trace_ELBO(num_particles=500, vectorize_particles=True, max_plate_nesting=1)
+        return sum(elbo.loss(
             model, guide, *data) for _ in range(4)) / 4
 
 
@@ -253,3 +254,28 @@ def test_averaged_fisher_survives_a_state_round_trip():
     resumed.set_state(state)
     for key, value in resumed.get_state()["geometry"]["fisher_averages"].items():
         assert torch.equal(value, averages[key])
+
+
+def test_flow_guide_ends_as_low_as_the_best_adam():
+    """The same robust regression with AutoIAFNormal (one MADE layer, 8 hidden units, ~90 weights;
+    its Fisher lives on the weights, so only the Monte Carlo estimate exists). After 150 steps at
+    16 particles NaturalGradient's defaults are within 0.5 nats of the best of Adam
+    lr ∈ {0.01, 0.03, 0.1} after the same 150 steps. Measured (seeds 0 / 1): NG 111.49 / 111.77,
+    best Adam 111.70 / 111.75; NG at 100 steps 111.57 / 112.95 — in fewer steps than Adam on seed 0
+    only, so "fewer steps" is not claimed for flows (see notebook 06 and the benchmark)."""
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    model, _, data = _robust_regression()
+    results = {}
+    for name, make in [("ng", lambda g: NaturalGradient(g))] + [
+            (f"adam{lr}", lambda g, lr=lr: pyro.optim.Adam({"lr": lr}))
+            for lr in (0.01, 0.03, 0.1)]:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoIAFNormal(model, hidden_dim=[8])
+        svi = SVI(model, guide, make(guide), Trace_ELBO(num_particles=16, vectorize_particles=True,
+                                                          max_plate_nesting=1))
+        for _ in range(150):
+            svi.step(*data)
+        results[name] = _neg_elbo(model, guide, data)
+    assert results["ng"] <= min(v for k, v in results.items() if k != "ng") + 0.5, results
