@@ -423,6 +423,18 @@ def test_gaussian_vi_flow_finds_a_gaussian_target(hessian):
     torch.testing.assert_close(cov, b, atol=0.1, rtol=0)
 
 
+def test_gaussian_vi_flow_with_too_large_a_step_raises_instead_of_returning_nan():
+    """p = N(0, 0.01 I): curvature 100, so the explicit step with h = 0.5 overshoots without bound
+    (the mean is multiplied by 1 − 100h = −49 per step) and the flow stops with an error naming
+    h, instead of returning NaN."""
+    def log_p(z):
+        return -50.0 * z.square().sum(-1)
+
+    with pytest.raises(FloatingPointError, match="h = 0.5"):
+        gaussian_vi_flow(log_p, torch.ones(2, dtype=F64), torch.eye(2, dtype=F64), h=0.5,
+                         num_steps=500, num_samples=8, generator=torch.Generator().manual_seed(0))
+
+
 # ----- other reparameterized guides --------------------------------------------------------------
 def test_pushforward_metric_for_a_student_t_guide():
     """Non-Gaussian sites use the pushforward metric E[JᵀJ] and still fit."""

@@ -59,7 +59,7 @@ def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: 
                          f"{num_samples}")
     d = loc.shape[-1]
     chol = torch.linalg.cholesky(cov)
-    for _ in range(num_steps):
+    for step in range(num_steps):
         eps = torch.randn(num_samples, d, dtype=loc.dtype, device=loc.device,
                           generator=generator)
         z = (loc + eps @ chol.mT).detach().requires_grad_()
@@ -77,6 +77,12 @@ def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: 
         # bures_step with ∇ₘL = −E[∇log p] and 2∇_ΣL = M
         loc, chol = bures_step(loc, chol, -grad.detach().mean(0),
                                -0.5 * (expected_hessian + precision), h)
+        diagonal = chol.diagonal(dim1=-2, dim2=-1)
+        if not (torch.isfinite(loc).all() and torch.isfinite(chol).all() and (diagonal > 0).all()):
+            raise FloatingPointError(
+                f"gaussian_vi_flow: step {step + 1} of {num_steps} with h = {h} gave a non-finite "
+                "mean or a singular covariance (the explicit step is unstable when h exceeds "
+                "~1/curvature of −log p); use a smaller h")
     return loc, chol @ chol.mT
 
 
