@@ -123,7 +123,8 @@ class GeometricOptim(PyroOptim):
     # ----- the step -----------------------------------------------------------------------------
     def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
         store = pyro.get_param_store()
-        leaves = {store.param_name(p): p for p in params}
+        # SVI passes a set: order the params by name, so that a run does not depend on hashing
+        leaves = dict(sorted((store.param_name(p), p) for p in params))
         grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in leaves.items()}
         rejected = self._judge_previous(leaves, grads)
