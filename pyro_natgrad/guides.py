@@ -170,8 +170,7 @@ class GuideReader:
     def trace(self) -> poutine.Trace:
         """Runs the guide on its last arguments; the global RNG state is left as it was."""
         args, kwargs = self._call_args()
-        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=_devices()), torch.enable_grad():
             try:
                 return poutine.trace(self.guide).get_trace(*args, **kwargs)
             except TypeError as e:
@@ -228,14 +227,17 @@ class GuideReader:
         if family is not None:
             outputs = [a for a in family.args(base) if isinstance(a, Tensor) and a.requires_grad]
         else:
-            log_q = fn.log_prob(draw(fn)).sum()
-            # a log-density that drops the graph still has params if its samples depend on them:
-            # keep the site, so the metric that needs the log-density can name it
-            outputs = [log_q if log_q.requires_grad or not fn.has_rsample else fn.rsample()]
+            with torch.random.fork_rng(devices=_devices()):  # leave the global RNG as it was
+                log_q = fn.log_prob(draw(fn)).sum()
+                # a log-density that drops the graph still has params if its samples depend on
+                # them: keep the site, so the metric that needs the log-density can name it
+                outputs = [log_q if log_q.requires_grad or not fn.has_rsample else fn.rsample()]
             outputs = [o for o in outputs if o.requires_grad]
         if not outputs:
             return (), None
-        grads = [torch.autograd.grad(o.sum(), [leaves[n] for n in names], allow_unused=True,
+        # a non-constant cotangent: Σ o would have a zero gradient for outputs that always sum to
+        # a constant (a Categorical's probs on the simplex)
+        grads = [torch.autograd.grad(o, [leaves[n] for n in names], _ramp(o), allow_unused=True,
                                      retain_graph=True) for o in outputs]
         deps = tuple(n for i, n in enumerate(names) if any(_touches(g[i]) for g in grads))
         if family is None or len(outputs) != len(family.arg_names):
@@ -264,6 +266,16 @@ class GuideReader:
             return None
         store = pyro.get_param_store()
         return ScaledUnitCholesky(names, tuple(store._constraints[n] for n in names))
+
+
+def _devices() -> list[int]:
+    return [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+
+
+def _ramp(output: Tensor) -> Tensor:
+    """1, 2, …, n in the shape of ``output`` (a fixed cotangent, no random numbers drawn)."""
+    return torch.arange(1, output.numel() + 1, dtype=output.dtype,
+                        device=output.device).reshape(output.shape)
 
 
 def _touches(grad: Tensor | None) -> bool:

@@ -56,7 +56,7 @@ class GeometricOptim(PyroOptim):
         constraint ½ δᵀFδ ≤ ε²); a number, None (no bound) or ``"auto"``: a radius per group that
         starts at ½√n (n = the group's param count), halves below the KL of a rejected step and
         doubles past the KL of an accepted one (a trust-region radius, Nocedal & Wright 2006,
-        §4.1, in the units of KL). It is capped at ½√n for first-order steps in the guide's own
+        §4.1, in the units of KL). It is capped at ½n for first-order steps in the guide's own
         parameters, whose quadratic model is only locally right, and uncapped for steps taken in a
         family's own coordinates (natural parameters; Bures–Wasserstein (m, Σ)). Without
         ``adaptive`` the cap alone applies.
