@@ -361,7 +361,8 @@ def test_student_t_guide_with_learned_df_fits_in_a_quarter_of_adams_steps():
     ({"num_samples": 0}, "num_samples"), ({"num_samples": -4}, "num_samples"),
     ({"num_samples": 2.5}, "num_samples"), ({"damping": -1e-3}, "damping"),
     ({"damping": float("nan")}, "damping"), ({"relative_damping": -0.1}, "relative_damping"),
-    ({"fisher_decay": -0.5}, "fisher_decay"), ({"fisher": "mc"}, "fisher"),
+    ({"fisher_decay": -0.5}, "fisher_decay"), ({"fisher_decay": 1.0}, "fisher_decay"),
+    ({"fisher": "mc"}, "fisher"),
     ({"form": "inverse"}, "form"),
 ])
 def test_bad_options_raise_value_errors_naming_them(kwargs, match):
@@ -609,3 +610,43 @@ def test_fresh_optimizer_resumed_from_state_takes_the_identical_step(decay):
     first, again, _ = _resume(decay, fresh=True)
     for n, value in first.items():
         assert torch.equal(again[n], value), n
+
+
+# ----- the benchmark's robust regression (benchmarks/problems.py) --------------------------------
+def _benchmark_robust_regression():
+    from benchmarks.problems import robust_regression, studentt_guide
+
+    model, data = robust_regression()
+    return model, data, studentt_guide
+
+
+def test_benchmark_student_t_guide_fits_in_fewer_steps_than_the_best_adam():
+    """The benchmark's robust regression with its Student-t guide (df 5 fixed; the Monte Carlo
+    Fisher), 16 particles: NaturalGradient's defaults after 25 steps are within 0.5 nats of the
+    best of Adam lr ∈ {0.01, 0.03, 0.1} after 100 steps (measured: NG 111.69; Adam 229.91 /
+    117.72 / 111.65)."""
+    model, data, guide = _benchmark_robust_regression()
+    _, opt, (ng, _) = _fit(model, lambda: record_args(guide), NaturalGradient, data, 25)
+    assert _summary_rows(opt)["w"][1] == "monte_carlo"
+    adam = {lr: _fit(model, lambda: record_args(guide),
+                     lambda g, lr=lr: pyro.optim.Adam({"lr": lr}), data, 100)[2][0]
+            for lr in (0.01, 0.03, 0.1)}
+    assert ng <= min(adam.values()) + 0.5, (ng, adam)
+
+
+def test_benchmark_flow_guide_ends_as_low_as_the_best_adam():
+    """The same regression with AutoIAFNormal (8 hidden units; its Fisher lives on the MADE
+    weights, so only the Monte Carlo estimate exists): after 150 steps NaturalGradient's defaults
+    are within 0.5 nats of the best of Adam lr ∈ {0.01, 0.03, 0.1} after the same 150 steps
+    (measured: NG 111.49; Adam 162.60 / 112.03 / 111.58). "Fewer steps" is not claimed for flows
+    (the benchmark: 100 steps vs 68 for Adam lr 0.1). The result is reproducible, not robust: before the optimizer ordered params by name (SVI hands
+    it a set) one CI run with another hash-dependent order ended at −ELBO 219."""
+    model, data, _ = _benchmark_robust_regression()
+
+    def make_guide():
+        return AutoIAFNormal(model, hidden_dim=[8])
+
+    ng = _fit(model, make_guide, NaturalGradient, data, 150)[2][0]
+    adam = {lr: _fit(model, make_guide, lambda g, lr=lr: pyro.optim.Adam({"lr": lr}), data,
+                     150)[2][0] for lr in (0.01, 0.03, 0.1)}
+    assert ng <= min(adam.values()) + 0.5, (ng, adam)
