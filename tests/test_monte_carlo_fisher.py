@@ -640,7 +640,8 @@ def test_benchmark_flow_guide_ends_as_low_as_the_best_adam():
     are within 0.5 nats of the best of Adam lr ∈ {0.01, 0.03, 0.1} after the same 150 steps
     (measured: NG 111.49; Adam 162.60 / 112.03 / 111.58). "Fewer steps" is not claimed for flows
     (the benchmark: 100 steps vs 68 for Adam lr 0.1). The result is reproducible, not robust:
-    before the optimizer ordered params by name (SVI hands it a set) one CI run with another hash-dependent order ended at −ELBO 219."""
+    before the optimizer ordered params by name (SVI hands it a set) one CI run with another
+    hash-dependent order ended at −ELBO 219."""
     model, data, _ = _benchmark_robust_regression()
 
     def make_guide():
