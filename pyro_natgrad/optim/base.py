@@ -97,7 +97,6 @@ class GeometricOptim(PyroOptim):
         self._pending: dict | None = None
         self._groups: list[Group] = []
         self._radius: dict[tuple[str, ...], float] = {}
-        self._taken: dict[tuple[str, ...], float] = {}
 
     # ----- what subclasses provide --------------------------------------------------------------
     def _step_fn(self, group: Group, leaves: dict[str, Tensor],
@@ -141,15 +140,16 @@ class GeometricOptim(PyroOptim):
         self.last_step = {}
         rate = self.schedule.rate if self.schedule is not None else self.lr
         before = {n: leaves[n].detach().clone() for n in owned}
-        stepped = set()
-        self._taken = {}
+        stepped, taken = set(), {}
         for group in groups:
-            if self._step_group(group, leaves, grads, rate):
+            accepted = self._step_group(group, leaves, grads, rate)
+            if accepted is not None:
                 stepped.update(group.param_names)
+                if accepted.kl is not None and self.max_kl == "auto":
+                    taken["|".join(group.param_names)] = accepted.kl
         if self.schedule is not None and stepped:
             self._pending = {"theta": {n: before[n] for n in stepped},
-                             "grad": {n: grads[n] for n in stepped},
-                             "kl": {"|".join(k): v for k, v in self._taken.items()}}
+                             "grad": {n: grads[n] for n in stepped}, "kl": taken}
 
     def _judge_previous(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> bool:
         """Accepts or rejects the previous step. A rejected step is undone (params back to θ₀)
@@ -165,7 +165,7 @@ class GeometricOptim(PyroOptim):
             if names not in self._radius:
                 continue
             if not accepted:
-                floor = self.schedule.min_lr * self._start_radius(names, leaves)
+                floor = self.schedule.min_lr * _start_radius(_count(names, leaves))
                 self._radius[names] = max(floor, 0.5 * kl)
             elif self.schedule.last_ratio <= 0:  # the gradient still agrees: no overshoot
                 self._radius[names] = max(self._radius[names], 2.0 * kl)
@@ -177,19 +177,20 @@ class GeometricOptim(PyroOptim):
         return True
 
     def _step_group(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
-                    rate: float) -> bool:
+                    rate: float) -> Candidate | None:
+        """Steps one group in place; the accepted candidate, or None when the step was refused."""
         site_names = ", ".join(s.name for s in group.sites)
         bad = [n for n in group.param_names if not torch.isfinite(grads[n]).all()]
         if bad:
             self._refuse(group, f"non-finite gradient of param(s) {bad} at guide site(s) "
                                 f"{site_names}; step refused, params unchanged")
-            return False
+            return None
         try:
             step, method = self._step_fn(group, leaves, grads)
         except torch.linalg.LinAlgError as e:
             self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
                                 f"factorized ({e}); step refused, params unchanged")
-            return False
+            return None
         max_kl = self._max_kl(group, leaves, method)
         tried = rate
         for backtrack in range(self.max_backtracks + 1):
@@ -205,11 +206,13 @@ class GeometricOptim(PyroOptim):
             elif problem is not None:
                 tried *= 0.5
             if problem is None:
+                rebuild = method not in _SELF_CHECKED  # linear steps: re-build the guide
                 with torch.no_grad():
-                    current = {n: leaves[n].detach().clone() for n in candidate.values}
+                    current = ({n: leaves[n].detach().clone() for n in candidate.values}
+                               if rebuild else {})
                     for n, v in candidate.values.items():
                         leaves[n].copy_(v)
-                if method not in _SELF_CHECKED and not self._guide_builds():
+                if rebuild and not self._guide_builds():
                     with torch.no_grad():  # e.g. a low-rank capacitance that is not PD in float32
                         for n, v in current.items():
                             leaves[n].copy_(v)
@@ -218,13 +221,11 @@ class GeometricOptim(PyroOptim):
                 for s in group.sites:
                     self.last_step[s.name] = {"method": method, "lr": tried, "kl": candidate.kl,
                                               "backtracks": backtrack, "note": candidate.note}
-                if candidate.kl is not None and self.max_kl == "auto":
-                    self._taken[group.param_names] = candidate.kl
-                return True
+                return candidate
         self._refuse(group, f"no valid step at guide site(s) {site_names} after "
                             f"{self.max_backtracks} halvings (last lr {tried:.3g}); "
                             "step refused, params unchanged")
-        return False
+        return None
 
     def _guide_builds(self) -> bool:
         """Whether the guide still builds its distributions at the current params (a linear step
@@ -239,17 +240,12 @@ class GeometricOptim(PyroOptim):
     def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
         if self.max_kl != "auto":
             return self.max_kl
-        n = sum(leaves[name].numel() for name in group.param_names)
+        n = _count(group.param_names, leaves)
         cap = None if method in _SELF_CHECKED else 0.5 * n  # exact steps: no cap
         if self.schedule is None:
             return cap
-        radius = self._radius.setdefault(group.param_names, self._start_radius(group.param_names,
-                                                                               leaves))
+        radius = self._radius.setdefault(group.param_names, _start_radius(n))
         return radius if cap is None else min(radius, cap)
-
-    @staticmethod
-    def _start_radius(names: tuple[str, ...], leaves: dict[str, Tensor]) -> float:
-        return 0.5 * math.sqrt(sum(leaves[n].numel() for n in names))
 
     @staticmethod
     def _problem(candidate: Candidate | None) -> str | None:
@@ -302,6 +298,16 @@ def linear_step(names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
         return Candidate(values, 0.5 * rate ** 2 * curvature)
 
     return step
+
+
+def _count(names: tuple[str, ...], leaves: dict[str, Tensor]) -> int:
+    """Number of scalar params in a group."""
+    return sum(leaves[n].numel() for n in names)
+
+
+def _start_radius(n: int) -> float:
+    """The KL radius a group of n params starts from, ½√n."""
+    return 0.5 * math.sqrt(n)
 
 
 def _in_support(values: dict[str, Tensor]) -> bool:

@@ -117,8 +117,9 @@ class NaturalGradient(GeometricOptim):
             eta = family.args_to_natural(*args)
             mu, log_partition = family.args_to_mean(*args), family.log_partition(*eta)
         param_grads = [grads[n] for n in param.param_names]
-        dmu = mean_gradient(family, param, args, param_grads)
-        d_loc = args_gradient(param, args, param_grads)[0] if family.location_split else None
+        d_args = args_gradient(param, args, param_grads)
+        dmu = mean_gradient(family, param, args, param_grads, d_args)
+        d_loc = d_args[0] if family.location_split else None
         scale = 1.0 / site.multiplicity
 
         def step(rate: float) -> Candidate | None:
@@ -223,15 +224,16 @@ class _Averaged:
 
 
 def mean_gradient(family: ExponentialFamily, param: Parameterization, args: tuple[Tensor, ...],
-                  grads: list[Tensor]) -> tuple[Tensor, ...]:
+                  grads: list[Tensor], d_args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """∂L/∂μ from ∂L/∂θ: the vector-Jacobian product through μ ↦ args ↦ θ, its μ ↦ args part
-    in closed form where the family gives one (Normal, MultivariateNormal).
+    in closed form from ``d_args`` = ∂L/∂args where the family gives one (Normal,
+    MultivariateNormal).
 
     Families whose μ ↦ args map is iterative (Gamma, Beta, Dirichlet) use the equivalent
     ∂L/∂μ = F(η)⁻¹ ∂L/∂η, with the closed-form Fisher, instead.
     """
     with torch.no_grad():
-        dmu = family.mean_gradient(args, args_gradient(param, args, grads))
+        dmu = family.mean_gradient(args, d_args)
     if dmu is not None:
         return dmu
     if family.closed_form_mean_map:
