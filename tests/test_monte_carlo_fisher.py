@@ -493,14 +493,15 @@ def test_default_form_is_the_diagonal_when_draws_are_fewer_than_params(monkeypat
                                                                        form):
     """100 params: 16 draws span at most 16 directions, so the default solve is diagonal; 128
     draws give the dense solve. Thirty steps stay finite, keep the scales positive and lower the
-    loss."""
+    loss (the −ELBO from 2,000 draws at the end, not the last step's 8-draw estimate)."""
     calls = _record_solves(monkeypatch)
     model, guide = _wide_student_t()
     opt = NaturalGradient(guide, fisher="monte_carlo", num_samples=num_samples)
     svi = SVI(model, guide, opt, Trace_ELBO(num_particles=8, vectorize_particles=True))
     losses = [svi.step() for _ in range(30)]
     assert {c["form"] for c in calls} == {form}
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 100, losses[::10]
+    final = Trace_ELBO(num_particles=2000, vectorize_particles=True).loss(model, guide)
+    assert all(math.isfinite(x) for x in losses) and final < losses[0] - 100, (losses[0], final)
     assert (pyro.param("scale") > 0).all() and torch.isfinite(pyro.param("loc")).all()
 
 

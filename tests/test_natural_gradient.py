@@ -350,6 +350,35 @@ def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
     assert "precision step shortened to 0.125" in opt.last_step["z"]["note"]
 
 
+def test_mean_field_precision_is_shortened_per_coordinate():
+    """A mean-field Normal is one distribution per coordinate: with the loss
+    Σᵢ ½aᵢ(mᵢ² + σᵢ²) − H(q) and a = (2, −3), coordinate 0 takes the full natural step
+    (Λ₀' = a₀ = 2) and only coordinate 1 is shortened (ρ_Λ = 1/8 as above, Λ₁' = 1/2); both means
+    take the full step mᵢ' = mᵢ − aᵢmᵢ/Λᵢ'."""
+    f64 = torch.float64
+    a = torch.tensor([2.0, -3.0], dtype=f64)
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor([1.0, -2.0], dtype=f64)),
+                                     pyro.param("scale", torch.ones(2, dtype=f64),
+                                                constraints.positive)).to_event(1))
+
+    def loss(model, guide_):
+        m, s = pyro.param("loc"), pyro.param("scale")
+        return (0.5 * a * (m**2 + s**2)).sum() - s.log().sum()
+
+    guide()
+    m0 = pyro.param("loc").detach().clone()
+    opt = NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=None)
+    SVI(lambda: None, guide, opt, loss).step()
+    precision = pyro.param("scale").detach() ** -2
+    expected = torch.tensor([2.0, 7 / 8 - 3 / 8], dtype=f64)
+    torch.testing.assert_close(precision, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pyro.param("loc").detach(), m0 - a * m0 / expected,
+                               rtol=1e-10, atol=1e-12)
+    assert "at 1 of 2 elements" in opt.last_step["z"]["note"]
+
+
 def test_natural_step_is_exact_for_a_mean_far_from_zero():
     """∂L/∂μ is computed from ∂L/∂(m, σ) in closed form, so σ is never rebuilt as
     (μ₂ − μ₁²)^½, which cancels when m² ≫ σ² (here m = 1e6, σ = 1e-3: μ₂ − μ₁² loses every digit

@@ -80,6 +80,13 @@ class ExponentialFamily:
         then differentiate ``mean_to_args`` instead."""
         return None
 
+    def args_fisher_product(self, args: Params, v: Params) -> Params | None:
+        """F(args)·v, the Fisher in the constructor arguments applied to a tangent ``v`` (shaped
+        like ``args``), in closed form, or None: consumers then pull the Fisher back through
+        η(args) and μ(args) (a family overrides it when that is cheaper, e.g. a structured
+        covariance whose η would be a dense d×d matrix). None for every ``v`` or for none."""
+        return None
+
     def natural_to_mean(self, *eta: Tensor) -> Params:
         """μ(η) = ∇A(η)."""
         return self.args_to_mean(*self.natural_to_args(*eta))

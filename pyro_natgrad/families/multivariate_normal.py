@@ -203,6 +203,29 @@ class LowRankMultivariateNormal(_DenseGaussian):
     def natural_to_args(self, eta1: Tensor, eta2: Tensor) -> Params:
         raise NotImplementedError(self._no_inverse())
 
+    def args_fisher_product(self, args: Params, v: Params) -> Params:
+        """F·v in (loc, W, D) in O(d r²), neither Σ nor Σ⁻¹ formed. The Gaussian Fisher is
+        block-diagonal, F_loc = Σ⁻¹ and F_ab = ½ tr(Σ⁻¹ ∂ₐΣ Σ⁻¹ ∂_bΣ) for covariance arguments
+        (Mardia & Marshall 1984, Biometrika 71, eq. 5), so with dΣ = VWᵀ + WVᵀ + diag(v_D) and
+        G = Σ⁻¹ dΣ Σ⁻¹: (Fv)_loc = Σ⁻¹ v_loc, (Fv)_W = G W, (Fv)_D = ½ diag G. Σ⁻¹ = D⁻¹ − RRᵀ
+        by Woodbury, R = D⁻¹W L_C⁻ᵀ with L_C the Cholesky factor of C = I + WᵀD⁻¹W (r × r), and
+        diag(Σ⁻¹ diag(v_D) Σ⁻¹)ᵢ = v_Dᵢ(D⁻²ᵢ − 2D⁻¹ᵢ|Rᵢ|²) + Rᵢᵀ(Rᵀ diag(v_D) R)Rᵢ."""
+        (_, w, cov_diag), (v_loc, v_w, v_d) = args, v
+        inv_d = cov_diag.reciprocal()
+        u = w * inv_d.unsqueeze(-1)
+        eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+        chol = torch.linalg.cholesky(eye + w.mT @ u)
+        r = torch.linalg.solve_triangular(chol, u.mT, upper=False).mT
+
+        def solve(x: Tensor) -> Tensor:  # Σ⁻¹x
+            return inv_d.unsqueeze(-1) * x - r @ (r.mT @ x)
+
+        p, q = solve(w), solve(v_w)
+        g_w = solve(v_w @ (w.mT @ p) + w @ (v_w.mT @ p) + v_d.unsqueeze(-1) * p)
+        quad = ((r @ (r.mT @ (v_d.unsqueeze(-1) * r))) * r).sum(-1)
+        diag_g = (2 * (q * p).sum(-1) + v_d * inv_d * (inv_d - 2 * r.square().sum(-1)) + quad)
+        return solve(v_loc.unsqueeze(-1)).squeeze(-1), g_w, 0.5 * diag_g
+
     def mean_to_args(self, mu1: Tensor, mu2: Tensor) -> Params:
         raise NotImplementedError(self._no_inverse())
 

@@ -15,34 +15,62 @@ import torch
 from torch import Tensor
 
 from ..families import ExponentialFamily
-from .linalg import jacobian, jvp, vjp
+from .linalg import flat, hutchinson_trace, jacobian, jvp, unflat, vjp
 
 
 class PulledBackFisher:
-    """F(θ) = Σ_sites m_s (∂η_s/∂θ)ᵀ (∂μ_s/∂θ) over the sites of one group (m_s: multiplicity)."""
+    """F(θ) = Σ_sites m_s J_sᵀ F_s J_s over the sites of one group (m_s: multiplicity): J_s the
+    Jacobian of the site's arguments, and F_s·u the family's closed-form product in its arguments
+    where it has one (:meth:`~pyro_natgrad.families.ExponentialFamily.args_fisher_product`),
+    else the η/μ pullback above."""
 
     def __init__(self, sites: Sequence[tuple[ExponentialFamily, tuple[Tensor, ...], float]],
                  leaves: Sequence[Tensor]):
         self.leaves = list(leaves)
-        self._terms = []
-        for family, args, multiplicity in sites:
-            eta = family.flatten(family.args_to_natural(*args))[0].reshape(-1)
-            mu = family.flatten(family.args_to_mean(*args))[0].reshape(-1)
-            self._terms.append((eta, mu, multiplicity))
+        self._sites = list(sites)
+        self._pullbacks: dict[int, tuple[Tensor, Tensor]] = {}
+        self._closed = [family.args_fisher_product(_detached(args), _detached(args)) is not None
+                        for family, args, _ in self._sites]
+
+    def _pullback(self, i: int) -> tuple[Tensor, Tensor]:
+        """The flat η(θ) and μ(θ) of site i, built once."""
+        if i not in self._pullbacks:
+            family, args, _ = self._sites[i]
+            self._pullbacks[i] = (family.flatten(family.args_to_natural(*args))[0].reshape(-1),
+                                  family.flatten(family.args_to_mean(*args))[0].reshape(-1))
+        return self._pullbacks[i]
 
     def mvp(self, v: Tensor) -> Tensor:
-        """F(θ)·v: ∂μ/∂θ·v by the double-backward trick, then (∂η/∂θ)ᵀ by one backward pass."""
+        """F(θ)·v: J·v by the double-backward trick, the family's F·(J v) (closed form, or
+        (∂η/∂θ)ᵀ applied to ∂μ/∂θ·v by one backward pass), then Jᵀ by one backward pass."""
         total = torch.zeros_like(v)
-        for eta, mu, multiplicity in self._terms:
-            total = total + multiplicity * vjp(eta, self.leaves, jvp(mu, self.leaves, v))
+        for i, (family, args, multiplicity) in enumerate(self._sites):
+            if self._closed[i]:
+                flat_args = flat(args)
+                tangent = tuple(unflat(jvp(flat_args, self.leaves, v), args))
+                term = vjp(flat_args, self.leaves,
+                           flat(family.args_fisher_product(_detached(args), tangent)))
+            else:
+                eta, mu = self._pullback(i)
+                term = vjp(eta, self.leaves, jvp(mu, self.leaves, v))
+            total = total + multiplicity * term
         return total
 
     def diag(self) -> Tensor:
         return self.dense().diagonal()
 
+    def trace(self) -> Tensor:
+        """tr F(θ) by Hutchinson's estimate from Fisher-vector products."""
+        return hutchinson_trace(self.mvp, flat([x.detach() for x in self.leaves]))
+
     def dense(self) -> Tensor:
         """The matrix F(θ), from the two Jacobians (small groups only)."""
         total = 0
-        for eta, mu, multiplicity in self._terms:
+        for i, (_, _, multiplicity) in enumerate(self._sites):
+            eta, mu = self._pullback(i)
             total = total + multiplicity * jacobian(eta, self.leaves).T @ jacobian(mu, self.leaves)
         return 0.5 * (total + total.T)
+
+
+def _detached(args: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(a.detach() for a in args)

@@ -61,8 +61,10 @@ def hutchinson_trace(mvp: Callable[[Tensor], Tensor], like: Tensor, probes: int 
     """tr A ≈ (1/k) Σ_j v_jᵀ A v_j over k Rademacher probes v_j (Hutchinson 1990), for A given
     only as a matrix-vector product; ``like`` sets the dimension, dtype and device."""
     total = like.new_zeros(())
+    generator = torch.Generator(device=like.device).manual_seed(0)  # the global RNG untouched
     for _ in range(probes):
-        v = torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+        v = torch.randint(0, 2, like.shape, device=like.device, generator=generator)
+        v = v.to(like.dtype) * 2 - 1
         total = total + v.dot(mvp(v))
     return total / probes
 

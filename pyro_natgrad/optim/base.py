@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.optim import PyroOptim
 from torch import Tensor
 from torch.distributions import constraints, transform_to
@@ -192,50 +193,72 @@ class GeometricOptim(PyroOptim):
                                 f"factorized ({e}); step refused, params unchanged")
             return None
         max_kl = self._max_kl(group, leaves, method)
+        rebuild = method not in _SELF_CHECKED  # linear steps: re-build the guide to check them
+        divergence = self._divergence(group, method) if rebuild else None
         tried = rate
-        for backtrack in range(self.max_backtracks + 1):
+
+        def attempt(rate_: float) -> tuple[Candidate | None, str | None]:
             try:
-                candidate = step(tried)
+                candidate_ = step(rate_)
             except torch.linalg.LinAlgError:
-                candidate = None  # e.g. a covariance that is not positive definite: shorten
-            problem = self._problem(candidate)
-            if (problem is None and max_kl is not None and candidate.kl is not None
-                    and candidate.kl > max_kl * (1 + 1e-9)):  # not on a rounding error
-                problem = "kl"
+                return None, "domain"  # e.g. a covariance that is not positive definite
+            problem_ = self._problem(candidate_)
+            if problem_ is None and rebuild:
+                problem_ = self._measure(candidate_, leaves, divergence)
+            if (problem_ is None and max_kl is not None and candidate_.kl is not None
+                    and candidate_.kl > max_kl * (1 + 1e-9)):  # not on a rounding error
+                problem_ = "kl"
+            return candidate_, problem_
+
+        for backtrack in range(self.max_backtracks + 1):
+            candidate, problem = attempt(tried)
+            if problem == "kl":
                 tried *= max(0.01, min(0.9, math.sqrt(max_kl / candidate.kl)))
-            elif problem is not None:
+                continue
+            if problem is not None:
                 tried *= 0.5
-            if problem is None:
-                rebuild = method not in _SELF_CHECKED  # linear steps: re-build the guide
-                with torch.no_grad():
-                    current = ({n: leaves[n].detach().clone() for n in candidate.values}
-                               if rebuild else {})
-                    for n, v in candidate.values.items():
-                        leaves[n].copy_(v)
-                if rebuild and not self._guide_builds():
-                    with torch.no_grad():  # e.g. a low-rank capacitance that is not PD in float32
-                        for n, v in current.items():
-                            leaves[n].copy_(v)
-                    tried *= 0.5
-                    continue
-                for s in group.sites:
-                    self.last_step[s.name] = {"method": method, "lr": tried, "kl": candidate.kl,
-                                              "backtracks": backtrack, "note": candidate.note}
-                return candidate
+                continue
+            with torch.no_grad():
+                for n, v in candidate.values.items():
+                    leaves[n].copy_(v)
+            for s in group.sites:
+                self.last_step[s.name] = {"method": method, "lr": tried, "kl": candidate.kl,
+                                          "backtracks": backtrack, "note": candidate.note}
+            return candidate
         self._refuse(group, f"no valid step at guide site(s) {site_names} after "
                             f"{self.max_backtracks} halvings (last lr {tried:.3g}); "
                             "step refused, params unchanged")
         return None
 
-    def _guide_builds(self) -> bool:
-        """Whether the guide still builds its distributions at the current params (a linear step
-        in the guide's own parameters can pass every elementwise check and still give, e.g., a
-        LowRankMultivariateNormal whose capacitance matrix fails its Cholesky)."""
+    def _divergence(self, group: Group, method: str) -> Callable[[poutine.Trace], float] | None:
+        """For a linear step: the divergence of the guide re-built at a candidate (its trace)
+        from the current q, in the units of the trust region, or None to keep the step's own
+        quadratic model. Subclasses that know it exactly override this."""
+        return None
+
+    def _measure(self, candidate: Candidate, leaves: dict[str, Tensor],
+                 divergence: Callable[[poutine.Trace], float] | None) -> str | None:
+        """Re-builds the guide at a linear step's values (a step in the guide's own parameters
+        can pass every elementwise check and still give, e.g., a LowRankMultivariateNormal whose
+        capacitance matrix fails its Cholesky) and replaces the candidate's KL by ``divergence``
+        where given. The params are left as they were; returns the problem found, or None."""
+        with torch.no_grad():
+            current = {n: leaves[n].detach().clone() for n in candidate.values}
+            for n, v in candidate.values.items():
+                leaves[n].copy_(v)
         try:
-            self.reader.trace()
+            trace = self.reader.trace()
+            kl = divergence(trace) if divergence is not None else candidate.kl
         except (torch.linalg.LinAlgError, ValueError, RuntimeError):
-            return False
-        return True
+            return "domain"
+        finally:
+            with torch.no_grad():
+                for n, v in current.items():
+                    leaves[n].copy_(v)
+        if kl is not None and not math.isfinite(kl):
+            return "non-finite"
+        candidate.kl = kl
+        return None
 
     def _max_kl(self, group: Group, leaves: dict[str, Tensor], method: str) -> float | None:
         if self.max_kl != "auto":
