@@ -422,14 +422,13 @@ def test_low_rank_fisher_product_equals_the_pullback(dtype):
     g = torch.Generator().manual_seed(0)
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10,
                                                                        "atol": 1e-10}
-    for b in range(2):
-        args = [torch.randn(6, generator=g, dtype=dtype), torch.randn(6, 2, generator=g,
-                                                                      dtype=dtype),
-                torch.rand(6, generator=g, dtype=dtype) + 0.5]
-        leaves = [a.clone().requires_grad_(True) for a in args]
-        eta = flat(family.args_to_natural(*leaves))
-        mu = flat(family.args_to_mean(*leaves))
-        dense = jacobian(eta, leaves).T @ jacobian(mu, leaves)
-        v = [torch.randn(a.shape, generator=g, dtype=dtype) for a in args]
-        product = flat(family.args_fisher_product(tuple(args), tuple(v)))
-        torch.testing.assert_close(product, 0.5 * (dense + dense.T) @ flat(v), **tol)
+    args = [torch.randn(2, 6, generator=g, dtype=dtype),
+            torch.randn(2, 6, 2, generator=g, dtype=dtype),
+            torch.rand(2, 6, generator=g, dtype=dtype) + 0.5]
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    eta = flat(family.args_to_natural(*leaves))
+    mu = flat(family.args_to_mean(*leaves))
+    dense = jacobian(eta, leaves).T @ jacobian(mu, leaves)
+    v = [torch.randn(a.shape, generator=g, dtype=dtype) for a in args]
+    product = flat(family.args_fisher_product(tuple(args), tuple(v)))
+    torch.testing.assert_close(product, 0.5 * (dense + dense.T) @ flat(v), **tol)
