@@ -156,6 +156,7 @@ class GuideReader:
     def __init__(self, guide: Callable):
         self.guide = guide
         self._last_call: tuple[tuple, dict] | None = None
+        self.last_trace: poutine.Trace | None = None
         self._structure: dict[tuple, tuple] = {}
         if isinstance(guide, torch.nn.Module):
             guide.register_forward_pre_hook(self._record, with_kwargs=True)
@@ -167,12 +168,18 @@ class GuideReader:
         recorded = getattr(self.guide, "last_call", None) or self._last_call
         return recorded if recorded is not None else ((), {})
 
-    def trace(self) -> poutine.Trace:
-        """Runs the guide on its last arguments; the global RNG state is left as it was."""
+    def trace(self, replay: poutine.Trace | None = None) -> poutine.Trace:
+        """Runs the guide on its last arguments; the global RNG state is left as it was.
+        With ``replay``, every sample site takes its value from that trace (so a site that
+        depends on an earlier site's sample is built at the same value)."""
         args, kwargs = self._call_args()
+        guide = self.guide if replay is None else poutine.replay(self.guide, trace=replay)
         with torch.random.fork_rng(devices=_devices()), torch.enable_grad():
             try:
-                return poutine.trace(self.guide).get_trace(*args, **kwargs)
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                if replay is None:
+                    self.last_trace = trace
+                return trace
             except TypeError as e:
                 if self._last_call is None and getattr(self.guide, "last_call", None) is None:
                     raise TypeError(

@@ -144,9 +144,12 @@ def solve_psd(matrix: Tensor, b: Tensor, damping: float = 0.0) -> Tensor:
     metric does not see), and a plain damped Cholesky solve would then step far along those
     directions, where the metric (and the KL trust region built on it) sees no change at all.
     """
+    dtype = matrix.dtype
+    if dtype != torch.float64 and matrix.device.type != "mps":  # float32 eigh of an
+        matrix, b = matrix.double(), b.double()  # ill-conditioned Fisher can return NaN
     m = 0.5 * (matrix + matrix.T)
     evals, evecs = torch.linalg.eigh(m)
-    cutoff = m.shape[0] * torch.finfo(m.dtype).eps * evals.abs().max().clamp_min(1e-300)
+    cutoff = m.shape[0] * torch.finfo(dtype).eps * evals.abs().max().clamp_min(1e-300)
     keep = evals > cutoff
     inverse = torch.where(keep, 1.0 / (evals.clamp_min(cutoff) + damping), 0.0)
-    return evecs @ (inverse * (evecs.T @ b))
+    return (evecs @ (inverse * (evecs.T @ b))).to(dtype)

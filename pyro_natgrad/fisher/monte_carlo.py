@@ -16,6 +16,7 @@ draws. Three forms: ``dense`` (RᵀR/S), ``diag`` (mean squared scores) and matr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -56,18 +57,34 @@ class MonteCarloFisher:
         self.leaves = list(leaves)
         self.num_samples = num_samples
         rows = []
+        self.draws: list[tuple[str, Tensor, Tensor, float]] = []  # (site, z, log q(z), scale)
         for name, fn, scale in sites:
+            z = draw(fn, (num_samples,))
             with torch.enable_grad():
-                lp = fn.log_prob(draw(fn, (num_samples,)))
+                lp = fn.log_prob(z)
             if not lp.requires_grad:
                 raise ValueError(
                     f"guide site {name!r}: log_prob of {type(fn).__name__} is not differentiable "
                     "in the guide's params (it has no grad_fn), so its score ∇θ log q(z) and "
                     "Monte Carlo Fisher are undefined; build its log-density from the params "
                     "with differentiable torch operations")
-            rows.append(float(scale) ** 0.5 * lp.reshape(num_samples, -1).sum(-1))
+            flat_lp = lp.reshape(num_samples, -1).sum(-1)
+            self.draws.append((name, z, flat_lp.detach(), float(scale)))
+            rows.append(float(scale) ** 0.5 * flat_lp)
         self.log_q = torch.stack(rows, dim=1)  # (S, K): weighted log-density per draw and site
         self._scores: Tensor | None = None
+
+    def sampled_kl(self, fns: dict[str, Distribution]) -> float:
+        """KL(q ‖ q') ≈ (1/S) Σ_s Σ_k c_k [log q_k(z_ks) − log q'_k(z_ks)] from this metric's own
+        draws z ∼ q, with ``fns`` the sites' distributions q' at other params (unbiased; a
+        non-finite log-density gives inf)."""
+        total = 0.0
+        for name, z, lp, scale in self.draws:
+            with torch.no_grad():  # a copy: a transform's cache must not answer for q'
+                new = fns[name].log_prob(z.clone()).reshape(self.num_samples, -1).sum(-1)
+            total = total + scale * (lp - new)
+        kl = float(total.mean())
+        return kl if math.isfinite(kl) else math.inf
 
     def scores(self) -> Tensor:
         """Weighted scores r_ks = √c_k ∇θ log q_k(z_ks), shape (S, K, dim θ)."""

@@ -42,6 +42,9 @@ class Candidate:
     values: dict[str, Tensor]
     kl: float | None = None
     note: str = ""
+    # the KL measured on the guide re-built at ``values`` (its trace), which replaces ``kl``
+    # once ``kl`` fits the trust region: the quadratic model of a linear step can miss it
+    measure: Callable[[poutine.Trace], float] | None = None
 
 
 StepFn = Callable[[float], Candidate | None]
@@ -194,7 +197,6 @@ class GeometricOptim(PyroOptim):
             return None
         max_kl = self._max_kl(group, leaves, method)
         rebuild = method not in _SELF_CHECKED  # linear steps: re-build the guide to check them
-        divergence = self._divergence(group, method) if rebuild else None
         tried = rate
 
         def attempt(rate_: float) -> tuple[Candidate | None, str | None]:
@@ -203,17 +205,21 @@ class GeometricOptim(PyroOptim):
             except torch.linalg.LinAlgError:
                 return None, "domain"  # e.g. a covariance that is not positive definite
             problem_ = self._problem(candidate_)
+            if problem_ is None and self._beyond(candidate_.kl, max_kl):
+                return candidate_, "kl"
             if problem_ is None and rebuild:
-                problem_ = self._measure(candidate_, leaves, divergence)
-            if (problem_ is None and max_kl is not None and candidate_.kl is not None
-                    and candidate_.kl > max_kl * (1 + 1e-9)):  # not on a rounding error
-                problem_ = "kl"
+                problem_ = self._rebuild(candidate_, leaves)
+                if problem_ is None and self._beyond(candidate_.kl, max_kl):
+                    problem_ = "measured kl"
             return candidate_, problem_
 
         for backtrack in range(self.max_backtracks + 1):
             candidate, problem = attempt(tried)
-            if problem == "kl":
+            if problem == "kl":  # the quadratic model: KL ∝ rate²
                 tried *= max(0.01, min(0.9, math.sqrt(max_kl / candidate.kl)))
+                continue
+            if problem == "measured kl":  # need not scale as rate²: at most halve
+                tried *= min(0.9, max(0.5, math.sqrt(max_kl / candidate.kl)))
                 continue
             if problem is not None:
                 tried *= 0.5
@@ -230,25 +236,23 @@ class GeometricOptim(PyroOptim):
                             "step refused, params unchanged")
         return None
 
-    def _divergence(self, group: Group, method: str) -> Callable[[poutine.Trace], float] | None:
-        """For a linear step: the divergence of the guide re-built at a candidate (its trace)
-        from the current q, in the units of the trust region, or None to keep the step's own
-        quadratic model. Subclasses that know it exactly override this."""
-        return None
+    @staticmethod
+    def _beyond(kl: float | None, max_kl: float | None) -> bool:
+        return max_kl is not None and kl is not None and kl > max_kl * (1 + 1e-9)  # not round-off
 
-    def _measure(self, candidate: Candidate, leaves: dict[str, Tensor],
-                 divergence: Callable[[poutine.Trace], float] | None) -> str | None:
-        """Re-builds the guide at a linear step's values (a step in the guide's own parameters
-        can pass every elementwise check and still give, e.g., a LowRankMultivariateNormal whose
-        capacitance matrix fails its Cholesky) and replaces the candidate's KL by ``divergence``
-        where given. The params are left as they were; returns the problem found, or None."""
+    def _rebuild(self, candidate: Candidate, leaves: dict[str, Tensor]) -> str | None:
+        """Re-builds the guide at a linear step's values, every sample site replayed from the
+        trace the step was read from (a step in the guide's own parameters can pass every
+        elementwise check and still give, e.g., a LowRankMultivariateNormal whose capacitance
+        matrix fails its Cholesky), and replaces the candidate's KL by its ``measure``. The
+        params are left as they were; returns the problem found, or None."""
         with torch.no_grad():
             current = {n: leaves[n].detach().clone() for n in candidate.values}
             for n, v in candidate.values.items():
                 leaves[n].copy_(v)
         try:
-            trace = self.reader.trace()
-            kl = divergence(trace) if divergence is not None else candidate.kl
+            trace = self.reader.trace(replay=self.reader.last_trace)
+            kl = candidate.measure(trace) if candidate.measure is not None else candidate.kl
         except (torch.linalg.LinAlgError, ValueError, RuntimeError):
             return "domain"
         finally:
