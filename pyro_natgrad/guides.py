@@ -219,7 +219,7 @@ class GuideReader:
         family = family_of(base)
         key = (name, type(base), tuple(sorted(leaves)))
         if key not in self._structure:
-            self._structure[key] = self._dependencies(fn, base, family, leaves)
+            self._structure[key] = self._dependencies(name, fn, base, family, leaves)
         deps, param = self._structure[key]
         if not deps or copies * scale == 0:  # no params, or fully masked out: nothing to step
             return None
@@ -227,7 +227,7 @@ class GuideReader:
             param = self._auto_mvn_parameterization(family, deps)
         return Site(name, fn, base, family, copies * scale, scale, deps, param)
 
-    def _dependencies(self, fn: Distribution, base: Distribution,
+    def _dependencies(self, name: str, fn: Distribution, base: Distribution,
                       family: ExponentialFamily | None, leaves: dict[str, Tensor]):
         names = list(leaves)
         store = pyro.get_param_store()
@@ -236,9 +236,10 @@ class GuideReader:
         else:
             with torch.random.fork_rng(devices=_devices()):  # leave the global RNG as it was
                 log_q = fn.log_prob(draw(fn)).sum()
+                sample = fn.rsample() if fn.has_rsample else None
                 # a log-density that drops the graph still has params if its samples depend on
                 # them: keep the site, so the metric that needs the log-density can name it
-                outputs = [log_q if log_q.requires_grad or not fn.has_rsample else fn.rsample()]
+                outputs = [log_q if log_q.requires_grad or sample is None else sample]
             outputs = [o for o in outputs if o.requires_grad]
         if not outputs:
             return (), None
@@ -247,6 +248,17 @@ class GuideReader:
         grads = [torch.autograd.grad(o, [leaves[n] for n in names], _ramp(o), allow_unused=True,
                                      retain_graph=True) for o in outputs]
         deps = tuple(n for i, n in enumerate(names) if any(_touches(g[i]) for g in grads))
+        if family is None and outputs[0] is log_q and sample is not None and sample.requires_grad:
+            moved = torch.autograd.grad(sample, [leaves[n] for n in names], _ramp(sample),
+                                        allow_unused=True, retain_graph=True)
+            missing = [n for n, g in zip(names, moved, strict=True) if _touches(g)
+                       and n not in deps]
+            if missing:
+                raise ValueError(
+                    f"guide site {name!r}: log_prob of {type(fn).__name__} does not depend on "
+                    f"param(s) {missing}, although its samples do, so the score ∇θ log q(z) "
+                    "misses them; build its log-density from the params with differentiable "
+                    "torch operations")
         if family is None or len(outputs) != len(family.arg_names):
             return deps, None
         # Direct: each argument depends on exactly one leaf and equals its constrained value.

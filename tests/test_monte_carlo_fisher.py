@@ -409,11 +409,9 @@ class _LocDetachedNormal(dist.Normal):
         return dist.Normal(self.loc.detach(), self.scale).log_prob(value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GuideReader._dependencies takes a non-family site's params from its log-density alone when "
-    "that has a graph: 'loc', which the samples depend on but log_prob ignores, is silently "
-    "handed to the base optimizer (Adam, lr 1e-2) instead of being named"))
 def test_log_prob_not_differentiable_in_one_param_is_named():
+    """A log-density that ignores 'loc' although the samples move with it: the score would miss
+    'loc' (and the param would silently go to the base optimizer); the reader names it."""
     def model():
         pyro.sample("z", dist.Normal(3.0, 1.0))
 
