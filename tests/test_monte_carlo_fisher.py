@@ -276,27 +276,17 @@ def _logistic_model(X, y):
         pyro.sample("y", dist.Bernoulli(logits=(X * w[..., 1:]).sum(-1) + w[..., 0]), obs=y)
 
 
-def test_flow_guide_fits_breast_cancer_logistic_regression_near_the_best_adam():
+def test_flow_guide_fits_breast_cancer_logistic_regression_as_well_as_the_best_adam():
     """Bayesian logistic regression (4 standardized features + intercept, 100 patients of
     scikit-learn's breast cancer data), AutoIAFNormal (one MADE layer of 8 hidden units, 138
-    weights, so the default form is the Fisher's diagonal), 16 particles; −ELBO from 4000
-    particles (SE ≈ 0.02). Asserted (seed 0): NaturalGradient() after 100 steps is within 0.5
-    nats of the best Adam lr ∈ {0.01, 0.03, 0.1} after the same 100 steps, and ≥ 0.3 nats ahead
-    of Adam lr=0.01.
+    weights: 276 Fisher draws by default, dense form), 16 particles; −ELBO from 4000 particles
+    (SE ≈ 0.02). Asserted (seed 0): NaturalGradient() after 100 steps is at least as good as the
+    best Adam lr ∈ {0.01, 0.03, 0.1} after the same 100 steps, and ≥ 0.3 nats ahead of lr=0.01.
 
-    Measured −ELBO, seeds 0–4 (NG at 50/100/200 steps; best Adam at 100/200/400 steps):
-      seed 0: NG 33.70/32.82/32.56, Adam 32.70/32.46/32.23 (lr=0.01 at 100: 33.35)
-      seed 1: NG 32.84/32.53/32.43, Adam 32.47/32.35/32.33
-      seed 2: NG 33.29/33.82/33.59, Adam 32.66/32.32/32.31
-      seed 3: NG 33.56/32.56/32.39, Adam 32.76/32.40/32.28
-      seed 4: NG 33.35/32.54/32.44, Adam 32.48/32.28/32.22
-    The issue's "at least as good as Adam in fewer steps" is NOT met for this flow: NG at N steps
-    is worse than the best Adam at 2N on every seed, worse than it at N on 4 of 5 (by 0.06–1.16
-    nats; seed 2 rises between 50 and 100 steps), and each NG step costs ~5–10× Adam's (the
-    Monte Carlo Fisher of 64 draws). Reported to the lead; this test guards the same-step
-    comparison on seed 0 only (measured again after the guide reader stopped drawing from the
-    global RNG: NG 33.02, best Adam 32.70, Adam lr=0.01 33.35 — the flow result moves with the
-    random stream, another sign of its fragility)."""
+    Measured −ELBO at 100 steps, seeds 0–4: NG 32.27 / 32.28 / 32.20 / 32.21 / 32.19; best Adam
+    32.70 / 32.47 / 32.66 / 32.76 / 32.48. (Before the sampled-KL check and the 2n-draw default,
+    with a 64-draw diagonal Fisher: NG 32.82 / 32.53 / 33.82 / 32.56 / 32.54, behind the best
+    Adam on 4 of 5 seeds.)"""
     data = _breast_cancer()
     steps = 100
     make_guide = lambda: AutoIAFNormal(_logistic_model, hidden_dim=[8])  # noqa: E731
@@ -304,7 +294,7 @@ def test_flow_guide_fits_breast_cancer_logistic_regression_near_the_best_adam():
     assert _summary_rows(opt)["_AutoIAFNormal_latent"][1] == "monte_carlo"
     adam = {lr: _fit(_logistic_model, make_guide, lambda g, lr=lr: pyro.optim.Adam({"lr": lr}),
                      data, steps)[2][0] for lr in (0.01, 0.03, 0.1)}
-    assert ng <= min(adam.values()) + 0.5, (ng, adam)
+    assert ng <= min(adam.values()), (ng, adam)
     assert ng <= adam[0.01] - 0.3, (ng, adam)
 
 
