@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .linalg import gram_mvp, hutchinson_trace, jacobian
+from .linalg import flat, gram_mvp, hutchinson_trace, jacobian
 
 __all__ = ["MonteCarloFisher", "draw"]
 
@@ -109,5 +109,4 @@ class MonteCarloFisher:
         from Fisher-vector products (memory O(dim θ))."""
         if self._scores is not None:
             return self._scores.square().sum() / self.num_samples
-        like = torch.cat([x.detach().reshape(-1) for x in self.leaves])
-        return hutchinson_trace(self.mvp, like)
+        return hutchinson_trace(self.mvp, flat([x.detach() for x in self.leaves]))

@@ -33,7 +33,7 @@ from torch.distributions import kl_divergence
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site, args_gradient
 from ..wasserstein import BuresMetric, PushforwardMetric, bures_step, cholesky_to_cov_gradient
-from .base import Candidate, GeometricOptim, StepFn, linear_step
+from .base import Candidate, GeometricOptim, StepFn, _count, linear_step
 
 __all__ = ["WassersteinGradient"]
 
@@ -95,7 +95,7 @@ class WassersteinGradient(GeometricOptim):
             return self.max_kl
         if method == "bures":
             return None
-        return 0.5 * sum(leaves[n].numel() for n in group.param_names)
+        return 0.5 * _count(group.param_names, leaves)
 
     def _step_fn(self, group: Group, leaves: dict[str, Tensor],
                  grads: dict[str, Tensor]) -> tuple[StepFn, str]:
