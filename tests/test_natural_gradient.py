@@ -195,14 +195,17 @@ def test_parameter_space_option_uses_closed_form_fisher():
     assert abs(float(pyro.param("scale")) - post_prec**-0.5) < 0.2 * post_prec**-0.5
 
 
-def test_state_round_trip_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("autoguide", [AutoMultivariateNormal, AutoDiagonalNormal])
+def test_state_round_trip_resumes_exactly(tmp_path, autoguide):
+    """Everything the next step reads survives ``save``/``load``: the step size, the KL radius
+    and, for the factorized guide, the momentum's previous mean."""
     X, y, _, _ = linear_regression(torch.float64)
     model = regression_model()
-    guide = AutoMultivariateNormal(model)
+    guide = autoguide(model)
     elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
     opt = NaturalGradient(guide)
     svi = SVI(model, guide, opt, elbo)
-    for _ in range(6):
+    for _ in range(4):  # then a step with momentum follows (not an undone one)
         svi.step(X, y)
     opt.save(tmp_path / "opt.pt")
     store = pyro.get_param_store()
@@ -404,6 +407,41 @@ def test_natural_step_is_exact_for_a_mean_far_from_zero():
     torch.testing.assert_close(pyro.param("scale").detach(), target.scale, rtol=1e-6, atol=0)
 
 
+def test_momentum_speeds_up_a_factorized_guide_on_a_correlated_target():
+    """A mean-field guide q = N(m, diag s²) on p = N(μ, Σ) with AR(1) correlation 0.95 (d = 10),
+    exact −ELBO = KL(q ‖ p) in closed form. The optimum is m = μ, s² = 1/Λᵢᵢ (Λ = Σ⁻¹). The
+    natural step is a Jacobi step for m, m' = m − ρ diag(Λ)⁻¹Λ(m − μ), slow by the condition
+    number of diag(Λ)⁻¹Λ; the default momentum (0.9 on factorized sites, with gradient restarts)
+    cuts the gap after 100 steps from 5.7e-3 to 3e-6 nats (measured)."""
+    f64, d = torch.float64, 10
+    idx = torch.arange(d, dtype=f64)
+    cov = 0.95 ** (idx[:, None] - idx[None, :]).abs()
+    prec, mu = torch.linalg.inv(cov), torch.linspace(-2.0, 2.0, d, dtype=f64)
+    optimum = 0.5 * float(torch.logdet(cov) + prec.diagonal().log().sum())
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.zeros(d, dtype=f64)),
+                                     pyro.param("scale", torch.ones(d, dtype=f64),
+                                                constraints.positive)).to_event(1))
+    guide = record_args(guide)
+
+    def kl(model, guide_):
+        m, s = pyro.param("loc"), pyro.param("scale")
+        r = m - mu
+        return 0.5 * ((prec.diagonal() * s**2).sum() + r @ prec @ r - d + torch.logdet(cov)
+                      - 2 * s.log().sum())
+
+    gaps = {}
+    for momentum in (0.0, "auto"):  # the fitted scales checked below: the default run's
+        pyro.clear_param_store()
+        guide()
+        svi = SVI(lambda: None, guide, NaturalGradient(guide, momentum=momentum), kl)
+        gaps[momentum] = [svi.step() - optimum for _ in range(100)][-1]
+    assert gaps["auto"] < 1e-4 < 1e-3 < gaps[0.0]
+    torch.testing.assert_close(pyro.param("scale").detach() ** -2, prec.diagonal(), rtol=0.05,
+                               atol=0.0)
+
+
 def test_kl_radius_bounds_each_step_and_grows_after_good_steps():
     """max_kl="auto": the first step of a group is bounded by KL ≤ ½√n (n = 2 params here), and
     the radius doubles past the KL of an accepted step whose far-end gradient still agreed; every
@@ -422,7 +460,7 @@ def test_kl_radius_bounds_each_step_and_grows_after_good_steps():
         return m**4 + 6 * m**2 * s**2 + 3 * s**4 - torch.log(s)
 
     guide()
-    opt = NaturalGradient(guide, lr=1.0)
+    opt = NaturalGradient(guide, lr=1.0, momentum=0.0)  # the trust region alone: no restarts
     svi = SVI(lambda: None, guide, opt, loss)
     start, cut, losses = 0.5 * 2**0.5, [], []
     for _ in range(8):

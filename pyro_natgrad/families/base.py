@@ -38,7 +38,7 @@ class ExponentialFamily:
     ``closed_form_mean_map`` is False when μ ↦ args has no closed form and is solved iteratively
     (Gamma, Beta, Dirichlet): consumers then prefer the η-side maps. ``location_split`` is True
     for Gaussians, whose natural step can be written in (mean, precision) and the precision's
-    part shortened alone (the first argument is the mean).
+    part shortened alone (the first argument is the mean; :meth:`translate` moves it).
     """
 
     name: str = ""
@@ -110,6 +110,11 @@ class ExponentialFamily:
     def in_domain(self, *eta: Tensor) -> Tensor:
         """Boolean tensor (batch shape): is η inside the natural parameter space?"""
         raise NotImplementedError
+
+    def translate(self, eta: Params, shift: Tensor) -> Params:
+        """η of the same distribution with its mean moved by ``shift`` (``location_split``
+        families only): for a Gaussian, η = (Λm, −½Λ) ↦ (η₁ + Λ·shift, η₂)."""
+        raise NotImplementedError(f"{type(self).__name__} has no location to translate")
 
     def retract(self, eta: Params, step: Params) -> Params | None:
         """A point near η + step that stays in the domain for any step, or None if the family has

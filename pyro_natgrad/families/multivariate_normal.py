@@ -106,6 +106,10 @@ class _DenseGaussian(ExponentialFamily):
         precision = torch.nan_to_num(_precision(eta2), nan=0.0, posinf=0.0, neginf=0.0)
         return finite & (torch.linalg.cholesky_ex(precision).info == 0)
 
+    def translate(self, eta: Params, shift: Tensor) -> Params:
+        eta1, eta2 = eta
+        return eta1 + (_precision(eta2) @ shift.unsqueeze(-1)).squeeze(-1), eta2
+
     def retract(self, eta: Params, step: Params) -> Params:
         """Lin, Schmidt & Khan (2020, ICML), eq. 7: with Λ = -2 sym(η₂) and the plain precision
         step G = -2 sym(δ₂), Λ' = Λ + G + ½GΛ⁻¹G = ½Λ + ½(Λ + G)Λ⁻¹(Λ + G) is positive definite

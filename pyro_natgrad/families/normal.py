@@ -47,6 +47,10 @@ class Normal(ExponentialFamily):
     def in_domain(self, eta1: Tensor, eta2: Tensor) -> Tensor:
         return (eta2 < 0) & torch.isfinite(eta1) & torch.isfinite(eta2)
 
+    def translate(self, eta: Params, shift: Tensor) -> Params:
+        eta1, eta2 = eta
+        return eta1 - 2 * eta2 * shift, eta2
+
     def retract(self, eta: Params, step: Params) -> Params:
         """Lin, Schmidt & Khan (2020, ICML), "Handling the positive-definite constraint in the
         Bayesian learning rule", eq. 7: with λ = -2η₂ and the plain precision step g = -2δ₂,

@@ -81,6 +81,20 @@ class NaturalGradient(GeometricOptim):
         step. Off by default: with Monte Carlo gradients far from the optimum the retraction
         inflates the precision and slows the fit (measured on posteriordb's sblrc-blr: −ELBO
         2.9e5 vs 4.9e2 after 200 steps with AutoDiagonalNormal).
+    :param momentum: heavy-ball momentum β on the mean of a Gaussian site's natural step,
+        m ← m' + ρβ(m − m_prev)/ρ_prev with m' the natural step's mean (Polyak 1964; on the
+        natural step's mean as in Khan et al. 2018, "Fast and scalable Bayesian deep learning by
+        weight-perturbation in Adam", ICML), dropped whenever the last move went uphill by the
+        new gradient, ∇ₘL·(m − m_prev) ≥ 0 (the gradient restart of O'Donoghue & Candès 2015,
+        "Adaptive restart for accelerated gradient schemes"; it also switches momentum off where
+        Monte Carlo noise decides the gradient's sign). ``"auto"``: 0.9 for factorized
+        (mean-field) sites, 0 for full-covariance ones. A full-covariance natural step is already
+        a Newton step for the mean (Λ tracks E_q[∇²(−log p)]); a factorized one is a Jacobi
+        step, which the posterior's correlations slow down, by the condition number of the
+        diagonally scaled Hessian, and momentum to its square root (measured at 200 steps,
+        AutoDiagonalNormal, gap to the optimum in nats, median of 3 seeds: posteriordb arK
+        4.4 → 0.25, sblrc-blr 4.1 → 0.02, gp_pois_regr 4.4 → 1.0; d = 10,000 logistic
+        regression 234 → 78 at 100 steps; on full-covariance guides it was neutral to slower).
     Remaining keywords go to :class:`~pyro_natgrad.optim.base.GeometricOptim` (``adaptive``,
     ``max_kl``, ``base_optim``, ...).
     """
@@ -90,7 +104,7 @@ class NaturalGradient(GeometricOptim):
                  relative_damping: float = 1e-2, num_samples: int | None = None,
                  fisher_decay: float = 0.0, dense_max: int = 2000,
                  cg_iters: int = 50, retract: bool = False, check_kl: bool = True,
-                 full_rank_max: int = 256, **kwargs):
+                 full_rank_max: int = 256, momentum: float | str = "auto", **kwargs):
         _check_choice("fisher", fisher, _FISHERS)
         _check_choice("space", space, _SPACES)
         if form is not None:
@@ -102,6 +116,8 @@ class NaturalGradient(GeometricOptim):
         if num_samples is not None and not (isinstance(num_samples, int) and num_samples > 0):
             raise ValueError(f"num_samples must be a positive integer or None, "
                              f"got {num_samples!r}")
+        if momentum != "auto" and not (isinstance(momentum, int | float) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
         if not 0 <= fisher_decay < 1:
             raise ValueError(f"fisher_decay must be in [0, 1), got {fisher_decay!r}")
         super().__init__(guide, lr, **kwargs)
@@ -111,6 +127,9 @@ class NaturalGradient(GeometricOptim):
         self.dense_max, self.cg_iters, self.retract = dense_max, cg_iters, retract
         self._fisher_averages: dict[tuple[str, ...], Tensor] = {}
         self.check_kl, self.full_rank_max = check_kl, full_rank_max
+        self.momentum = momentum
+        # per Gaussian group: its mean when its last step was built, and that step's rate
+        self._last_mean: dict[tuple[str, ...], tuple[Tensor, float]] = {}
 
     def _method(self, group: Group) -> str:
         exp_family = all(s.family is not None for s in group.sites)
@@ -145,8 +164,11 @@ class NaturalGradient(GeometricOptim):
         dmu = mean_gradient(family, param, args, param_grads, d_args)
         d_loc = d_args[0] if family.location_split else None
         scale = 1.0 / site.multiplicity
+        velocity = self._velocity(group, family, args[0], d_loc)
 
         def step(rate: float) -> Candidate | None:
+            if d_loc is not None:  # the last call is the step taken (or none: m stays)
+                self._last_mean[group.param_names] = (args[0].detach().clone(), rate)
             with torch.no_grad():
                 delta = tuple(-rate * scale * d for d in dmu)
                 new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
@@ -164,11 +186,28 @@ class NaturalGradient(GeometricOptim):
                                                                 rate * scale, valid)
                     if not bool(family.in_domain(*new_eta).all()):
                         return None
+                if velocity is not None:
+                    new_eta = family.translate(new_eta, rate * velocity)
                 values = param.unconstrained(family.natural_to_args(*new_eta))
                 kl = float(family.kl(eta, new_eta, mu, log_partition).sum()) * site.multiplicity
             return Candidate(values, kl, note)
 
         return step
+
+    def _velocity(self, group: Group, family: ExponentialFamily, loc: Tensor,
+                  d_loc: Tensor | None) -> Tensor | None:
+        """β(m − m_prev)/ρ_prev, the momentum of a Gaussian group's mean per unit rate, or None
+        (no momentum, no previous step, or a restart: the last move went uphill)."""
+        beta = self.momentum
+        if beta == "auto":
+            beta = 0.9 if family.event_rank() == 0 else 0.0
+        last = self._last_mean.get(group.param_names)
+        if not beta or d_loc is None or last is None or last[0].shape != loc.shape:
+            return None
+        moved = loc.detach() - last[0]
+        if not float((d_loc * moved).sum()) < 0:
+            return None
+        return beta / last[1] * moved
 
     def _shorten_precision(self, family: ExponentialFamily, eta: tuple[Tensor, ...],
                            dmu: tuple[Tensor, ...], d_loc: Tensor, rate: float,
@@ -291,12 +330,17 @@ class NaturalGradient(GeometricOptim):
         state = super().get_state()
         state["geometry"]["fisher_averages"] = {
             "|".join(k): v.clone() for k, v in self._fisher_averages.items()}
+        state["geometry"]["last_mean"] = {
+            "|".join(k): (m.clone(), rate) for k, (m, rate) in self._last_mean.items()}
         return state
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         averages = state.get("geometry", {}).get("fisher_averages", {})
         self._fisher_averages = {tuple(k.split("|")): v.clone() for k, v in averages.items()}
+        last_mean = state.get("geometry", {}).get("last_mean", {})
+        self._last_mean = {tuple(k.split("|")): (m.clone(), rate)
+                           for k, (m, rate) in last_mean.items()}
 
 
 class _Averaged:
