@@ -415,7 +415,9 @@ def test_families_without_retraction_return_none():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_low_rank_fisher_product_equals_the_pullback(dtype):
     """The Woodbury product F·v in (loc, W, D) equals (∂η/∂args)ᵀ(∂μ/∂args)·v built by autodiff
-    from the dense η and μ, for a batch of two low-rank Gaussians (d = 6, rank 2)."""
+    from the dense η and μ, for a batch of two low-rank Gaussians (d = 6, rank 2), and so does the
+    dense matrix PulledBackFisher builds from it (all argument directions as one batch)."""
+    from pyro_natgrad.fisher import PulledBackFisher
     from pyro_natgrad.fisher.linalg import flat, jacobian
 
     family = BY_NAME["LowRankMultivariateNormal"]
@@ -432,3 +434,6 @@ def test_low_rank_fisher_product_equals_the_pullback(dtype):
     v = [torch.randn(a.shape, generator=g, dtype=dtype) for a in args]
     product = flat(family.args_fisher_product(tuple(args), tuple(v)))
     torch.testing.assert_close(product, 0.5 * (dense + dense.T) @ flat(v), **tol)
+    # the dense matrix from the product applied to every argument direction at once
+    built = PulledBackFisher([(family, tuple(leaves), 1.0)], leaves).dense()
+    torch.testing.assert_close(built, 0.5 * (dense + dense.T), **tol)

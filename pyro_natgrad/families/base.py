@@ -84,7 +84,8 @@ class ExponentialFamily:
         """F(args)·v, the Fisher in the constructor arguments applied to a tangent ``v`` (shaped
         like ``args``), in closed form, or None: consumers then pull the Fisher back through
         η(args) and μ(args) (a family overrides it when that is cheaper, e.g. a structured
-        covariance whose η would be a dense d×d matrix). None for every ``v`` or for none."""
+        covariance whose η would be a dense d×d matrix). None for every ``v`` or for none. ``v`` may
+        carry extra leading dimensions (a batch of tangents), which broadcast against ``args``."""
         return None
 
     def natural_to_mean(self, *eta: Tensor) -> Params:

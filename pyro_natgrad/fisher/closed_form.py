@@ -64,13 +64,36 @@ class PulledBackFisher:
         return hutchinson_trace(self.mvp, flat([x.detach() for x in self.leaves]))
 
     def dense(self) -> Tensor:
-        """The matrix F(θ), from the two Jacobians (small groups only)."""
+        """The matrix F(θ) (small groups only): Jᵀ F_args J from the Jacobian J of the site's
+        arguments and the family's product applied to every argument direction, where it has one
+        (a low-rank Gaussian's η has d + d² entries, its arguments d(r + 2): at d = 90, rank 10
+        the η Jacobians took 2.7 s per step), else (∂η/∂θ)ᵀ(∂μ/∂θ) from the two Jacobians."""
         total = 0
-        for i, (_, _, multiplicity) in enumerate(self._sites):
-            eta, mu = self._pullback(i)
-            total = total + multiplicity * jacobian(eta, self.leaves).T @ jacobian(mu, self.leaves)
+        for i, (family, args, multiplicity) in enumerate(self._sites):
+            if self._closed[i]:
+                flat_args = flat(args)
+                eye = torch.eye(flat_args.numel(), dtype=flat_args.dtype, device=flat_args.device)
+                directions = _batched(eye, args)
+                f_args = torch.cat([f.reshape(len(eye), -1) for f in family.args_fisher_product(
+                    _detached(args), directions)], -1)
+                j = jacobian(flat_args, self.leaves)
+                term = j.T @ f_args @ j
+            else:
+                eta, mu = self._pullback(i)
+                term = jacobian(eta, self.leaves).T @ jacobian(mu, self.leaves)
+            total = total + multiplicity * term
         return 0.5 * (total + total.T)
 
 
 def _detached(args: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(a.detach() for a in args)
+
+
+def _batched(rows: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Each row of ``rows`` (k × Σ numel) split into tensors shaped like ``like``, stacked:
+    shapes (k,) + t.shape."""
+    out, start = [], 0
+    for t in like:
+        out.append(rows[:, start:start + t.numel()].reshape((len(rows),) + t.shape))
+        start += t.numel()
+    return tuple(out)
