@@ -506,6 +506,61 @@ def test_a_linear_step_the_guide_cannot_build_is_shortened(make_optim):
     assert 1.5 < float(pyro.param("scale")) <= 2.0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_without_rotations_removes_exactly_the_rotation_directions(dtype):
+    """For a batch of factors w (3 × 7 × 3): the result is orthogonal to every wA with A
+    antisymmetric, a second projection changes nothing, and a pure rotation direction goes."""
+    from pyro_natgrad.fisher.linalg import without_rotations
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 7, 3, generator=gen, dtype=dtype)
+    g = torch.randn(3, 7, 3, generator=gen, dtype=dtype)
+    out = without_rotations(w, g)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for i in range(3):
+        for j in range(i + 1, 3):
+            a = torch.zeros(3, 3, dtype=dtype)
+            a[i, j], a[j, i] = 1.0, -1.0
+            assert float((out * (w @ a)).sum((-2, -1)).abs().max()) < tol * float(g.norm())
+    torch.testing.assert_close(without_rotations(w, out), out, rtol=tol, atol=tol)
+    a = torch.randn(3, 3, generator=gen, dtype=dtype)
+    rotation = w @ (a - a.T)
+    assert float(without_rotations(w, rotation).norm()) < tol * float(rotation.norm())
+
+
+def test_low_rank_step_does_not_rotate_the_factor():
+    """Rotations W ↦ WQ leave a low-rank Gaussian unchanged, so the exact ELBO gradient has no
+    component along WA (A antisymmetric); the Monte Carlo one does, and the damped solve would
+    step along it as 1/λ. The optimizer removes it: every step of the factor param is free of
+    rotation directions (the Fisher's null space there), to rounding. Here by conjugate gradients,
+    the solver of large groups (the dense solve drops the null space anyway)."""
+    from pyro_natgrad.fisher.linalg import without_rotations
+
+    f64 = torch.float64
+    X = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=f64)
+    y = X @ torch.linspace(-1, 1, 8, dtype=f64)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(8, dtype=f64), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(X @ w, 0.5).to_event(1), obs=y)
+
+    guide = AutoLowRankMultivariateNormal(model, rank=3)
+    elbo = Trace_ELBO(num_particles=4)
+    elbo.loss(model, guide)  # builds the guide
+    opt = NaturalGradient(guide, form="cg")
+    svi, taken = SVI(model, guide, opt, elbo), 0
+    for _ in range(8):
+        before = guide.cov_factor.detach().clone()
+        svi.step()
+        if opt.last_step["_AutoLowRankMultivariateNormal_latent"]["method"] != "closed_form":
+            continue  # an undone step
+        delta = guide.cov_factor.detach() - before
+        rotation = delta - without_rotations(before, delta)
+        assert float(rotation.norm()) < 1e-6 * float(delta.norm())
+        taken += 1
+    assert taken >= 5
+
+
 def test_low_rank_step_is_bounded_by_its_exact_kl_both_ways():
     """AutoLowRankMultivariateNormal steps in its own parameters with the closed-form Fisher,
     whose quadratic model ½ρ²dᵀFd misses the ΔWΔWᵀ term of a factor W near Pyro's small initial

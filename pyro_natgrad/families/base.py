@@ -48,6 +48,9 @@ class ExponentialFamily:
     full_rank: bool = True
     closed_form_mean_map: bool = True
     location_split: bool = False
+    # index of an argument W (… × d × r) whose right rotations W ↦ WQ leave the distribution
+    # unchanged (it enters only through WWᵀ), or None
+    rotation_gauge: int | None = None
 
     # ----- reading and building distributions -------------------------------------------------
     def args(self, d: Distribution) -> Params:

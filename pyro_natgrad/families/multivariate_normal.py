@@ -193,6 +193,7 @@ class LowRankMultivariateNormal(_DenseGaussian):
     dist_class = _LowRankMultivariateNormal
     arg_names = ("loc", "cov_factor", "cov_diag")
     full_rank = False
+    rotation_gauge = 1  # Σ = WWᵀ + D: W and WQ give the same distribution
 
     @staticmethod
     def _cov(cov_factor: Tensor, cov_diag: Tensor) -> Tensor:

@@ -42,6 +42,18 @@ def jvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
     return torch.zeros_like(output) if jv is None else jv
 
 
+def without_rotations(w: Tensor, g: Tensor) -> Tensor:
+    """g minus its least-squares projection onto the rotation directions {wA : Aᵀ = −A} of a
+    factor w (… × d × r). The normal equations of min_A ‖g − wA‖ over antisymmetric A are the
+    Sylvester equation GA + AG = wᵀg − gᵀw with G = wᵀw; in G's eigenbasis, Ãᵢⱼ = B̃ᵢⱼ/(λᵢ + λⱼ)."""
+    lam, q = torch.linalg.eigh(w.mT @ w)
+    b = q.mT @ (w.mT @ g - g.mT @ w) @ q
+    denominator = lam.unsqueeze(-1) + lam.unsqueeze(-2)
+    tiny = torch.finfo(w.dtype).tiny
+    a = q @ torch.where(denominator > tiny, b / denominator.clamp_min(tiny), 0.0) @ q.mT
+    return g - w @ a
+
+
 def gram_mvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
     """Jᵀ(J v) for J = ∂output/∂inputs, in memory O(output + inputs) (Schraudolph 2002)."""
     return vjp(output, inputs, jvp(output, inputs, v))

@@ -25,7 +25,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from ..families import ExponentialFamily, unwrap
 from ..fisher.closed_form import PulledBackFisher
-from ..fisher.linalg import flat, solve_metric
+from ..fisher.linalg import flat, jvp, solve_metric, without_rotations
 from ..fisher.monte_carlo import MonteCarloFisher
 from ..guides import Group, Parameterization, args_gradient, coordinate_gradient
 from .base import Candidate, GeometricOptim, StepFn, linear_step
@@ -250,7 +250,7 @@ class NaturalGradient(GeometricOptim):
                         method: str) -> StepFn:
         names = group.param_names
         theta = [leaves[n] for n in names]
-        g = flat([grads[n] for n in names])
+        g = flat(_without_gauge(group, leaves, grads))
         draws = self._draws(g.numel(), len(group.sites))
         if method == "monte_carlo":
             metric = MonteCarloFisher([(s.name, s.fn, s.scale) for s in group.sites], theta,
@@ -408,6 +408,37 @@ def _where(family: ExponentialFamily, keep: Tensor, a: tuple[Tensor, ...],
     """Per batch element: ``a`` where ``keep``, else ``b``."""
     return tuple(torch.where(keep.reshape(keep.shape + (1,) * k), x, y)
                  for x, y, k in zip(a, b, family.event_dims, strict=True))
+
+
+def _without_gauge(group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor]
+                   ) -> list[Tensor]:
+    """The group's gradient less its component along directions that move no distribution. A
+    low-rank Gaussian's factor W enters only through WWᵀ, so the exact gradient is orthogonal to
+    every rotation direction WA (A antisymmetric); a Monte Carlo estimate is not, and a damped
+    solve by conjugate gradients (large groups; the dense solve drops the Fisher's null space)
+    steps along that noise as 1/λ (measured: d = 500 logistic regression,
+    AutoLowRankMultivariateNormal of rank 22, 8 particles, 30 steps, 8 seeds: median gap to the
+    best run 387 → 183 nats, 7 of 8 seeds better). A param P of a one-site group is projected
+    when rotating it rotates the factor, ∂W/∂P·(PA) = WA (one product per step checks it; Pyro's
+    W = P diag(s) passes)."""
+    out = [grads[n] for n in group.param_names]
+    site = group.sites[0]
+    index = site.family.rotation_gauge if site.family is not None else None
+    if len(group.sites) != 1 or index is None:
+        return out
+    factor = site.family.args(site.base)[index]
+    for i, name in enumerate(group.param_names):
+        param = leaves[name]
+        if param.shape != factor.shape or not factor.requires_grad:
+            continue
+        r = param.shape[-1]
+        a = torch.randn(r, r, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
+        a = (a - a.T).to(param.device)
+        moved = jvp(factor, [param], (param.detach() @ a).reshape(-1))
+        expected = factor.detach() @ a
+        if torch.allclose(moved, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())):
+            out[i] = without_rotations(param.detach(), out[i])
+    return out
 
 
 def _default_form(n: int, dense_max: int, rank_deficient: bool) -> str:
