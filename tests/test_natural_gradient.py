@@ -528,6 +528,19 @@ def test_without_rotations_removes_exactly_the_rotation_directions(dtype):
     assert float(without_rotations(w, rotation).norm()) < tol * float(rotation.norm())
 
 
+def _regression_8d(noise: float):
+    """A model with one 8-dimensional latent w ~ N(0, I) and 50 noiseless-target rows."""
+    f64 = torch.float64
+    X = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=f64)
+    y = X @ torch.linspace(-1, 1, 8, dtype=f64)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(8, dtype=f64), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(X @ w, noise).to_event(1), obs=y)
+
+    return model
+
+
 def test_low_rank_step_does_not_rotate_the_factor():
     """Rotations W ↦ WQ leave a low-rank Gaussian unchanged, so the exact ELBO gradient has no
     component along WA (A antisymmetric); the Monte Carlo one does, and the damped solve would
@@ -536,14 +549,7 @@ def test_low_rank_step_does_not_rotate_the_factor():
     the solver of large groups (the dense solve drops the null space anyway)."""
     from pyro_natgrad.fisher.linalg import without_rotations
 
-    f64 = torch.float64
-    X = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=f64)
-    y = X @ torch.linspace(-1, 1, 8, dtype=f64)
-
-    def model():
-        w = pyro.sample("w", dist.Normal(torch.zeros(8, dtype=f64), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(X @ w, 0.5).to_event(1), obs=y)
-
+    model = _regression_8d(noise=0.5)
     guide = AutoLowRankMultivariateNormal(model, rank=3)
     elbo = Trace_ELBO(num_particles=4)
     elbo.loss(model, guide)  # builds the guide
@@ -566,14 +572,7 @@ def test_low_rank_step_is_bounded_by_its_exact_kl_both_ways():
     whose quadratic model ½ρ²dᵀFd misses the ΔWΔWᵀ term of a factor W near Pyro's small initial
     value. The step taken is measured on the re-built guide: both KL(q ‖ q') and KL(q' ‖ q) stay
     within ``max_kl``, and the recorded KL is the larger one."""
-    f64 = torch.float64
-    X = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=f64)
-    y = X @ torch.linspace(-1, 1, 8, dtype=f64)
-
-    def model():
-        w = pyro.sample("w", dist.Normal(torch.zeros(8, dtype=f64), 1.0).to_event(1))
-        pyro.sample("y", dist.Normal(X @ w, 0.1).to_event(1), obs=y)
-
+    model = _regression_8d(noise=0.1)
     pyro.set_rng_seed(0)
     guide = AutoLowRankMultivariateNormal(model, rank=2)
     opt = NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=2.0)
