@@ -73,9 +73,8 @@ class PulledBackFisher:
             if self._closed[i]:
                 flat_args = flat(args)
                 eye = torch.eye(flat_args.numel(), dtype=flat_args.dtype, device=flat_args.device)
-                directions = _batched(eye, args)
                 f_args = torch.cat([f.reshape(len(eye), -1) for f in family.args_fisher_product(
-                    _detached(args), directions)], -1)
+                    _detached(args), tuple(unflat(eye, args)))], -1)
                 j = jacobian(flat_args, self.leaves)
                 term = j.T @ f_args @ j
             else:
@@ -87,13 +86,3 @@ class PulledBackFisher:
 
 def _detached(args: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(a.detach() for a in args)
-
-
-def _batched(rows: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Each row of ``rows`` (k × Σ numel) split into tensors shaped like ``like``, stacked:
-    shapes (k,) + t.shape."""
-    out, start = [], 0
-    for t in like:
-        out.append(rows[:, start:start + t.numel()].reshape((len(rows),) + t.shape))
-        start += t.numel()
-    return tuple(out)

@@ -14,10 +14,11 @@ def flat(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Splits a vector into tensors shaped like ``like``."""
+    """Splits a vector (its last dimension; leading ones are kept as a batch) into tensors
+    shaped like ``like``."""
     out, start = [], 0
     for t in like:
-        out.append(vector[start:start + t.numel()].view_as(t))
+        out.append(vector[..., start:start + t.numel()].reshape(vector.shape[:-1] + t.shape))
         start += t.numel()
     return out
 

@@ -166,10 +166,11 @@ class NaturalGradient(GeometricOptim):
         d_loc = d_args[0] if family.location_split else None
         scale = 1.0 / site.multiplicity
         velocity = self._velocity(group, family, args[0], d_loc)
+        loc = args[0].detach().clone()
 
         def step(rate: float) -> Candidate | None:
             if d_loc is not None:  # the last call is the step taken (or none: m stays)
-                self._last_mean[group.param_names] = (args[0].detach().clone(), rate)
+                self._last_mean[group.param_names] = (loc, rate)
             with torch.no_grad():
                 delta = tuple(-rate * scale * d for d in dmu)
                 new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
