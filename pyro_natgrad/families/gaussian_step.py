@@ -1,0 +1,198 @@
+"""The natural-gradient (mirror) step of a full-covariance Gaussian N(m, LLᵀ), in the factor L.
+
+The mirror step in natural parameters η = (Λm, −½Λ), η' = η − ρ ∂L/∂μ, written in (m, Λ) with a
+separate precision rate ρ_Λ ≤ ρ (Khan & Rue 2023, "The Bayesian learning rule", JMLR, §4.1;
+ρ_Λ = ρ is the plain step):
+
+    Λ' = Λ + 2ρ_Λ ∂L/∂Σ,    m' = m − ρ Λ'⁻¹ ∂L/∂m.
+
+With the loss's gradient given in the Cholesky factor, ∂L/∂L (what SVI has), the Cholesky reverse
+rule (Murray 2016, "Differentiation of the Cholesky decomposition", arXiv:1602.07527) gives
+∂L/∂Σ = ½ L⁻ᵀ S L⁻¹ with
+
+    P = Lᵀ tril(∂L/∂L),    S = tril(P) + tril(P)ᵀ − diag(P)   (symmetric; S = 2Lᵀ(∂L/∂Σ)L),
+
+so Λ' = L⁻ᵀ B L⁻¹ with B = I + ρ_Λ S. Factor B = UUᵀ with U *upper* triangular (the Cholesky
+factor of B with both axes flipped); then Σ' = Λ'⁻¹ = (LU⁻ᵀ)(LU⁻ᵀ)ᵀ, and L' = LU⁻ᵀ is lower
+triangular with a positive diagonal: the new factor is one triangular solve away, as in the
+Cholesky-factor natural steps of Lin, Schmidt & Khan (2020, "Handling the positive-definite
+constraint in the Bayesian learning rule", ICML) and Lin, Duruisseaux, Leok, Nielsen, Khan &
+Schmidt (2021, "Structured second-order methods via natural gradient descent", arXiv:2107.10884).
+With v = Lᵀ∂L/∂m and w = U⁻¹v, m' = m − ρ L'w, and the exact divergences need only U:
+
+    KL(q ‖ q') = ½[tr B − d − log|B| + ρ²|w|²] = ½[ρ_Λ tr S − log|B| + ρ²|w|²],
+    KL(q' ‖ q) = ½[tr B⁻¹ − d + log|B| + ρ²|U⁻ᵀw|²],
+
+from KL(N₀ ‖ N₁) = ½[tr Σ₁⁻¹Σ₀ − d + (m₁ − m₀)ᵀΣ₁⁻¹(m₁ − m₀) + log|Σ₁|/|Σ₀|] with
+tr(Λ'Σ) = tr B, |Σ'|/|Σ| = |B|⁻¹, (m' − m)ᵀΛ'(m' − m) = ρ²|w|² and
+(m' − m)ᵀΛ(m' − m) = ρ²|U⁻ᵀw|².
+
+B is positive definite, i.e. the step stays in the domain, iff ρ_Λ λ_min(S) > −1;
+:func:`max_precision_rate` estimates that bound by Lanczos iterations (O(d²) each) before any
+factorization. Cost: forming S is one d×d matrix product per step (:func:`gaussian_direction`);
+each candidate rate then takes one Cholesky of B and one triangular solve with a matrix
+right-hand side (plus ``cholesky_inverse`` of the factor for KL(q' ‖ q)); the rest is O(d²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["GaussianDirection", "GaussianStep", "gaussian_direction", "natural_step",
+           "max_precision_rate", "smallest_eigenvalue"]
+
+
+@dataclass(frozen=True)
+class GaussianDirection:
+    """The gradient of one step, whitened by the current factor: ``whitened_loc`` v = Lᵀ∂L/∂m
+    (…, d) and ``whitened_cov`` S = 2Lᵀ(∂L/∂Σ)L (…, d, d, symmetric), with the current ``loc``
+    m and ``scale_tril`` L."""
+
+    loc: Tensor
+    scale_tril: Tensor
+    whitened_loc: Tensor
+    whitened_cov: Tensor
+
+
+@dataclass(frozen=True)
+class GaussianStep:
+    """One candidate of the step, per batch element: ``loc`` m', ``scale_tril`` L' (lower
+    triangular, positive diagonal), ``kl`` KL(q ‖ q'), ``reverse_kl`` KL(q' ‖ q) (None unless
+    asked for) and ``ok``: B positive definite and the KLs finite. Where ``ok`` is False the
+    KLs are +inf and ``loc``/``scale_tril`` are unspecified (not a distribution: do not use)."""
+
+    loc: Tensor
+    scale_tril: Tensor
+    kl: Tensor
+    reverse_kl: Tensor | None
+    ok: Tensor
+
+
+def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor,
+                       d_scale_tril: Tensor) -> GaussianDirection:
+    """Whitens the loss's gradient in the distribution's arguments (``args_gradient``), ∂L/∂m and
+    ∂L/∂L, for :func:`natural_step`: v = Lᵀ∂L/∂m and S = tril(P) + tril(P)ᵀ − diag(P),
+    P = Lᵀ tril(∂L/∂L) (the Cholesky reverse rule, see the module docstring). One d×d matrix
+    product; only the lower triangle of ``d_scale_tril`` is read."""
+    d = loc.shape[-1] if loc.dim() else 0
+    if loc.dim() < 1 or scale_tril.dim() < 2 or scale_tril.shape[-2:] != (d, d):
+        raise ValueError(f"gaussian_direction: loc must be (..., d) and scale_tril (..., d, d), "
+                         f"got loc {tuple(loc.shape)} and scale_tril {tuple(scale_tril.shape)}")
+    if d_loc.shape != loc.shape:
+        raise ValueError(f"gaussian_direction: d_loc must have loc's shape {tuple(loc.shape)}, "
+                         f"got {tuple(d_loc.shape)}")
+    if d_scale_tril.shape != scale_tril.shape:
+        raise ValueError(f"gaussian_direction: d_scale_tril must have scale_tril's shape "
+                         f"{tuple(scale_tril.shape)}, got {tuple(d_scale_tril.shape)}")
+    p = scale_tril.mT @ d_scale_tril.tril()
+    lower = p.tril(-1)
+    s = lower + lower.mT + torch.diag_embed(p.diagonal(dim1=-2, dim2=-1))
+    v = (scale_tril.mT @ d_loc.unsqueeze(-1)).squeeze(-1)
+    return GaussianDirection(loc, scale_tril, v, s)
+
+
+def natural_step(direction: GaussianDirection, rate: float | Tensor,
+                 precision_rate: float | Tensor | None = None, *,
+                 reverse_kl: bool = False) -> GaussianStep:
+    """The candidate m' = m − ρ Λ'⁻¹∂L/∂m, Λ' = Λ + 2ρ_Λ ∂L/∂Σ (module docstring) for ``rate`` ρ
+    and ``precision_rate`` ρ_Λ (default ρ: the plain natural step η ← η − ρ∂L/∂μ), each a
+    number or a tensor of the batch shape (a rate per batch element). One Cholesky
+    (``cholesky_ex``: a B that is not positive definite is reported in ``ok``, never raised) and
+    one triangular solve with a d×d right-hand side; ``reverse_kl`` adds a ``cholesky_inverse``
+    for tr B⁻¹."""
+    loc, tril, v, s = (direction.loc, direction.scale_tril, direction.whitened_loc,
+                       direction.whitened_cov)
+    rho = _rate("rate", rate, s)
+    rho_lam = rho if precision_rate is None else _rate("precision_rate", precision_rate, s)
+    d = s.shape[-1]
+    eye = torch.eye(d, dtype=s.dtype, device=s.device)
+    b = rho_lam[..., None, None] * s + eye
+    flipped, info = torch.linalg.cholesky_ex(b.flip(-2, -1))  # JBJ = L_f L_fᵀ, U = J L_f J
+    u = flipped.flip(-2, -1)
+    new_tril = torch.linalg.solve_triangular(u.mT, tril, upper=False, left=False)  # L U⁻ᵀ
+    w = torch.linalg.solve_triangular(u, v.unsqueeze(-1), upper=True)  # U⁻¹ v
+    new_loc = loc - rho[..., None] * (new_tril @ w).squeeze(-1)
+    log_det = 2 * flipped.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # log|B|
+    trace_s = s.diagonal(dim1=-2, dim2=-1).sum(-1)
+    kl = 0.5 * (rho_lam * trace_s - log_det + rho.square() * w.squeeze(-1).square().sum(-1))
+    ok = (info == 0) & torch.isfinite(kl)
+    reverse = None
+    if reverse_kl:
+        trace_inv = torch.cholesky_inverse(flipped).diagonal(dim1=-2, dim2=-1).sum(-1)
+        back = torch.linalg.solve_triangular(u.mT, w, upper=False).squeeze(-1)  # U⁻ᵀ w
+        reverse = 0.5 * (trace_inv - d + log_det + rho.square() * back.square().sum(-1))
+        ok = ok & torch.isfinite(reverse)
+        reverse = torch.where(ok, reverse, torch.inf)
+    kl = torch.where(ok, kl, torch.inf)
+    return GaussianStep(new_loc, new_tril, kl, reverse, ok)
+
+
+def max_precision_rate(whitened_cov: Tensor, *, floor: float = 0.0, safety: float = 0.9,
+                       iters: int = 10) -> Tensor:
+    """The largest precision rate ρ_Λ with λ_min(B) ≥ ``floor`` for B = I + ρ_Λ S, S the
+    ``whitened_cov`` of :func:`gaussian_direction` (then Λ' ⪰ ``floor``·Λ along every direction),
+    per batch element, times ``safety``: safety·(1 − floor)/(−λ̂) where λ̂ < 0, else +inf.
+    λ̂ = θ − r is the smallest Ritz value of ``iters`` Lanczos steps less its residual norm
+    (:func:`smallest_eigenvalue`, O(d²) per step, no factorization). Ritz values never lie below
+    λ_min, so θ alone would overshoot; θ − r does not once the Ritz pair has found the bottom of
+    the spectrum, which few steps may not guarantee: a Cholesky of B remains the test."""
+    if not 0 <= floor < 1:
+        raise ValueError(f"max_precision_rate: floor must be in [0, 1), got {floor!r}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"max_precision_rate: safety must be in (0, 1], got {safety!r}")
+    ritz, residual = smallest_eigenvalue(whitened_cov, iters)
+    bound = ritz - residual
+    rate = safety * (1 - floor) / (-bound).clamp_min(torch.finfo(bound.dtype).tiny)
+    return torch.where(bound < 0, rate, torch.inf)
+
+
+def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(θ, r) per batch element of a symmetric ``matrix`` (…, d, d): θ the smallest Ritz value
+    of ``iters`` Lanczos steps (at most d) with full reorthogonalization, from a seeded random
+    start (the global RNG untouched), and r = |β_k y_k| the norm of its residual (Golub & Van
+    Loan 2013, *Matrix Computations*, §10.1): some eigenvalue lies in [θ − r, θ], and
+    λ_min ≤ θ always. O(d²) per step; the k×k tridiagonal eigenproblem is negligible."""
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(f"smallest_eigenvalue: matrix must be (..., d, d), got "
+                         f"{tuple(matrix.shape)}")
+    if not (isinstance(iters, int) and iters > 0):
+        raise ValueError(f"smallest_eigenvalue: iters must be a positive integer, got {iters!r}")
+    d = matrix.shape[-1]
+    k = min(iters, d)
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(matrix.shape[:-1], generator=generator, dtype=matrix.dtype).to(matrix.device)
+    basis = matrix.new_zeros(matrix.shape[:-2] + (k, d))  # rows q_0 … q_{k-1}
+    basis[..., 0, :] = q / q.square().sum(-1, keepdim=True).sqrt()
+    alpha, beta = matrix.new_zeros(matrix.shape[:-2] + (k,)), matrix.new_zeros(matrix.shape[:-2]
+                                                                               + (k,))
+    threshold = torch.finfo(matrix.dtype).eps ** 0.5
+    for j in range(k):
+        q = basis[..., j:j + 1, :]  # (…, 1, d)
+        w = q @ matrix  # qᵀS = (Sq)ᵀ, S symmetric
+        alpha[..., j] = (w * q).sum((-2, -1))
+        scale = w.square().sum((-2, -1)).sqrt()
+        done = basis[..., :j + 1, :]
+        w = w - (w @ done.mT) @ done  # full reorthogonalization (one Gram–Schmidt pass)
+        norm = w.square().sum((-2, -1)).sqrt()
+        # an invariant subspace (β ≤ √eps·|Sq|): β = 0 and a zero vector next, so T gets zeros
+        closed = norm <= threshold * scale
+        beta[..., j] = torch.where(closed, 0.0, norm)
+        if j + 1 < k:
+            basis[..., j + 1, :] = torch.where(closed[..., None], 0.0, w.squeeze(-2)
+                                               / norm.clamp_min(torch.finfo(norm.dtype).tiny
+                                                                )[..., None])
+    tridiagonal = (torch.diag_embed(alpha) + torch.diag_embed(beta[..., :-1], 1)
+                   + torch.diag_embed(beta[..., :-1], -1))
+    theta, y = torch.linalg.eigh(tridiagonal)
+    return theta[..., 0], (beta[..., -1] * y[..., -1, 0]).abs()
+
+
+def _rate(name: str, rate: float | Tensor, like: Tensor) -> Tensor:
+    """A rate as a tensor of ``like``'s dtype and device, checked finite and ≥ 0."""
+    value = torch.as_tensor(rate, dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(value).all() & (value >= 0).all()):
+        raise ValueError(f"natural_step: {name} must be finite and >= 0, got {rate!r}")
+    return value

@@ -1,0 +1,94 @@
+"""Counts the O(d³) linear-algebra calls of a block of code, so a test can bound them.
+
+>>> with count_ops(d) as ops:
+...     step(...)
+>>> assert ops.factorizations <= 1 and ops.cubic <= 3, ops.calls
+
+Every torch call made from Python is seen (a ``TorchFunctionMode``: ``torch.linalg.*``, tensor
+methods, the ``@`` operator), whatever module made it. A call is O(d³) when its matrices reach
+``size`` (the caller's d): a factorization (Cholesky, LU through ``inv``/``solve``/``det``, QR,
+eigen- or singular-value decompositions) of a matrix with both sides ≥ size; a triangular or
+Cholesky solve with a square factor of side ≥ size and a right-hand side of ≥ size columns;
+``cholesky_inverse`` of such a factor; a matrix product whose three dimensions are all ≥ size.
+Matrix–vector work and smaller matrices are not counted. Calls made inside torch's C++ code
+(e.g. the LU inside ``linalg.solve``) count as the one call that made them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+FACTORIZATIONS = frozenset({
+    "linalg_cholesky", "linalg_cholesky_ex", "cholesky", "linalg_inv", "linalg_inv_ex", "inverse",
+    "linalg_solve", "linalg_solve_ex", "linalg_eigh", "linalg_eigvalsh", "linalg_eig",
+    "linalg_eigvals", "linalg_svd", "svd", "linalg_svdvals", "linalg_qr", "qr", "linalg_lu",
+    "linalg_lu_factor", "linalg_lu_factor_ex", "lu", "linalg_ldl_factor", "linalg_ldl_factor_ex",
+    "linalg_det", "det", "linalg_slogdet", "slogdet", "logdet", "linalg_pinv", "pinverse",
+    "linalg_lstsq", "linalg_matrix_rank", "linalg_matrix_power", "matrix_exp",
+    "linalg_matrix_exp"})
+SOLVES = frozenset({"linalg_solve_triangular", "triangular_solve", "cholesky_solve",
+                    "linalg_lu_solve", "lu_solve"})
+INVERSES = frozenset({"cholesky_inverse"})
+PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm",
+                      "linalg_multi_dot", "chain_matmul"})
+
+
+class OpCounter(TorchFunctionMode):
+    """The counting mode; ``calls`` lists (kind, op name) of every counted call, kind being
+    ``"factorization"`` or ``"cubic"`` (the other O(d³) calls)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.calls: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = self._kind(getattr(func, "__name__", ""), args, kwargs)
+        if kind is not None:
+            self.calls.append((kind, func.__name__))
+        return func(*args, **kwargs)
+
+    @property
+    def factorizations(self) -> int:
+        return sum(kind == "factorization" for kind, _ in self.calls)
+
+    @property
+    def cubic(self) -> int:
+        """All O(d³) calls, factorizations included."""
+        return len(self.calls)
+
+    def by_name(self) -> Counter:
+        return Counter(name for _, name in self.calls)
+
+    def _big(self, t) -> bool:
+        return isinstance(t, Tensor) and t.dim() >= 2 and min(t.shape[-2:]) >= self.size
+
+    def _kind(self, name: str, args: tuple, kwargs: dict) -> str | None:
+        tensors = [a for a in args if isinstance(a, Tensor)] + [
+            v for v in kwargs.values() if isinstance(v, Tensor)]
+        if name in FACTORIZATIONS:
+            return "factorization" if tensors and self._big(tensors[0]) else None
+        if name in INVERSES:
+            return "cubic" if tensors and self._big(tensors[0]) else None
+        if name in SOLVES:
+            # the square factor, and a right-hand side of ≥ size columns (rows when left=False)
+            return "cubic" if sum(self._big(t) for t in tensors) >= 2 else None
+        if name in PRODUCTS:
+            return "cubic" if self._cubic_product(tensors) else None
+        return None
+
+    def _cubic_product(self, tensors: list[Tensor]) -> bool:
+        mats = [t for t in tensors if t.dim() >= 2]
+        if len(mats) < 2:
+            return False
+        a, b = mats[-2], mats[-1]
+        return min(a.shape[-2], a.shape[-1], b.shape[-1]) >= self.size
+
+
+def count_ops(size: int) -> OpCounter:
+    """A context manager counting the O(d³) calls made inside it, d = ``size``."""
+    return OpCounter(size)
