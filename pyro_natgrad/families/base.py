@@ -19,6 +19,7 @@ SVI, the param store or guides.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -78,10 +79,18 @@ class ExponentialFamily:
     def mean_to_args(self, *mu: Tensor) -> Params:
         raise NotImplementedError
 
-    def mean_gradient(self, args: Params, d_args: Params) -> Params | None:
-        """∂L/∂μ from ∂L/∂args in closed form (the adjoint of μ ↦ args), or None: consumers
-        then differentiate ``mean_to_args`` instead."""
-        return None
+    def mean_gradient(self, args: Params, d_args: Params) -> Params:
+        """∂L/∂μ from ∂L/∂args: the adjoint of μ ↦ args applied to ``d_args``, one
+        vector-Jacobian product through :meth:`mean_to_args` (GPflow's natgrad trick). Where that
+        map is iterative (``closed_form_mean_map`` False) the equivalent ∂L/∂μ = F(η)⁻¹ ∂L/∂η,
+        with ∂L/∂η the adjoint of η ↦ args. Families override it with the closed form."""
+        if self.closed_form_mean_map:
+            return _pullback(self.mean_to_args, self.args_to_mean(*args), d_args)
+        eta = self.args_to_natural(*args)
+        flat_deta, batch_shape = self.flatten(_pullback(self.natural_to_args, eta, d_args))
+        fisher = self.fisher(*(e.detach() for e in eta))
+        return self.unflatten(torch.linalg.solve(fisher.expand(batch_shape + fisher.shape[-2:]),
+                                                 flat_deta))
 
     def args_fisher_product(self, args: Params, v: Params) -> Params | None:
         """F(args)·v, the Fisher in the constructor arguments applied to a tangent ``v`` (shaped
@@ -196,6 +205,15 @@ class ExponentialFamily:
         raise NotImplementedError(
             f"{type(self).__name__} must override param_event_shapes for event dims "
             f"{self.event_dims}")
+
+
+def _pullback(fn: Callable[..., Params], coords: Params, cotangents: Params) -> Params:
+    """(∂fn/∂coords)ᵀ·cotangents, one vector-Jacobian product (no Jacobian formed)."""
+    with torch.enable_grad():
+        leaves = [c.detach().requires_grad_() for c in coords]
+        got = torch.autograd.grad(fn(*leaves), leaves, list(cotangents), allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves,
+                                                                       strict=True))
 
 
 def symmetric_2x2(a: Tensor, b: Tensor, c: Tensor) -> Tensor:

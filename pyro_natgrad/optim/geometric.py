@@ -1,0 +1,475 @@
+"""The Pyro adapter shared by the geometry-aware optimizers: names and partitions the params SVI
+hands it, runs the step pipeline on each group of coupled guide sites, hands every other param
+(model params, AutoDelta values, network weights) to a plain base optimizer, and collects the
+pieces' state.
+
+One call, in order (each piece is left out when its option is None):
+
+1. refuse the whole call when any gradient is non-finite (params kept; ``on_nonfinite``);
+2. drop the state of groups whose params changed outside the optimizer (a new fit);
+3. judge the previous step from the new gradient (:func:`~.step_size.judge`): the step-size
+   policy (:class:`~.step_size.BoldDriver`) undoes a rejected step, the ceiling
+   (:class:`~.step_size.PflugCeiling`) and the trust region (:class:`~.trust_region.KLTrustRegion`)
+   update from the judgement;
+4. the base optimizer steps the other params;
+5. per group: the direction builds a proposal ``rate -> candidate`` (its transforms: momentum,
+   domain repair, gauge projection); each candidate is checked (finite, in the params' support,
+   the guide re-built at it with its measured KL for steps in the guide's own parameters) and
+   held to the trust region; a failing candidate is shortened, and the group's step refused
+   after ``max_backtracks`` tries.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import pyro
+import torch
+from pyro.optim import PyroOptim
+from torch import Tensor
+
+from ..guides import Group, GuideReader
+from .checks import finite, in_support, rebuild
+from .proposal import Candidate, Proposal
+from .step_size import BoldDriver, Judgement, PflugCeiling, judge
+from .transforms import HeavyBall
+from .trust_region import KLTrustRegion, rate_for_kl
+
+__all__ = ["GeometricOptim", "StepRefusedWarning"]
+
+STATE_VERSION = 2
+_PIECES = ("step_size", "stationarity", "trust_region", "momentum")
+
+
+class StepRefusedWarning(UserWarning):
+    """A step was refused (non-finite gradient, or no valid step was found) or undone."""
+
+
+class GeometricOptim(PyroOptim):
+    """Base class; subclasses provide :meth:`_propose` (a group's direction) and :meth:`_method`.
+
+    :param guide: the guide object passed to SVI (read for its structure; the same object).
+    :param lr: the largest step; assigning ``opt.lr`` later rescales the step-size pieces.
+    :param trust_region: a :class:`~.trust_region.KLTrustRegion` (or None: no bound).
+    :param step_size: a :class:`~.step_size.BoldDriver` (or None: every step is kept).
+    :param stationarity: a :class:`~.step_size.PflugCeiling` (or None: the ceiling stays lr).
+    :param momentum: a :class:`~.transforms.HeavyBall` (or None).
+    :param base_optim: torch optimizer class for the params that are not a guide distribution's
+        arguments; ``base_args`` its arguments (default ``{"lr": 0.01}``).
+    :param on_nonfinite: ``"warn"`` (refuse the step, warn, keep the params) or ``"raise"``.
+    :param max_backtracks: shortenings tried before a group's step is refused.
+    """
+
+    def __init__(self, guide: Callable, lr: float, *, trust_region: KLTrustRegion | None,
+                 step_size: BoldDriver | None, stationarity: PflugCeiling | None,
+                 momentum: HeavyBall | None = None,
+                 base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
+                 base_args: dict | None = None,
+                 on_nonfinite: Literal["warn", "raise"] = "warn", max_backtracks: int = 20):
+        if isinstance(guide, Iterable) and not callable(guide):
+            raise TypeError(
+                f"{type(self).__name__} takes the guide as its first argument and is passed to "
+                "SVI as it is; it cannot be built by pyro.optim's scheduler wrappers (which pass "
+                "params): assign `opt.lr = ...` between steps to schedule it")
+        if not callable(guide):
+            raise TypeError(f"guide must be the callable guide passed to SVI, got {guide!r}")
+        _check_lr(lr)
+        if on_nonfinite not in ("warn", "raise"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'raise', got {on_nonfinite!r}")
+        if not (isinstance(base_optim, type) and issubclass(base_optim, torch.optim.Optimizer)):
+            raise TypeError(f"base_optim must be a torch.optim.Optimizer class, such as "
+                            f"torch.optim.Adam, got {base_optim!r}")
+        if base_args is not None and not isinstance(base_args, dict):
+            raise TypeError(f"base_args must be a dict of {base_optim.__name__}'s arguments, "
+                            f"got {base_args!r}")
+        if not (isinstance(max_backtracks, int) and max_backtracks >= 1):
+            raise ValueError(f"max_backtracks must be an integer >= 1, got {max_backtracks!r}")
+        _check_piece("trust_region", trust_region, KLTrustRegion)
+        _check_piece("step_size", step_size, BoldDriver)
+        _check_piece("stationarity", stationarity, PflugCeiling)
+        _check_piece("momentum", momentum, HeavyBall)
+        super().__init__(base_optim, dict(base_args or {"lr": 1e-2}))
+        self.guide = guide
+        self._lr = float(lr)
+        self.trust_region, self.step_size = trust_region, step_size
+        self.stationarity, self.momentum = stationarity, momentum
+        for piece in (step_size, stationarity):
+            if piece is not None:
+                piece.start(self._lr)
+        self.on_nonfinite = on_nonfinite
+        self.max_backtracks = max_backtracks
+        self.reader = GuideReader(guide)
+        self.num_steps = 0
+        self.last_step: dict[str, dict] = {}
+        self._groups: list[Group] = []
+        self._pending: dict | None = None
+        self._after: dict[str, Tensor] = {}
+        self._nonfinite_streak = 0
+
+    # ----- what subclasses provide --------------------------------------------------------------
+    def _propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
+                 grads: dict[str, Tensor]) -> Proposal:
+        raise NotImplementedError
+
+    def _method(self, group: Group) -> str:
+        raise NotImplementedError
+
+    def _stateful(self) -> dict[str, object]:
+        """Pieces with per-group state, by name (subclasses add theirs)."""
+        return {name: getattr(self, name) for name in _PIECES}
+
+    # ----- the learning rate ----------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        """The largest step. Assigning it rescales the current rate and ceiling by the same factor
+        (a schedule: ``opt.lr *= 0.5``)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        _check_lr(value)
+        factor = float(value) / self._lr
+        for piece in (self.step_size, self.stationarity):
+            if piece is not None:
+                piece.rescale(factor)
+        self._lr = float(value)
+
+    def _rate(self) -> float:
+        if self.step_size is not None:
+            return self.step_size.rate
+        return self.stationarity.ceiling if self.stationarity is not None else self._lr
+
+    # ----- the step -----------------------------------------------------------------------------
+    def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
+        store = pyro.get_param_store()
+        # SVI passes a set: order the params by name, so that a run does not depend on hashing
+        leaves = dict(sorted((store.param_name(p), p) for p in params))
+        grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for n, p in leaves.items()}
+        self._groups = groups = self.reader.read(leaves)
+        owned = {n for g in groups for n in g.param_names}
+        self.num_steps += 1
+        if self._refuse_nonfinite(groups, leaves, grads):
+            return
+        self._forget_stale(groups, leaves)
+        rejected = self._judge_pending(leaves, grads)
+        others = [p for n, p in leaves.items() if n not in owned]
+        if others:
+            super().__call__(others, *args, **kwargs)
+        if rejected:
+            self.last_step = {s.name: {"method": "undone", "note": "previous step rejected"}
+                              for g in groups for s in g.sites}
+        else:
+            self._step_groups(groups, leaves, grads)
+        self._after = {n: leaves[n].detach().clone() for n in owned}
+
+    def _step_groups(self, groups: list[Group], leaves: dict[str, Tensor],
+                     grads: dict[str, Tensor]) -> None:
+        self.last_step = {}
+        rate = self._rate()
+        before = {n: leaves[n].detach().clone() for g in groups for n in g.param_names}
+        stepped, taken = set(), {}
+        for group in groups:
+            accepted = self._step_group(group, leaves, grads, rate)
+            if accepted is not None:
+                stepped.update(group.param_names)
+                if accepted.kl is not None:
+                    taken[group.param_names] = accepted.kl
+        if stepped and (self.step_size is not None or self.stationarity is not None):
+            self._pending = {"theta": {n: before[n] for n in stepped},
+                             "grad": {n: grads[n] for n in stepped}, "kl": taken}
+
+    def _refuse_nonfinite(self, groups: list[Group], leaves: dict[str, Tensor],
+                          grads: dict[str, Tensor]) -> bool:
+        """Refuses the whole call when a gradient is non-finite: nothing is judged or stepped. A
+        step still pending after two such calls in a row is undone (the gradient at its end
+        stays non-finite)."""
+        bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+        if not bad:
+            self._nonfinite_streak = 0
+            return False
+        self._nonfinite_streak += 1
+        where = {n: [s.name for g in groups for s in g.sites if n in g.param_names]
+                 for n in bad}
+        named = "; ".join(f"param {n!r}" + (f" (guide site(s) {', '.join(w)})" if w else
+                                            " (base optimizer)") for n, w in where.items())
+        message = f"non-finite gradient of {named}; step refused, params unchanged"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        if self._nonfinite_streak >= 2 and self.undo("the gradient at its end is non-finite"):
+            message += "; the previous step, whose end gives non-finite gradients, was undone"
+        self.last_step = {s.name: {"method": "refused", "note": message}
+                          for g in groups for s in g.sites}
+        warnings.warn(message, StepRefusedWarning, stacklevel=3)
+        return True
+
+    def _forget_stale(self, groups: list[Group], leaves: dict[str, Tensor]) -> None:
+        """Drops the state of every group whose params are not the values this optimizer left
+        (a new guide or a cleared param store, or params edited by hand): state belongs to the
+        params it was built on."""
+        for group in groups:
+            key = group.param_names
+            if all(n in self._after and self._after[n].shape == leaves[n].shape
+                   and torch.equal(self._after[n], leaves[n].detach()) for n in key):
+                continue
+            for piece in self._stateful().values():
+                if piece is not None and hasattr(piece, "forget"):
+                    piece.forget(key)
+            if self._pending is not None and set(key) & set(self._pending["theta"]):
+                self._pending = None
+
+    def _judge_pending(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> bool:
+        """Judges the previous step; a rejected one is undone (params back to θ₀) and no new step
+        is taken: the next call brings a fresh gradient at θ₀, because retrying with a stale,
+        noisy g₀ would repeat a direction it may have got wrong."""
+        pending, self._pending = self._pending, None
+        if pending is None or not set(pending["theta"]) <= set(leaves):
+            return False
+        theta1 = {n: leaves[n].detach() for n in pending["theta"]}
+        tolerance = self.step_size.tolerance if self.step_size is not None else 0.0
+        judgement = judge(pending["theta"], theta1, pending["grad"], grads, tolerance)
+        if self.step_size is None:  # nothing is undone: the judgement only informs the ceiling
+            judgement = Judgement(judgement.descent, judgement.change, judgement.ratio, True)
+        self._update(judgement, pending, leaves)
+        if judgement.accepted:
+            return False
+        self._restore(pending["theta"], leaves)
+        return True
+
+    def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor]) -> None:
+        if self.stationarity is not None:
+            self.stationarity.update(judgement, self._lr)
+        if self.trust_region is not None:
+            for key, kl in pending["kl"].items():
+                self.trust_region.update(key, _count(key, leaves), kl, judgement)
+        if self.step_size is not None:
+            ceiling = self.stationarity.ceiling if self.stationarity is not None else self._lr
+            self.step_size.update(judgement, self._lr, ceiling)
+
+    @staticmethod
+    def _restore(theta: dict[str, Tensor], leaves: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for n, t0 in theta.items():
+                leaves[n].copy_(t0)
+
+    def _step_group(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
+                    rate: float) -> Candidate | None:
+        """Steps one group in place; the accepted candidate, or None when the step was refused."""
+        key = group.param_names
+        site_names = ", ".join(s.name for s in group.sites)
+        try:
+            proposal = self._propose(key, group, leaves, grads)
+        except torch.linalg.LinAlgError as e:
+            self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
+                                f"factorized ({e}); step refused, params unchanged")
+            return None
+        bound = (self.trust_region.bound(key, _count(key, leaves), proposal.exact)
+                 if self.trust_region is not None else math.inf)
+        tried, problems = rate, []
+        for backtrack in range(self.max_backtracks + 1):
+            candidate, problem = self._attempt(proposal, tried, bound, leaves)
+            problems.append(problem)
+            if problem is None:
+                self._accept(group, candidate, leaves, proposal.method, backtrack)
+                return candidate
+            if problem in ("kl", "measured kl"):
+                tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl")
+            else:
+                tried *= 0.5
+        reasons = ", ".join(sorted(set(problems)))
+        self._refuse(group, f"no valid step at guide site(s) {site_names} after "
+                            f"{self.max_backtracks} shortenings (last lr {tried:.3g}; "
+                            f"problems: {reasons}); step refused, params unchanged")
+        return None
+
+    def _attempt(self, proposal: Proposal, rate: float, bound: float,
+                 leaves: dict[str, Tensor]) -> tuple[Candidate | None, str | None]:
+        try:
+            candidate = proposal.candidate(rate)
+        except torch.linalg.LinAlgError:
+            return None, "domain"  # e.g. a covariance that is not positive definite
+        problem = finite(candidate) or in_support(candidate)
+        if problem is None and _beyond(candidate.kl, bound):
+            return candidate, "kl"
+        if problem is None and not proposal.exact:
+            problem = rebuild(candidate, leaves, self.reader)
+            if problem is None and _beyond(candidate.kl, bound):
+                problem = "measured kl"
+        return candidate, problem
+
+    def _accept(self, group: Group, candidate: Candidate, leaves: dict[str, Tensor],
+                method: str, backtracks: int) -> None:
+        with torch.no_grad():
+            for n, v in candidate.values.items():
+                leaves[n].copy_(v)
+        if self.momentum is not None:
+            self.momentum.accept(group.param_names, candidate)
+        for s in group.sites:
+            self.last_step[s.name] = {"method": method, "lr": candidate.rate, "kl": candidate.kl,
+                                      "backtracks": backtracks, "note": candidate.note}
+
+    def _refuse(self, group: Group, message: str) -> None:
+        for s in group.sites:
+            self.last_step[s.name] = {"method": "refused", "note": message}
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        warnings.warn(message, StepRefusedWarning, stacklevel=4)
+
+    # ----- ending and repairing a run -------------------------------------------------------------
+    def undo(self, reason: str = "") -> bool:
+        """Undoes the last step if it has not been judged yet (params back to where it started,
+        the step size and trust radius shrunk as for a rejected step), e.g. when the model itself
+        fails at the new params. True when there was such a step."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        store = pyro.get_param_store()
+        leaves = {n: store.get_param(n).unconstrained() for n in pending["theta"]}
+        rejected = Judgement(descent=False, change=math.inf, ratio=math.inf, accepted=False)
+        self._update(rejected, pending, leaves)
+        self._restore(pending["theta"], leaves)
+        self._after.update({n: t.detach().clone() for n, t in pending["theta"].items()})
+        note = "step undone" + (f": {reason}" if reason else "")
+        self.last_step = {name: {"method": "undone", "note": note} for name in self.last_step}
+        return True
+
+    def finalize(self) -> bool:
+        """Ends a run on a judged step: the pending step is judged with the params' current
+        ``.grad`` (compute it first, e.g. with ``svi.loss_and_grads``) and undone when rejected,
+        or when a gradient is missing or non-finite. True when the params end on a kept step."""
+        pending = self._pending
+        if pending is None:
+            return True
+        store = pyro.get_param_store()
+        leaves = {n: store.get_param(n).unconstrained() for n in pending["theta"]}
+        grads = {n: p.grad for n, p in leaves.items()}
+        if any(g is None or not torch.isfinite(g).all() for g in grads.values()):
+            return not self.undo("it could not be judged (no finite gradient at its end)")
+        rejected = self._judge_pending(leaves, {n: g.detach() for n, g in grads.items()})
+        if rejected:
+            self._after.update({n: t.detach().clone() for n, t in pending["theta"].items()})
+        return not rejected
+
+    def diagnose(self) -> list[str]:
+        """What limits the fit now, in words, with the remedy (empty when nothing does)."""
+        notes = []
+        if self.stationarity is not None and self.stationarity.ceiling < self._lr:
+            notes.append(
+                f"the step size was lowered to {self.stationarity.ceiling:.3g} "
+                f"({100 * self.stationarity.ceiling / self._lr:.2g}% of lr = {self._lr:g}) by "
+                "the stationarity test: successive gradients disagree, so Monte Carlo noise now "
+                "limits progress; more particles (Trace_ELBO(num_particles=...)) or a smaller lr "
+                "would fit closer")
+        if self.step_size is not None and self.step_size.rate <= self.step_size.min_lr * self._lr:
+            notes.append(
+                f"the step size is at its floor ({self.step_size.rate:.3g}): steps keep being "
+                "rejected; check the model for non-differentiable or noisy terms")
+        refused = sorted(n for n, s in self.last_step.items() if s.get("method") == "refused")
+        if refused:
+            notes.append(f"the last step was refused at guide site(s) {', '.join(refused)}: "
+                         f"{self.last_step[refused[0]]['note']}")
+        return notes
+
+    # ----- what it does ---------------------------------------------------------------------------
+    def summary(self) -> str:
+        """Every param the optimizer has seen: the guide site it feeds and the method of its step
+        (as of the latest step), or the base optimizer that steps it."""
+        rows = [("param", "site", "distribution", "method")]
+        owned = set()
+        for group in self._groups:
+            method = self._method(group)
+            for s in group.sites:
+                for n in s.param_names:
+                    owned.add(n)
+                    rows.append((n, s.name, type(s.base).__name__, method))
+        store = pyro.get_param_store()
+        base = f"base: {self.pt_optim_constructor.__name__}({self.pt_optim_args})"
+        for p in self.optim_objs:
+            name = store.param_name(p)
+            if name is not None and name not in owned:
+                rows.append((name, "-", "-", base))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                         for r in rows)
+
+    # ----- state --------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Pickling and deep copies drop the latest read of the guide (its distributions hold the
+        autograd graph); the next step reads the guide again."""
+        return {**self.__dict__, "_groups": []}
+
+    def get_state(self) -> dict:
+        """The base optimizer's state per param, and the geometric state: step count, pending
+        step, the params this optimizer left, and each piece's own state."""
+        return {"version": STATE_VERSION, "base": super().get_state(),
+                "num_steps": self.num_steps, "pending": _clone(self._pending),
+                "after": _clone(self._after), "nonfinite_streak": self._nonfinite_streak,
+                "pieces": {name: piece.state_dict() for name, piece in self._stateful().items()
+                           if piece is not None}}
+
+    def set_state(self, state: dict) -> None:
+        """Loads :meth:`get_state`'s output; raises ValueError naming what does not fit (another
+        version, a piece this optimizer lacks, params whose shapes differ from the store's)."""
+        if "version" not in state:
+            if "geometry" in state:
+                raise ValueError("this optimizer state was saved by an earlier version of "
+                                 "pyro_natgrad and cannot be loaded")
+            return super().set_state(state)  # a plain PyroOptim state
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"optimizer state version {state['version']} is not "
+                             f"{STATE_VERSION}")
+        pieces = self._stateful()
+        for name in state["pieces"]:
+            if pieces.get(name) is None:
+                raise ValueError(f"the state has a {name!r} piece, which this optimizer does "
+                                 f"not have (it was built with {name}=None or another class)")
+        _check_shapes(state)
+        super().set_state(state["base"])
+        self.num_steps = state["num_steps"]
+        self._pending = _clone(state["pending"])
+        self._after = _clone(state["after"])
+        self._nonfinite_streak = state["nonfinite_streak"]
+        for name, piece_state in state["pieces"].items():
+            pieces[name].load_state_dict(piece_state)
+
+
+def _check_lr(lr: float) -> None:
+    if not (isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr)
+            and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+
+
+def _check_piece(name: str, piece: object, kind: type) -> None:
+    if piece is not None and not isinstance(piece, kind):
+        raise TypeError(f"{name} must be a {kind.__name__} or None, got {piece!r}")
+
+
+def _check_shapes(state: dict) -> None:
+    """Params named in the state must have the store's shapes, where the store has them."""
+    store = pyro.get_param_store()
+    named = dict(state["after"])
+    if state["pending"] is not None:
+        named.update(state["pending"]["theta"])
+    for name, value in named.items():
+        if name in store and store.get_param(name).unconstrained().shape != value.shape:
+            raise ValueError(f"optimizer state for param {name!r} has shape "
+                             f"{tuple(value.shape)}, the param store's is "
+                             f"{tuple(store.get_param(name).unconstrained().shape)}")
+
+
+def _beyond(kl: float | None, bound: float) -> bool:
+    return kl is not None and kl > bound * (1 + 1e-9)  # not round-off
+
+
+def _count(names: tuple[str, ...], leaves: dict[str, Tensor]) -> int:
+    """Number of scalar params in a group."""
+    return sum(leaves[n].numel() for n in names)
+
+
+def _clone(tree):
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    return tree.detach().clone() if isinstance(tree, Tensor) else tree

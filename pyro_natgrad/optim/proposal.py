@@ -1,0 +1,57 @@
+"""What a direction hands the optimizer: a proposal ``rate -> Candidate`` for one group of sites."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyro import poutine
+from torch import Tensor
+
+from ..fisher.linalg import unflat
+
+__all__ = ["Candidate", "Proposal", "linear_proposal"]
+
+
+@dataclass
+class Candidate:
+    """A proposed new value of a group's unconstrained params at a ``rate``.
+
+    ``kl``: its KL from the current q (closed form for exact steps, the metric's quadratic model
+    ½ rate² dᵀGd for linear ones); ``measure``: a better KL taken on the guide re-built at
+    ``values`` (its trace), which replaces ``kl`` once ``kl`` fits the trust region; ``anchor``:
+    the mean the step was built at (for momentum); ``note``: what a transform did to it.
+    """
+
+    values: dict[str, Tensor]
+    rate: float
+    kl: float | None = None
+    note: str = ""
+    measure: Callable[[poutine.Trace], float] | None = None
+    anchor: Tensor | None = None
+
+
+@dataclass
+class Proposal:
+    """A group's step as a function of the rate, and how it is to be checked.
+
+    ``exact``: the step is taken in a family's own coordinates, its domain and KL are checked as
+    it is built, so the guide need not be re-built at the candidate.
+    """
+
+    method: str
+    candidate: Callable[[float], Candidate | None]
+    exact: bool
+
+
+def linear_proposal(method: str, names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
+                    curvature: float) -> Proposal:
+    """θ − rate·d, with the metric's quadratic model ½ rate² dᵀGd as its KL."""
+    current = [t.detach().clone() for t in theta]
+
+    def candidate(rate: float) -> Candidate:
+        values = {n: c - rate * d for n, c, d in
+                  zip(names, current, unflat(direction, current), strict=True)}
+        return Candidate(values, rate, 0.5 * rate ** 2 * curvature)
+
+    return Proposal(method, candidate, exact=False)

@@ -1,0 +1,162 @@
+"""Transforms of a step: momentum, domain repairs of a natural step, and the gauge projection of a
+gradient. Each is a small object with its own state (where it has any); the optimizer leaves a
+transform out when its option is None."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..families import ExponentialFamily
+from ..fisher.linalg import jvp, without_rotations
+from ..guides import Group
+from .proposal import Candidate
+
+__all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection"]
+
+Key = tuple[str, ...]
+Eta = tuple[Tensor, ...]
+
+
+@dataclass
+class HeavyBall:
+    """Heavy-ball momentum on the mean of a Gaussian site's natural step,
+    m ← m' + ρβ(m − m_prev)/ρ_prev with m' the natural step's mean (Polyak 1964; on the natural
+    step's mean as in Khan et al. 2018, "Fast and scalable Bayesian deep learning by
+    weight-perturbation in Adam", ICML), dropped whenever the last move went uphill by the new
+    gradient, ∇ₘL·(m − m_prev) ≥ 0 (the gradient restart of O'Donoghue & Candès 2015, which also
+    switches it off where Monte Carlo noise decides the gradient's sign).
+
+    :param beta: β in [0, 1), or ``"auto"``: 0.9 for factorized (mean-field) sites, 0 for
+        full-covariance ones. A full-covariance natural step is already a Newton step for the
+        mean; a factorized one is a Jacobi step, slowed by the posterior's correlations.
+
+    State: per group, the mean its last accepted step was built at and that step's rate (set
+    only when a candidate is accepted, so the order of tried candidates does not matter).
+    """
+
+    beta: float | str = "auto"
+    last: dict[Key, tuple[Tensor, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.beta != "auto" and not (isinstance(self.beta, int | float)
+                                        and 0 <= self.beta < 1):
+            raise ValueError(f"momentum must be in [0, 1) or 'auto', got {self.beta!r}")
+
+    def velocity(self, key: Key, family: ExponentialFamily, loc: Tensor,
+                 d_loc: Tensor | None) -> Tensor | None:
+        """β(m − m_prev)/ρ_prev per unit rate, or None (no momentum, no previous step, or a
+        restart)."""
+        beta = self.beta
+        if beta == "auto":
+            beta = 0.9 if family.event_rank() == 0 else 0.0
+        last = self.last.get(key)
+        if not beta or d_loc is None or last is None or last[0].shape != loc.shape:
+            return None
+        moved = loc.detach() - last[0]
+        if not float((d_loc * moved).sum()) < 0:
+            return None
+        return beta / last[1] * moved
+
+    def accept(self, key: Key, candidate: Candidate) -> None:
+        if candidate.anchor is not None:
+            self.last[key] = (candidate.anchor, candidate.rate)
+
+    def forget(self, key: Key) -> None:
+        self.last.pop(key, None)
+
+    def state_dict(self) -> dict:
+        return {"last": {k: (m.clone(), r) for k, (m, r) in self.last.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = {tuple(k): (m.clone(), r) for k, (m, r) in state["last"].items()}
+
+
+@dataclass
+class PrecisionShortening:
+    """Repairs a Gaussian natural step whose precision left the domain at some batch elements:
+    there the precision's rate ρ_Λ is halved (at most ``max_halvings`` times) until
+    Λ' = Λ + 2ρ_Λ ∂L/∂Σ is positive definite, while the mean keeps its rate ρ,
+    m' = m − ρ Λ'⁻¹ ∂L/∂m (the natural step written in (m, Λ); Khan & Rue 2023, "The Bayesian
+    learning rule", §4.1): in η, δ₁ = −ρ_Λ ∂L/∂μ₁ − (ρ − ρ_Λ) ∂L/∂m, δ₂ = −ρ_Λ ∂L/∂μ₂. Each batch
+    element (each coordinate of a mean-field Normal) is shortened on its own. Far from the
+    optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is not held back by it.
+    Limit: the first positive-definite point leaves Λ' with eigenvalues in [0, ½) of Λ's along
+    the noise, so with very noisy ∂L/∂Σ the covariance can drift up. Families without a
+    location (not Gaussian) are not repaired."""
+
+    max_halvings: int = 20
+
+    def repair(self, family: ExponentialFamily, eta: Eta, delta: Eta, dmu: Eta,
+               d_loc: Tensor | None, rate: float, valid: Tensor) -> tuple[Eta, str] | None:
+        if d_loc is None:
+            return None
+
+        def expand(f: Tensor, k: int) -> Tensor:
+            return f.reshape(f.shape + (1,) * k)
+
+        k1, k2 = family.event_dims
+        fraction = torch.where(valid, 1.0, 0.5).to(eta[1].dtype)
+        for _ in range(self.max_halvings):
+            guard = eta[1] - rate * expand(fraction, k2) * dmu[1]
+            pending = ~valid & ~family.in_domain(eta[0], guard)
+            if not bool(pending.any()):
+                break
+            fraction = torch.where(pending, 0.5 * fraction, fraction)
+        f1, f2 = expand(fraction, k1), expand(fraction, k2)
+        new_eta = (eta[0] - rate * (f1 * dmu[0] + (1 - f1) * d_loc),
+                   eta[1] - rate * f2 * dmu[1])
+        return new_eta, (f"precision step shortened to {float(fraction.min()):.3g} of the "
+                         f"mean's at {int((~valid).sum())} of {valid.numel()} elements")
+
+
+@dataclass
+class Retraction:
+    """Repairs a natural step that left the domain by the family's retraction at the elements
+    that left it (Gaussians: Λ' = Λ + δΛ + ½ δΛ Λ⁻¹ δΛ, positive definite for any δΛ; Lin,
+    Schmidt & Khan 2020, "Handling the positive-definite constraint in the Bayesian learning
+    rule", ICML); the other elements step plainly. Measured slower than
+    :class:`PrecisionShortening` with noisy gradients far from the optimum."""
+
+    def repair(self, family: ExponentialFamily, eta: Eta, delta: Eta, dmu: Eta,
+               d_loc: Tensor | None, rate: float, valid: Tensor) -> tuple[Eta, str] | None:
+        retracted = family.retract(eta, delta)
+        if retracted is None:
+            return None
+        plain = tuple(e + d for e, d in zip(eta, delta, strict=True))
+        new_eta = tuple(torch.where(valid.reshape(valid.shape + (1,) * k), x, y)
+                        for x, y, k in zip(plain, retracted, family.event_dims, strict=True))
+        return new_eta, f"retraction at {int((~valid).sum())} of {valid.numel()} elements"
+
+
+@dataclass
+class GaugeProjection:
+    """Removes a gradient's component along directions that move no distribution. A low-rank
+    Gaussian's factor W enters only through WWᵀ, so the exact gradient is orthogonal to every
+    rotation direction WA (A antisymmetric); a Monte Carlo estimate is not, and a damped solve
+    steps along that noise as 1/λ. A param P of a one-site group is projected when rotating it
+    rotates the factor, ∂W/∂P·(PA) = WA (Pyro's W = P diag(s) passes)."""
+
+    def apply(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor]
+              ) -> list[Tensor]:
+        out = [grads[n] for n in group.param_names]
+        site = group.sites[0]
+        index = site.family.rotation_gauge if site.family is not None else None
+        if len(group.sites) != 1 or index is None:
+            return out
+        factor = site.family.args(site.base)[index]
+        for i, name in enumerate(group.param_names):
+            param = leaves[name]
+            if param.shape != factor.shape or not factor.requires_grad:
+                continue
+            r = param.shape[-1]
+            a = torch.randn(r, r, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
+            a = (a - a.T).to(param.device)
+            moved = jvp(factor, [param], (param.detach() @ a).reshape(-1))
+            expected = factor.detach() @ a
+            if torch.allclose(moved, expected, rtol=1e-4,
+                              atol=1e-6 * float(expected.abs().max())):
+                out[i] = without_rotations(param.detach(), out[i])
+        return out
