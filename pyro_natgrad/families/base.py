@@ -100,6 +100,14 @@ class ExponentialFamily:
         carry extra leading dimensions (a batch of tangents), which broadcast against ``args``."""
         return None
 
+    def args_fisher_operator(self, args: Params) -> Callable[[Params], Params] | None:
+        """v ↦ F(args)·v at fixed ``args`` (:meth:`args_fisher_product`), for many products at
+        the same point: a family overrides it to compute what depends on ``args`` alone once.
+        None where the family has no closed-form product."""
+        if self.args_fisher_product(args, args) is None:
+            return None
+        return lambda v: self.args_fisher_product(args, v)
+
     def natural_to_mean(self, *eta: Tensor) -> Params:
         """μ(η) = ∇A(η)."""
         return self.args_to_mean(*self.natural_to_args(*eta))

@@ -9,13 +9,14 @@ autodiff: no Jacobian is formed and the family's Fisher is never inverted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..families import ExponentialFamily
-from .linalg import flat, hutchinson_trace, jacobian, jvp, unflat, vjp
+from ..families.base import Params
+from .linalg import conjugate_gradient, flat, hutchinson_trace, jacobian, jvp, unflat, vjp
 
 
 class PulledBackFisher:
@@ -29,8 +30,9 @@ class PulledBackFisher:
         self.leaves = list(leaves)
         self._sites = list(sites)
         self._pullbacks: dict[int, tuple[Tensor, Tensor]] = {}
-        self._closed = [family.args_fisher_product(_detached(args), _detached(args)) is not None
-                        for family, args, _ in self._sites]
+        # per site: the family's closed-form product at the (fixed) arguments, or None
+        self._operators = [family.args_fisher_operator(_detached(args))
+                           for family, args, _ in self._sites]
 
     def _pullback(self, i: int) -> tuple[Tensor, Tensor]:
         """The flat η(θ) and μ(θ) of site i, built once."""
@@ -44,12 +46,12 @@ class PulledBackFisher:
         """F(θ)·v: J·v by the double-backward trick, the family's F·(J v) (closed form, or
         (∂η/∂θ)ᵀ applied to ∂μ/∂θ·v by one backward pass), then Jᵀ by one backward pass."""
         total = torch.zeros_like(v)
-        for i, (family, args, multiplicity) in enumerate(self._sites):
-            if self._closed[i]:
+        for i, (_, args, multiplicity) in enumerate(self._sites):
+            operator = self._operators[i]
+            if operator is not None:
                 flat_args = flat(args)
                 tangent = tuple(unflat(jvp(flat_args, self.leaves, v), args))
-                term = vjp(flat_args, self.leaves,
-                           flat(family.args_fisher_product(_detached(args), tangent)))
+                term = vjp(flat_args, self.leaves, flat(operator(tangent)))
             else:
                 eta, mu = self._pullback(i)
                 term = vjp(eta, self.leaves, jvp(mu, self.leaves, v))
@@ -69,12 +71,13 @@ class PulledBackFisher:
         (a low-rank Gaussian's η has d + d² entries, its arguments d(r + 2): at d = 90, rank 10
         the η Jacobians took 2.7 s per step), else (∂η/∂θ)ᵀ(∂μ/∂θ) from the two Jacobians."""
         total = 0
-        for i, (family, args, multiplicity) in enumerate(self._sites):
-            if self._closed[i]:
+        for i, (_, args, multiplicity) in enumerate(self._sites):
+            operator = self._operators[i]
+            if operator is not None:
                 flat_args = flat(args)
                 eye = torch.eye(flat_args.numel(), dtype=flat_args.dtype, device=flat_args.device)
-                f_args = torch.cat([f.reshape(len(eye), -1) for f in family.args_fisher_product(
-                    _detached(args), tuple(unflat(eye, args)))], -1)
+                f_args = torch.cat([f.reshape(len(eye), -1)
+                                    for f in operator(tuple(unflat(eye, args)))], -1)
                 j = jacobian(flat_args, self.leaves)
                 term = j.T @ f_args @ j
             else:
@@ -82,6 +85,30 @@ class PulledBackFisher:
                 term = jacobian(eta, self.leaves).T @ jacobian(mu, self.leaves)
             total = total + multiplicity * term
         return 0.5 * (total + total.T)
+
+
+def solve_args_fisher(operator: Callable[[Params], Params], b: Params, damping: float,
+                      max_iter: int = 100, rtol: float = 1e-6) -> Params:
+    """(F + damping·I)⁻¹b in a family's own arguments, F given by its closed-form ``operator``
+    (:meth:`~pyro_natgrad.families.ExponentialFamily.args_fisher_operator`), by conjugate
+    gradients preconditioned with the operator's ``preconditioner(damping)`` where it has one
+    (:meth:`~pyro_natgrad.families.multivariate_normal.LowRankFisher.preconditioner`).
+    With params θ mapped invertibly onto the arguments (Jacobian J), the natural direction in θ
+    is F_θ⁻¹g_θ = J⁻¹(F + λI)⁻¹J⁻ᵀg_θ for the metric Jᵀ(F + λI)J, J⁻ᵀg_θ the gradient in the
+    arguments: one solve here and two products through the inverse map."""
+    like = list(b)
+    make = getattr(operator, "preconditioner", None)
+    inverse = None if make is None or not damping > 0 else make(damping)
+
+    def mvp(v: Tensor) -> Tensor:
+        return flat(operator(tuple(unflat(v, like))))
+
+    def precondition(v: Tensor) -> Tensor:
+        return flat(inverse(tuple(unflat(v, like))))
+
+    x = conjugate_gradient(mvp, flat(like), damping, max_iter, rtol,
+                           None if inverse is None else precondition)
+    return tuple(unflat(x, like))
 
 
 def _detached(args: Sequence[Tensor]) -> tuple[Tensor, ...]:

@@ -125,13 +125,19 @@ def _reverse_jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
 
 
 def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: float = 0.0,
-                       max_iter: int = 100, rtol: float = 1e-6) -> Tensor:
+                       max_iter: int = 100, rtol: float = 1e-6,
+                       preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Solves (A + damping·I) x = b for symmetric positive (semi-)definite A given as ``mvp``
-    (Hestenes & Stiefel 1952; Martens 2010 for its use with Fisher-vector products)."""
+    (Hestenes & Stiefel 1952; Martens 2010 for its use with Fisher-vector products), until the
+    residual is below ``rtol``·|b| or after ``max_iter`` products. With ``preconditioner``
+    M⁻¹ (symmetric positive definite, an approximate inverse of A + damping·I), the
+    preconditioned iteration (Golub & Van Loan 2013, *Matrix Computations*, Alg. 11.5.1): the
+    same solution in as many products as the spectrum of M⁻¹(A + damping·I) needs."""
     x = torch.zeros_like(b)
     r = b.clone()
-    p = r.clone()
-    rs = r.dot(r)
+    z = r if preconditioner is None else preconditioner(r)
+    p = z.clone()
+    rz, rs = r.dot(z), r.dot(r)
     stop = (rtol * b.norm()) ** 2
     for _ in range(max_iter):
         if rs <= stop:
@@ -140,12 +146,14 @@ def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: floa
         curvature = p.dot(ap)
         if curvature <= 0:
             break
-        alpha = rs / curvature
+        alpha = rz / curvature
         x = x + alpha * p
         r = r - alpha * ap
-        rs_new = r.dot(r)
-        p = r + (rs_new / rs) * p
-        rs = rs_new
+        rs = r.dot(r)
+        z = r if preconditioner is None else preconditioner(r)
+        rz_new = r.dot(z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
     return x
 
 
