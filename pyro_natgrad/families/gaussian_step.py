@@ -191,8 +191,14 @@ def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple
 
 
 def _rate(name: str, rate: float | Tensor, like: Tensor) -> Tensor:
-    """A rate as a tensor of ``like``'s dtype and device, checked finite and ≥ 0."""
+    """A rate as a tensor of ``like``'s dtype and device, checked finite, ≥ 0 and of a shape
+    that broadcasts to the batch shape of ``like`` (…, d, d)."""
     value = torch.as_tensor(rate, dtype=like.dtype, device=like.device)
+    batch = like.shape[:-2]
+    if value.dim() > len(batch) or any(v not in (1, b) for v, b in zip(
+            reversed(value.shape), reversed(batch), strict=False)):
+        raise ValueError(f"natural_step: {name} must be a number or broadcast to the batch "
+                         f"shape {tuple(batch)}, got shape {tuple(value.shape)}")
     if not bool(torch.isfinite(value).all() & (value >= 0).all()):
         raise ValueError(f"natural_step: {name} must be finite and >= 0, got {rate!r}")
     return value
