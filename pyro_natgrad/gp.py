@@ -28,7 +28,23 @@ from pyro.nn.module import PyroParam
 from torch import Tensor
 from torch.distributions import constraints
 
-__all__ = ["ExpectedGaussian", "ExpectedBernoulli"]
+__all__ = ["ExpectedGaussian", "ExpectedBernoulli", "freeze"]
+
+
+def freeze(module: torch.nn.Module, *names: str) -> None:
+    """Fixes params of a (contrib.gp) module at their current values: each becomes a buffer, so
+    no Pyro param exists for it and SVI neither sees nor steps it (GPflow's
+    ``set_trainable(param, False)``); it still follows ``module.to(...)`` and ``state_dict``.
+
+    >>> freeze(svgp.kernel, "lengthscale", "variance"); freeze(svgp, "Xu")
+    """
+    for name in names:
+        value = getattr(module, name, None)
+        if not isinstance(value, Tensor):
+            raise ValueError(f"freeze: {type(module).__name__} has no tensor attribute {name!r}")
+        value = value.detach().clone()
+        delattr(module, name)
+        module.register_buffer(name, value)
 
 
 class ExpectedGaussian(Likelihood):

@@ -8,8 +8,8 @@ gradients), one natural step of size 1 lands on the optimal q, whose closed form
 independently: the exact GP posterior for ``VariationalGP``, Titsias's (2009) optimal q(u) and
 collapsed bound for ``VariationalSparseGP`` (Hensman, Fusi & Lawrence 2013, eq. 7).
 
-Fixed hyperparameters are buffers (:func:`freeze`): a fixed value is not a param, so SVI never
-sees it (as GPflow's ``set_trainable(model, False)``).
+Fixed hyperparameters are buffers (:func:`pyro_natgrad.gp.freeze`): a fixed value is not a
+param, so SVI never sees it (as GPflow's ``set_trainable(model, False)``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 
 from pyro_natgrad import NaturalGradient
-from pyro_natgrad.gp import ExpectedBernoulli, ExpectedGaussian
+from pyro_natgrad.gp import ExpectedBernoulli, ExpectedGaussian, freeze
 
 NOISE = 0.1  # GPflow's Setup.likelihood_variance
 ATOL = 1e-4  # GPflow's tolerance
-# the natural step alone, without the trust region and the adaptive step
-NO_SAFEGUARDS = {"adaptive": False, "max_kl": None}
+# the natural step alone, without the trust region and the step-size policy
+NO_SAFEGUARDS = {"trust_region": None, "step_size": None, "stationarity": None}
 OPTIONS = {"defaults": {}, "no_safeguards": NO_SAFEGUARDS}
 
 
@@ -49,14 +49,6 @@ def sine_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 DATA = {"gpflow": gpflow_data, "sine50": sine_data}
-
-
-def freeze(module: torch.nn.Module, *names: str) -> None:
-    """Turns params of a contrib.gp module into buffers: fixed values, hidden from SVI."""
-    for name in names:
-        value = getattr(module, name).detach().clone()
-        delattr(module, name)
-        module.register_buffer(name, value)
 
 
 def rbf(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -154,6 +146,8 @@ def one_step_errors(model: gp.models.GPModel, **options) -> dict[str, float]:
               TraceMeanField_ELBO())
     assert abs(neg_elbo(model) + elbo) > 1e-2  # GPflow's assert_different: not there already
     svi.step()
+    assert {n.split(".")[-1] for n in pyro.get_param_store()} <= {  # only q was a param
+        "u_loc", "u_scale_tril", "f_loc", "f_scale_tril"}
     loc, scale = q_moments(model)
     return {"mean": float((loc.double() - mean).abs().max()),
             "cov": float((scale.double() - cov).abs().max()),
@@ -254,6 +248,11 @@ def test_expected_bernoulli_rejects_bad_counts():
         ExpectedBernoulli(num_samples=0)
     with pytest.raises(ValueError, match="num_points"):
         ExpectedBernoulli(num_points=2.5)
+
+
+def test_freeze_names_a_missing_attribute():
+    with pytest.raises(ValueError, match="RBF has no tensor attribute 'lengthscales'"):
+        freeze(gp.kernels.RBF(1), "lengthscales")
 
 
 def test_likelihood_names_the_site_on_shape_mismatch():
