@@ -7,21 +7,30 @@ the model's plates, as ``pyro.infer.Predictive(parallel=True)`` does); a model o
 cannot run vectorized is drawn one sample at a time, with a warning. Everything runs under
 ``torch.no_grad`` and only reads the param store (an AutoGuide that was never called creates its
 initial params on the first call, as it would in ``svi.step``).
+
+A latent of the model that the guide does not sample (a discrete site hidden from an AutoGuide and
+enumerated in ``TraceEnum_ELBO``) is summed out of log p(x, z) by enumeration, Σ_d p(x, z, d)
+(Pyro's tensor contraction, as ``TraceEnum_ELBO`` does), and its draws are taken from its exact
+conditional posterior d ~ p(d | z, x) (``infer_discrete``), so that (z, d) ~ q(z) p(d | z, x). A
+hidden latent without finite support cannot be summed out: both functions refuse it by name.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import infer_discrete
 from pyro.infer.util import plate_log_prob_sum
+from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.uncondition_messenger import UnconditionMessenger
@@ -59,18 +68,57 @@ class _RedrawObservations(UnconditionMessenger):
 
 
 def _traces(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-            wrap: Callable[[Callable], Callable]) -> tuple[Trace, Trace, Trace]:
-    """Guide trace (z ~ q), model trace replayed on it (observations as given), and a model trace
-    with every latent replayed from the first model trace and the observations re-drawn."""
+            wrap: Callable[[Callable], Callable], hidden: frozenset[str] = frozenset(),
+            enum_dim: int = -1) -> tuple[Trace, Trace, Trace, Trace]:
+    """Guide trace (z ~ q); model trace replayed on it (observations as given, the ``hidden``
+    latents drawn from p(d | z, x)); a model trace with every latent replayed from it and the
+    observations re-drawn; and the trace whose log densities give log p(x, z) (with ``hidden``
+    enumerated from ``enum_dim`` leftwards; the model trace itself when none is hidden). Joint
+    traces have their log densities computed."""
     guide_trace = poutine.trace(wrap(guide)).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(wrap(model), trace=guide_trace)).get_trace(
-        *args, **kwargs)
+    replayed = poutine.replay(wrap(model), trace=guide_trace)
+    joint_trace = None
+    if hidden:
+        replayed = poutine.infer_config(
+            replayed, lambda msg: {"enumerate": "parallel"} if msg["name"] in hidden else {})
+        joint_trace = poutine.trace(poutine.enum(replayed, first_available_dim=enum_dim)
+                                    ).get_trace(*args, **kwargs)
+        replayed = infer_discrete(replayed, first_available_dim=enum_dim)
+    model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     replicate = _RedrawObservations()(poutine.replay(wrap(model), trace=model_trace))
     predictive_trace = poutine.trace(replicate).get_trace(*args, **kwargs)
-    traces = tuple(prune_subsample_sites(t) for t in (guide_trace, model_trace, predictive_trace))
-    for trace in traces[:2]:
+    traces = [prune_subsample_sites(t) for t in (guide_trace, model_trace, predictive_trace,
+                                                 joint_trace or model_trace)]
+    for trace in (traces[0], traces[1], traces[3]):
         trace.compute_log_prob()
-    return traces
+    return traces[0], traces[1], traces[2], traces[3]
+
+
+def _hidden_latents(guide_trace: Trace, model_trace: Trace) -> frozenset[str]:
+    """Latent sites of the model that the guide does not sample; each must have finite support
+    (to be enumerated), else ValueError naming it."""
+    latent = _sample_sites(model_trace, lambda site: not site["is_observed"])
+    hidden = {name: site for name, site in latent.items() if name not in guide_trace.nodes}
+    for name, site in hidden.items():
+        if not site["fn"].has_enumerate_support:
+            raise ValueError(
+                f"site '{name}' is a latent of the model that the guide does not sample, and its "
+                f"{type(site['fn']).__name__} distribution has no finite support to sum it out "
+                "over: the guide must sample every latent without finite support")
+    return frozenset(hidden)
+
+
+def _log_joint(trace: Trace, keep: str | None = None) -> torch.Tensor:
+    """log p(x, z) from a packed model trace, its enumerated sites summed out (Pyro's
+    ``contract_to_tensor``); every plate is summed but the one of symbol ``keep``."""
+    factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
+    for site in _sample_sites(trace, lambda site: True).values():
+        ordinal = frozenset(trace.plate_to_symbol[frame.name]
+                            for frame in site["cond_indep_stack"] if frame.vectorized)
+        factors.setdefault(ordinal, []).append(site["packed"]["log_prob"])
+    enum_symbols = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
+    return contract_to_tensor(factors, enum_symbols,
+                              target_ordinal=frozenset([keep] if keep else []))
 
 
 @dataclass(frozen=True)
@@ -93,11 +141,11 @@ class _Draws:
         return _Draws(**{f.name: join([getattr(p, f.name) for p in parts]) for f in fields(_Draws)})
 
 
-def _collect(traces: tuple[Trace, Trace, Trace], prototype: Trace, num: int,
+def _collect(traces: tuple[Trace, Trace, Trace, Trace], prototype: Trace, num: int,
              log_joint: torch.Tensor, log_q: torch.Tensor) -> _Draws:
     """Read ``num`` draws off the traces, reshaped to the sites' shapes in ``prototype`` (a model
     trace of one draw). A tensor whose size is not ``num`` times the prototype's is an error."""
-    _, model_trace, predictive_trace = traces
+    _, model_trace, predictive_trace, _ = traces
 
     def take(trace: Trace, name: str, key: str) -> torch.Tensor:
         tensor, shape = trace.nodes[name][key], prototype.nodes[name][key].shape
@@ -122,7 +170,8 @@ def _max_plate_nesting(*traces: Trace) -> int:
 
 
 def _draw_vectorized(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                     prototype: tuple[Trace, Trace, Trace], num_samples: int) -> _Draws:
+                     prototype: tuple[Trace, ...], hidden: frozenset[str],
+                     num_samples: int) -> _Draws:
     dim = -_max_plate_nesting(*prototype[:2]) - 1
 
     def wrap(fn):
@@ -131,18 +180,22 @@ def _draw_vectorized(model: Callable, guide: Callable, args: tuple, kwargs: dict
                 return fn(*args, **kwargs)
         return vectorized
 
-    traces = _traces(model, guide, args, kwargs, wrap)
-    guide_trace, model_trace, _ = traces
+    traces = _traces(model, guide, args, kwargs, wrap, hidden, enum_dim=dim - 1)
+    guide_trace, _, _, joint_trace = traces
     guide_trace.pack_tensors()
-    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+    joint_trace.pack_tensors(guide_trace.plate_to_symbol)
     symbol = guide_trace.plate_to_symbol[_DRAW_PLATE]
-    return _collect(traces, prototype[1], num_samples, plate_log_prob_sum(model_trace, symbol),
+    return _collect(traces, prototype[1], num_samples, _log_joint(joint_trace, symbol),
                     plate_log_prob_sum(guide_trace, symbol))
 
 
-def _draw_one(traces: tuple[Trace, Trace, Trace], prototype: Trace) -> _Draws:
-    guide_trace, model_trace, _ = traces
-    return _collect(traces, prototype, 1, model_trace.log_prob_sum(), guide_trace.log_prob_sum())
+def _draw_one(model: Callable, guide: Callable, args: tuple, kwargs: dict,
+              prototype: tuple[Trace, ...], hidden: frozenset[str]) -> _Draws:
+    traces = _traces(model, guide, args, kwargs, lambda fn: fn, hidden,
+                     enum_dim=-_max_plate_nesting(*prototype[:2]) - 1)
+    guide_trace, _, _, joint_trace = traces
+    joint_trace.pack_tensors()
+    return _collect(traces, prototype[1], 1, _log_joint(joint_trace), guide_trace.log_prob_sum())
 
 
 @torch.no_grad()
@@ -152,14 +205,15 @@ def _draw(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     prototype = _traces(model, guide, args, kwargs, lambda fn: fn)
+    hidden = _hidden_latents(*prototype[:2])
     try:
-        draws = _draw_vectorized(model, guide, args, kwargs, prototype, num_samples)
+        draws = _draw_vectorized(model, guide, args, kwargs, prototype, hidden, num_samples)
     except Exception as error:  # whatever stops the vectorized pass, the loop may still work
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         warnings.warn(f"model and guide could not be run vectorized over draws ({reason}); "
                       f"drawing {num_samples} samples one at a time", stacklevel=3)
-        draws = _Draws.cat([_draw_one(_traces(model, guide, args, kwargs, lambda fn: fn),
-                                      prototype[1]) for _ in range(num_samples)])
+        draws = _Draws.cat([_draw_one(model, guide, args, kwargs, prototype, hidden)
+                            for _ in range(num_samples)])
     return draws, prototype[1]
 
 
@@ -239,15 +293,18 @@ class VIDiagnostics:
     inference", ICML: with log ratios r_s = log p(x, z_s) − log q(z_s), z_s ~ q, the Pareto shape
     k̂ fitted to the largest ratios says how far q is from the posterior: k̂ ≤ 0.5 good, k̂ ≤ 0.7
     usable with importance weighting, else unreliable. ``means`` are the self-normalized PSIS
-    estimates Σ_s w̃_s z_s; ``ess`` = 1 / Σ_s w̃_s² (Kong 1992) of the normalized smoothed weights.
+    estimates Σ_s w̃_s z_s, withheld above k̂ = 0.7 (Vehtari, Simpson, Gelman, Yao & Gabry 2024,
+    §3: the estimate then needs impractically many draws); ``ess`` = 1 / Σ_s w̃_s² (Kong 1992) of
+    the normalized smoothed weights. Latents the guide does not sample are summed out of p(x, z)
+    and drawn from p(d | z, x) (module docstring).
     """
 
     pareto_k: float
     ess: float
     log_ratios: np.ndarray  # (S,) raw log p(x, z_s) − log q(z_s)
     log_weights: np.ndarray  # (S,) Pareto-smoothed, normalized: log w̃_s
-    means: dict[str, np.ndarray]  # PSIS-weighted posterior means per latent site
-    guide_means: dict[str, np.ndarray]  # plain means of the same draws under q
+    guide_means: dict[str, np.ndarray]  # plain means of the same draws
+    _weighted_means: dict[str, np.ndarray] = field(repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -255,10 +312,20 @@ class VIDiagnostics:
 
     @property
     def verdict(self) -> str:
-        """"good" (k̂ ≤ 0.5), "ok" (k̂ ≤ 0.7) or "unreliable"."""
+        """"good" (k̂ ≤ 0.5), "ok" (k̂ ≤ 0.7) or "unreliable" (larger, or NaN: no tail fit)."""
         if self.pareto_k <= _K_GOOD:
             return "good"
         return "ok" if self.pareto_k <= _K_OK else "unreliable"
+
+    @property
+    def means(self) -> dict[str, np.ndarray]:
+        """PSIS-weighted posterior means per latent site; ValueError when the verdict is
+        "unreliable"."""
+        if self.verdict == "unreliable":
+            raise ValueError(f"PSIS-weighted means withheld: Pareto k-hat = {self.pareto_k:.3g} "
+                             f"is above {_K_OK}, where importance weighting does not correct the "
+                             "guide; guide_means are the guide's own")
+        return self._weighted_means
 
     @property
     def log_evidence(self) -> float:
@@ -269,27 +336,43 @@ class VIDiagnostics:
         meaning = {"good": "q is close to the posterior",
                    "ok": "usable, better with the PSIS-weighted estimates below",
                    "unreliable": "q is far from the posterior; do not trust its estimates"}
+        if np.isnan(self.pareto_k):
+            meaning["unreliable"] = "no Pareto fit to the largest ratios, which are tied"
         lines = [f"VI diagnostics: PSIS on {self.num_samples} draws from the guide",
                  f"  Pareto k-hat = {self.pareto_k:.3f}: {self.verdict} ({meaning[self.verdict]})",
                  f"  ESS of the importance weights = {self.ess:.1f} "
                  f"({100 * self.ess / self.num_samples:.0f}% of the draws)",
-                 f"  log evidence (IS estimate) = {self.log_evidence:.4g}",
-                 "  posterior means, guide -> PSIS-weighted:"]
+                 f"  log evidence (IS estimate) = {self.log_evidence:.4g}"]
         fmt = {"precision": 4, "threshold": 8, "edgeitems": 3}
-        for name, mean in self.means.items():
-            lines.append(f"    {name}: {np.array2string(self.guide_means[name], **fmt)} -> "
-                         f"{np.array2string(mean, **fmt)}")
+        if self.verdict == "unreliable":
+            lines.append(f"  posterior means under the guide (PSIS-weighted withheld: k-hat not "
+                         f"<= {_K_OK}):")
+            lines += [f"    {name}: {np.array2string(mean, **fmt)}"
+                      for name, mean in self.guide_means.items()]
+        else:
+            lines.append("  posterior means, guide -> PSIS-weighted:")
+            lines += [f"    {name}: {np.array2string(self.guide_means[name], **fmt)} -> "
+                      f"{np.array2string(mean, **fmt)}" for name, mean in self.means.items()]
         return "\n".join(lines)
+
+
+def _is_discrete(fn: Any) -> bool:
+    try:
+        return bool(fn.support.is_discrete)
+    except NotImplementedError:  # a dependent support that does not say
+        return False
 
 
 def vi_diagnostics(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
                    **kwargs: Any) -> VIDiagnostics:
     """PSIS diagnostic of ``guide`` for ``model`` (see :class:`VIDiagnostics`) from
-    ``num_samples`` draws z ~ q; draws are independent, so the relative efficiency r_eff = 1."""
+    ``num_samples`` draws z ~ q; draws are independent, so the relative efficiency r_eff = 1.
+    A continuous latent whose draws are all equal (a point-mass guide such as AutoDelta, which
+    has no density against p(x, z)) is refused by name."""
     draws, prototype = _draw(model, guide, args, kwargs, num_samples)
-    for name in _sample_sites(prototype, lambda site: not site["is_observed"]):
+    for name, site in _sample_sites(prototype, lambda site: not site["is_observed"]).items():
         value = draws.latent[name]
-        if value.is_floating_point() and (value == value[0]).all():
+        if not _is_discrete(site["fn"]) and (value == value[0]).all():
             raise ValueError(f"all {num_samples} draws of site '{name}' are equal: a point-mass "
                              "guide (such as AutoDelta) has no density to weigh against p(x, z)")
     log_ratios = _numpy(draws.log_joint - draws.log_q).astype(np.float64)
@@ -303,6 +386,5 @@ def vi_diagnostics(model: Callable, guide: Callable, *args: Any, num_samples: in
     latent = {name: _numpy(v).astype(np.float64) for name, v in draws.latent.items()}
     return VIDiagnostics(
         pareto_k=k_hat, ess=float(1.0 / np.sum(weights**2)), log_ratios=log_ratios,
-        log_weights=log_weights,
-        means={name: np.tensordot(weights, v, axes=1) for name, v in latent.items()},
-        guide_means={name: v.mean(0) for name, v in latent.items()})
+        log_weights=log_weights, guide_means={name: v.mean(0) for name, v in latent.items()},
+        _weighted_means={name: np.tensordot(weights, v, axes=1) for name, v in latent.items()})
