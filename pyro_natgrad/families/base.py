@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -60,7 +61,8 @@ class ExponentialFamily:
 
     def distribution(self, *args: Tensor) -> Distribution:
         """Builds the distribution from its constructor arguments."""
-        return self.dist_class(**dict(zip(self.arg_names, args, strict=True)), validate_args=False)
+        build: Callable[..., Distribution] = self.dist_class  # a subclass: takes ``arg_names``
+        return build(**dict(zip(self.arg_names, args, strict=True)), validate_args=False)
 
     def event_rank(self) -> int:
         """Event rank of a sample z (0 for scalar families, 1 for vector-valued ones)."""
@@ -106,7 +108,7 @@ class ExponentialFamily:
         None where the family has no closed-form product."""
         if self.args_fisher_product(args, args) is None:
             return None
-        return lambda v: self.args_fisher_product(args, v)
+        return lambda v: cast(Params, self.args_fisher_product(args, v))
 
     def natural_to_mean(self, *eta: Tensor) -> Params:
         """μ(η) = ∇A(η)."""
@@ -170,7 +172,8 @@ class ExponentialFamily:
 
     def inner(self, eta: Params, mu: Params) -> Tensor:
         """<η, μ> summed over each parameter's event dimensions (batch shape)."""
-        return sum(self._inner(e, m, k) for e, m, k in zip(eta, mu, self.event_dims, strict=True))
+        return cast(Tensor, sum(self._inner(e, m, k)
+                                for e, m, k in zip(eta, mu, self.event_dims, strict=True)))
 
     @staticmethod
     def _inner(a: Tensor, b: Tensor, event_dim: int) -> Tensor:
