@@ -85,6 +85,28 @@ def test_kl_both_ways_equal_torch(dtype, tol):
     torch.testing.assert_close(step.reverse_kl, kl_divergence(new, q), rtol=tol, atol=tol)
 
 
+def test_retraction_equals_the_family_retraction():
+    """Where the plain step leaves the domain, retract=True equals MultivariateNormal.retract
+    (Lin, Schmidt & Khan 2020, eq. 7) applied to δ = −ρ∂L/∂μ, and its KLs equal torch's."""
+    loc, tril, d_loc, d_tril = _problem((3,), 6, seed=11, grad_scale=2.0)
+    rate = 0.9
+    direction = gaussian_direction(loc, tril, d_loc, d_tril, retraction=True)
+    assert not bool(natural_step(direction, rate).ok.all())  # the plain step leaves the domain
+    step = natural_step(direction, rate, retract=True, reverse_kl=True)
+    assert bool(step.ok.all())
+    eta = FAMILY.args_to_natural(loc, tril)
+    dmu = FAMILY.mean_gradient((loc, tril), (d_loc, d_tril))
+    new_loc, new_tril = FAMILY.natural_to_args(*FAMILY.retract(eta, tuple(-rate * x
+                                                                          for x in dmu)))
+    torch.testing.assert_close(step.loc, new_loc, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(step.scale_tril, new_tril, rtol=1e-9, atol=1e-9)
+    q, new = TorchMVN(loc, scale_tril=tril), TorchMVN(step.loc, scale_tril=step.scale_tril)
+    torch.testing.assert_close(step.kl, kl_divergence(q, new), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(step.reverse_kl, kl_divergence(new, q), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="retraction=True"):
+        natural_step(gaussian_direction(loc, tril, d_loc, d_tril), rate, retract=True)
+
+
 def test_float32_agrees_with_float64():
     args64 = _problem((3,), 10, seed=3)
     step64 = natural_step(gaussian_direction(*args64), 0.5, precision_rate=0.25)
@@ -221,9 +243,9 @@ def test_lanczos_invariant_subspace_stays_finite():
 
 
 def test_op_count():
-    """Forming S: one d×d product; each candidate: one factorization and one triangular solve
-    with a d×d right-hand side (two O(d³) calls), three with the reverse KL; the Lanczos bound
-    none."""
+    """Forming S: one d×d product (two with S² for the retraction); each candidate: one
+    factorization and one triangular solve with a d×d right-hand side (two O(d³) calls), three
+    with the reverse KL; the Lanczos bound none."""
     d = 40
     loc, tril, d_loc, d_tril = _problem((2,), d, seed=10)
     with count_ops(d) as ops:
@@ -238,6 +260,12 @@ def test_op_count():
     with count_ops(d) as ops:
         max_precision_rate(direction.whitened_cov, iters=10)
     assert ops.cubic == 0, ops.calls
+    with count_ops(d) as ops:  # the retraction: S² once per step, nothing more per candidate
+        retracting = gaussian_direction(loc, tril, d_loc, d_tril, retraction=True)
+    assert ops.factorizations == 0 and ops.cubic == 2, ops.calls
+    with count_ops(d) as ops:
+        natural_step(retracting, 0.7, retract=True)
+    assert ops.factorizations == 1 and ops.cubic == 2, ops.calls
 
 
 def test_op_counter_counts():

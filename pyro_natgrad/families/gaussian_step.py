@@ -20,14 +20,18 @@ constraint in the Bayesian learning rule", ICML) and Lin, Duruisseaux, Leok, Nie
 Schmidt (2021, "Structured second-order methods via natural gradient descent", arXiv:2107.10884).
 With v = Lᵀ∂L/∂m and w = U⁻¹v, m' = m − ρ L'w, and the exact divergences need only U:
 
-    KL(q ‖ q') = ½[tr B − d − log|B| + ρ²|w|²] = ½[ρ_Λ tr S − log|B| + ρ²|w|²],
+    KL(q ‖ q') = ½[tr B − d − log|B| + ρ²|w|²]   (tr B − d = ρ_Λ tr S),
     KL(q' ‖ q) = ½[tr B⁻¹ − d + log|B| + ρ²|U⁻ᵀw|²],
 
 from KL(N₀ ‖ N₁) = ½[tr Σ₁⁻¹Σ₀ − d + (m₁ − m₀)ᵀΣ₁⁻¹(m₁ − m₀) + log|Σ₁|/|Σ₀|] with
 tr(Λ'Σ) = tr B, |Σ'|/|Σ| = |B|⁻¹, (m' − m)ᵀΛ'(m' − m) = ρ²|w|² and
 (m' − m)ᵀΛ(m' − m) = ρ²|U⁻ᵀw|².
 
-B is positive definite, i.e. the step stays in the domain, iff ρ_Λ λ_min(S) > −1;
+The retraction of Lin, Schmidt & Khan (2020), eq. 7, Λ' = Λ + G + ½GΛ⁻¹G with G = 2ρ_Λ∂L/∂Σ
+(the mean as above), whitens to B = I + ρ_ΛS + ½ρ_Λ²S² = ½I + ½(I + ρ_ΛS)², positive definite for
+every rate; the same factorization and formulas serve, with tr B − d = ρ_Λ tr S + ½ρ_Λ²|S|²_F.
+
+The plain B is positive definite, i.e. the step stays in the domain, iff ρ_Λ λ_min(S) > −1;
 :func:`max_precision_rate` estimates that bound by Lanczos iterations (O(d²) each) before any
 factorization. Cost: forming S is one d×d matrix product per step (:func:`gaussian_direction`);
 each candidate rate then takes one Cholesky of B and one triangular solve with a matrix
@@ -49,12 +53,13 @@ __all__ = ["GaussianDirection", "GaussianStep", "gaussian_direction", "natural_s
 class GaussianDirection:
     """The gradient of one step, whitened by the current factor: ``whitened_loc`` v = Lᵀ∂L/∂m
     (…, d) and ``whitened_cov`` S = 2Lᵀ(∂L/∂Σ)L (…, d, d, symmetric), with the current ``loc``
-    m and ``scale_tril`` L."""
+    m and ``scale_tril`` L; ``whitened_cov_square`` S² where the retraction was asked for."""
 
     loc: Tensor
     scale_tril: Tensor
     whitened_loc: Tensor
     whitened_cov: Tensor
+    whitened_cov_square: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,13 @@ class GaussianStep:
     ok: Tensor
 
 
-def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor,
-                       d_scale_tril: Tensor) -> GaussianDirection:
+def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor, d_scale_tril: Tensor,
+                       *, retraction: bool = False) -> GaussianDirection:
     """Whitens the loss's gradient in the distribution's arguments (``args_gradient``), ∂L/∂m and
     ∂L/∂L, for :func:`natural_step`: v = Lᵀ∂L/∂m and S = tril(P) + tril(P)ᵀ − diag(P),
     P = Lᵀ tril(∂L/∂L) (the Cholesky reverse rule, see the module docstring). One d×d matrix
-    product; only the lower triangle of ``d_scale_tril`` is read."""
+    product, and a second for S² with ``retraction`` (for ``natural_step(..., retract=True)``);
+    only the lower triangle of ``d_scale_tril`` is read."""
     d = loc.shape[-1] if loc.dim() else 0
     if loc.dim() < 1 or scale_tril.dim() < 2 or scale_tril.shape[-2:] != (d, d):
         raise ValueError(f"gaussian_direction: loc must be (..., d) and scale_tril (..., d, d), "
@@ -91,33 +97,42 @@ def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor,
     lower = p.tril(-1)
     s = lower + lower.mT + torch.diag_embed(p.diagonal(dim1=-2, dim2=-1))
     v = (scale_tril.mT @ d_loc.unsqueeze(-1)).squeeze(-1)
-    return GaussianDirection(loc, scale_tril, v, s)
+    return GaussianDirection(loc, scale_tril, v, s, s @ s if retraction else None)
 
 
 def natural_step(direction: GaussianDirection, rate: float | Tensor,
-                 precision_rate: float | Tensor | None = None, *,
-                 reverse_kl: bool = False) -> GaussianStep:
+                 precision_rate: float | Tensor | None = None, *, reverse_kl: bool = False,
+                 retract: bool = False) -> GaussianStep:
     """The candidate m' = m − ρ Λ'⁻¹∂L/∂m, Λ' = Λ + 2ρ_Λ ∂L/∂Σ (module docstring) for ``rate`` ρ
     and ``precision_rate`` ρ_Λ (default ρ: the plain natural step η ← η − ρ∂L/∂μ), each a
     number or a tensor of the batch shape (a rate per batch element). One Cholesky
     (``cholesky_ex``: a B that is not positive definite is reported in ``ok``, never raised) and
     one triangular solve with a d×d right-hand side; ``reverse_kl`` adds a ``cholesky_inverse``
-    for tr B⁻¹."""
+    for tr B⁻¹. ``retract``: the precision by Lin, Schmidt & Khan's retraction (module docstring),
+    in the domain for every rate; needs ``gaussian_direction(..., retraction=True)``."""
     loc, tril, v, s = (direction.loc, direction.scale_tril, direction.whitened_loc,
                        direction.whitened_cov)
     rho = _rate("rate", rate, s)
     rho_lam = rho if precision_rate is None else _rate("precision_rate", precision_rate, s)
     d = s.shape[-1]
     eye = torch.eye(d, dtype=s.dtype, device=s.device)
-    b = rho_lam[..., None, None] * s + eye
+    rho_s = rho_lam[..., None, None] * s
+    trace_s = s.diagonal(dim1=-2, dim2=-1).sum(-1)
+    excess = rho_lam * trace_s  # tr B − d
+    if retract:
+        if direction.whitened_cov_square is None:
+            raise ValueError("natural_step: retract=True needs the direction built with "
+                             "gaussian_direction(..., retraction=True) (its S²)")
+        rho_s = rho_s + 0.5 * rho_lam[..., None, None].square() * direction.whitened_cov_square
+        excess = excess + 0.5 * rho_lam.square() * s.square().sum((-2, -1))
+    b = rho_s + eye
     flipped, info = torch.linalg.cholesky_ex(b.flip(-2, -1))  # JBJ = L_f L_fᵀ, U = J L_f J
     u = flipped.flip(-2, -1)
     new_tril = torch.linalg.solve_triangular(u.mT, tril, upper=False, left=False)  # L U⁻ᵀ
     w = torch.linalg.solve_triangular(u, v.unsqueeze(-1), upper=True)  # U⁻¹ v
     new_loc = loc - rho[..., None] * (new_tril @ w).squeeze(-1)
     log_det = 2 * flipped.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # log|B|
-    trace_s = s.diagonal(dim1=-2, dim2=-1).sum(-1)
-    kl = 0.5 * (rho_lam * trace_s - log_det + rho.square() * w.squeeze(-1).square().sum(-1))
+    kl = 0.5 * (excess - log_det + rho.square() * w.squeeze(-1).square().sum(-1))
     ok = (info == 0) & torch.isfinite(kl)
     reverse = None
     if reverse_kl:
