@@ -11,6 +11,7 @@ knows about optimizers.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,43 +152,61 @@ class Group:
 
 
 class GuideReader:
-    """Finds the guide's latent sites and the param leaves behind each of them."""
+    """Finds the guide's latent sites and the param leaves behind each of them.
+
+    An ``nn.Module`` guide gets a forward pre-hook, :func:`_record_call`, a module-level function
+    that keeps the arguments of the guide's last call in a weak-keyed map, so neither the guide nor
+    the reader holds a trace or a tensor of the graph: both can be pickled, ``torch.save``-d and
+    deep-copied after any step (the caches ``last_trace`` and the dependency structure are
+    dropped, and rebuilt on the next :meth:`read`).
+    """
 
     def __init__(self, guide: Callable):
         self.guide = guide
-        self._last_call: tuple[tuple, dict] | None = None
         self.last_trace: poutine.Trace | None = None
         self._structure: dict[tuple, tuple] = {}
-        if isinstance(guide, torch.nn.Module):
-            guide.register_forward_pre_hook(self._record, with_kwargs=True)
+        if isinstance(guide, torch.nn.Module) and not any(
+                hook is _record_call for hook in guide._forward_pre_hooks.values()):
+            guide.register_forward_pre_hook(_record_call, with_kwargs=True)
 
-    def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._last_call = (args, kwargs)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "last_trace": None, "_structure": {}}
 
-    def _call_args(self) -> tuple[tuple, dict]:
-        recorded = getattr(self.guide, "last_call", None) or self._last_call
-        return recorded if recorded is not None else ((), {})
+    def _recorded(self) -> tuple[tuple, dict] | None:
+        if isinstance(self.guide, torch.nn.Module):
+            return _LAST_CALLS.get(self.guide)
+        return getattr(self.guide, "last_call", None)
 
     def trace(self, replay: poutine.Trace | None = None) -> poutine.Trace:
         """Runs the guide on its last arguments; the global RNG state is left as it was.
         With ``replay``, every sample site takes its value from that trace (so a site that
         depends on an earlier site's sample is built at the same value)."""
-        args, kwargs = self._call_args()
+        recorded = self._recorded()
+        args, kwargs = recorded if recorded is not None else ((), {})
         guide = self.guide if replay is None else poutine.replay(self.guide, trace=replay)
         with torch.random.fork_rng(devices=_devices()), torch.enable_grad():
             try:
                 trace = poutine.trace(guide).get_trace(*args, **kwargs)
-                if replay is None:
-                    self.last_trace = trace
-                return trace
             except TypeError as e:
-                if self._last_call is None and getattr(self.guide, "last_call", None) is None:
-                    raise TypeError(
-                        f"could not re-run guide {getattr(self.guide, '__name__', self.guide)!r} "
-                        "without arguments; wrap a plain-function guide once with "
-                        "`guide = pyro_natgrad.record_args(guide)` and pass the wrapped guide to "
-                        "SVI") from e
-                raise
+                if recorded is not None:
+                    raise
+                if isinstance(self.guide, torch.nn.Module):
+                    raise ValueError(
+                        f"the optimizer's guide {_name(self.guide)} (object at "
+                        f"{id(self.guide):#x}) has not been called since the optimizer was "
+                        "built and cannot run without arguments, so it is not the guide SVI "
+                        "runs (a rebuilt copy, or the model); the optimizer needs the same guide "
+                        "object as SVI: `SVI(model, guide, NaturalGradient(guide), loss)`") from e
+                raise TypeError(
+                    f"could not re-run {_name(self.guide)} without arguments: the optimizer "
+                    "re-runs its guide on the arguments of the guide's last call, which it "
+                    "records for nn.Module guides (every AutoGuide and PyroModule) and for "
+                    "plain functions wrapped once with `guide = pyro_natgrad.record_args(guide)` "
+                    "(then pass the wrapped guide to SVI and to the optimizer); if this is the "
+                    "model, build the optimizer on the guide") from e
+        if replay is None:
+            self.last_trace = trace
+        return trace
 
     def read(self, leaves: dict[str, Tensor]) -> list[Group]:
         """Latent sites grouped by shared params; ``leaves`` are the params being optimized."""
@@ -207,12 +226,28 @@ class GuideReader:
             if site is not None:
                 sites.append(site)
         if not sites:
-            raise ValueError(
-                f"guide {getattr(self.guide, '__name__', type(self.guide).__name__)!r} has no "
-                "latent sample site whose distribution depends on a continuous param (point "
-                "masses such as AutoDelta's are not distributions), so a geometric optimizer has "
-                "nothing to precondition; use a plain Pyro optimizer such as pyro.optim.Adam")
+            raise ValueError(self._nothing_to_step(trace, leaves))
         return _group(sites)
+
+    def _nothing_to_step(self, trace: poutine.Trace, leaves: dict[str, Tensor]) -> str:
+        """Why a guide read gave no site to step: the model passed as the guide, a guide whose
+        params are not the ones SVI optimizes (another object), or a guide without any."""
+        observed = [n for n, node in trace.nodes.items()
+                    if node["type"] == "sample" and node["is_observed"]]
+        own = [n for n, node in trace.nodes.items() if node["type"] == "param"]
+        if observed:
+            return (f"{_name(self.guide)} has observed sample site(s) {observed[:3]} and no "
+                    "latent site built from params: it looks like the model; build the "
+                    "optimizer on the guide SVI runs: `SVI(model, guide, NaturalGradient(guide), "
+                    "loss)`")
+        if own and not set(own) & set(leaves):
+            return (f"the params SVI optimizes ({sorted(leaves)[:4]}) include none of guide "
+                    f"{_name(self.guide)}'s ({own[:4]}): the optimizer needs the same guide "
+                    "object as SVI: `SVI(model, guide, NaturalGradient(guide), loss)`")
+        return (f"guide {_name(self.guide)} has no latent sample site whose distribution depends "
+                "on a continuous param (point masses such as AutoDelta's are not "
+                "distributions), so a geometric optimizer has nothing to precondition; use a "
+                "plain Pyro optimizer such as pyro.optim.Adam")
 
     def _site(self, name: str, fn: Distribution, base: Distribution, copies: float,
               scale: float, leaves: dict[str, Tensor]) -> Site | None:
@@ -285,6 +320,19 @@ class GuideReader:
             return None
         store = pyro.get_param_store()
         return ScaledUnitCholesky(names, tuple(store._constraints[n] for n in names))
+
+
+_LAST_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _record_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """The forward pre-hook of an ``nn.Module`` guide: remembers the arguments of its last call
+    (by a module-level function and a weak-keyed map, so the guide stays picklable)."""
+    _LAST_CALLS[module] = (args, kwargs)
+
+
+def _name(guide: Callable) -> str:
+    return repr(getattr(guide, "__name__", type(guide).__name__))
 
 
 def _devices() -> list[int]:
