@@ -28,15 +28,20 @@ def bures_step(loc: Tensor, scale_tril: Tensor, grad_loc: Tensor, grad_cov: Tens
                h: float) -> tuple[Tensor, Tensor]:
     """(m − h∇ₘL, L') with L'L'ᵀ = (I − hM) LLᵀ (I − hM), M = ∇_ΣL + ∇_ΣLᵀ, batched.
 
-    L' is the lower Cholesky factor of Σ' taken from the QR decomposition ((I − hM)L)ᵀ = QR,
-    L' = Rᵀ diag(sign Rᵢᵢ), so Σ is never formed: the factor's condition number, not its square,
-    limits the precision (this matters in float32). A zero on the diagonal of L' means I − hM is
-    singular and Σ' only semidefinite.
+    L' = :func:`tril_of_root` ((I − hM)L), so Σ is never formed (this matters in float32). A zero
+    on the diagonal of L' means I − hM is singular and Σ' only semidefinite.
     """
     eye = torch.eye(loc.shape[-1], dtype=loc.dtype, device=loc.device)
     a = eye - h * (grad_cov + grad_cov.mT)
-    r = torch.linalg.qr((a @ scale_tril).mT, mode="r")[1]
-    return loc - h * grad_loc, r.mT * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
+    return loc - h * grad_loc, tril_of_root(a @ scale_tril)
+
+
+def tril_of_root(root: Tensor) -> Tensor:
+    """The lower Cholesky factor L of B Bᵀ for a square B (batched), from the QR decomposition
+    Bᵀ = QR: L = Rᵀ diag(sign Rᵢᵢ). B Bᵀ is never formed, so B's condition number, not its square,
+    limits the precision; a zero on L's diagonal means B is singular."""
+    r = torch.linalg.qr(root.mT, mode="r")[1]
+    return r.mT * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
 def gaussian_vi_flow(log_density: Callable[[Tensor], Tensor], loc: Tensor, cov: Tensor,
