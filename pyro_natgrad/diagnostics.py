@@ -20,9 +20,9 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import pyro
@@ -42,20 +42,21 @@ from . import _arviz_compat
 _DRAW_PLATE = "_pyro_natgrad_draws"
 
 
-def _is_observation(site: dict | Message) -> bool:
+def _is_observation(site: Message) -> bool:
     """Observed data: not a latent, a ``pyro.deterministic`` or a ``pyro.factor`` site."""
-    infer = site["infer"]
+    infer = site["infer"] or {}
     return site["is_observed"] and not infer.get("_deterministic") and not infer.get("is_auxiliary")
 
 
-def _is_latent(site: dict) -> bool:
+def _is_latent(site: Message) -> bool:
     """What the posterior group holds: sampled latents and ``pyro.deterministic`` values."""
-    return not site["is_observed"] or bool(site["infer"].get("_deterministic"))
+    return not site["is_observed"] or bool((site["infer"] or {}).get("_deterministic"))
 
 
-def _sample_sites(trace: Trace, keep: Callable[[dict], bool]) -> dict[str, dict]:
-    return {name: site for name, site in trace.nodes.items()
-            if site["type"] == "sample" and keep(site)}
+def _sample_sites(trace: Trace, keep: Callable[[Message], bool]) -> dict[str, Message]:
+    return {
+        name: site for name, site in trace.nodes.items() if site["type"] == "sample" and keep(site)
+    }
 
 
 class _RedrawObservations(UnconditionMessenger):
@@ -67,9 +68,15 @@ class _RedrawObservations(UnconditionMessenger):
             super()._pyro_sample(msg)
 
 
-def _traces(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-            wrap: Callable[[Callable], Callable], hidden: frozenset[str] = frozenset(),
-            enum_dim: int = -1) -> tuple[Trace, Trace, Trace, Trace]:
+def _traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    wrap: Callable[[Callable], Callable],
+    hidden: frozenset[str] = frozenset(),
+    enum_dim: int = -1,
+) -> tuple[Trace, Trace, Trace, Trace]:
     """Guide trace (z ~ q); model trace replayed on it (observations as given, the ``hidden``
     latents drawn from p(d | z, x)); a model trace with every latent replayed from it and the
     observations re-drawn; and the trace whose log densities give log p(x, z) (with ``hidden``
@@ -80,15 +87,19 @@ def _traces(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     joint_trace = None
     if hidden:
         replayed = poutine.infer_config(
-            replayed, lambda msg: {"enumerate": "parallel"} if msg["name"] in hidden else {})
-        joint_trace = poutine.trace(poutine.enum(replayed, first_available_dim=enum_dim)
-                                    ).get_trace(*args, **kwargs)
+            replayed, lambda msg: {"enumerate": "parallel"} if msg["name"] in hidden else {}
+        )
+        joint_trace = poutine.trace(poutine.enum(replayed, first_available_dim=enum_dim)).get_trace(
+            *args, **kwargs
+        )
         replayed = infer_discrete(replayed, first_available_dim=enum_dim)
     model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     replicate = _RedrawObservations()(poutine.replay(wrap(model), trace=model_trace))
     predictive_trace = poutine.trace(replicate).get_trace(*args, **kwargs)
-    traces = [prune_subsample_sites(t) for t in (guide_trace, model_trace, predictive_trace,
-                                                 joint_trace or model_trace)]
+    traces = [
+        prune_subsample_sites(t)
+        for t in (guide_trace, model_trace, predictive_trace, joint_trace or model_trace)
+    ]
     for trace in (traces[0], traces[1], traces[3]):
         trace.compute_log_prob()
     return traces[0], traces[1], traces[2], traces[3]
@@ -100,11 +111,12 @@ def _hidden_latents(guide_trace: Trace, model_trace: Trace) -> frozenset[str]:
     latent = _sample_sites(model_trace, lambda site: not site["is_observed"])
     hidden = {name: site for name, site in latent.items() if name not in guide_trace.nodes}
     for name, site in hidden.items():
-        if not site["fn"].has_enumerate_support:
+        if not getattr(site["fn"], "has_enumerate_support", False):
             raise ValueError(
                 f"site '{name}' is a latent of the model that the guide does not sample, and its "
                 f"{type(site['fn']).__name__} distribution has no finite support to sum it out "
-                "over: the guide must sample every latent without finite support")
+                "over: the guide must sample every latent without finite support"
+            )
     return frozenset(hidden)
 
 
@@ -113,12 +125,16 @@ def _log_joint(trace: Trace, keep: str | None = None) -> torch.Tensor:
     ``contract_to_tensor``); every plate is summed but the one of symbol ``keep``."""
     factors: OrderedDict[frozenset[str], list[torch.Tensor]] = OrderedDict()
     for site in _sample_sites(trace, lambda site: True).values():
-        ordinal = frozenset(trace.plate_to_symbol[frame.name]
-                            for frame in site["cond_indep_stack"] if frame.vectorized)
+        ordinal = frozenset(
+            trace.plate_to_symbol[frame.name]
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        )
         factors.setdefault(ordinal, []).append(site["packed"]["log_prob"])
     enum_symbols = set(trace.symbol_to_dim) - set(trace.plate_to_symbol.values())
-    return contract_to_tensor(factors, enum_symbols,
-                              target_ordinal=frozenset([keep] if keep else []))
+    return contract_to_tensor(
+        factors, enum_symbols, target_ordinal=frozenset([keep] if keep else [])
+    )
 
 
 @dataclass(frozen=True)
@@ -141,43 +157,67 @@ class _Draws:
         return _Draws(**{f.name: join([getattr(p, f.name) for p in parts]) for f in fields(_Draws)})
 
 
-def _collect(traces: tuple[Trace, Trace, Trace, Trace], prototype: Trace, num: int,
-             log_joint: torch.Tensor, log_q: torch.Tensor) -> _Draws:
+def _collect(
+    traces: tuple[Trace, Trace, Trace, Trace],
+    prototype: Trace,
+    num: int,
+    log_joint: torch.Tensor,
+    log_q: torch.Tensor,
+) -> _Draws:
     """Read ``num`` draws off the traces, reshaped to the sites' shapes in ``prototype`` (a model
     trace of one draw). A tensor whose size is not ``num`` times the prototype's is an error."""
     _, model_trace, predictive_trace, _ = traces
 
-    def take(trace: Trace, name: str, key: str) -> torch.Tensor:
-        tensor, shape = trace.nodes[name][key], prototype.nodes[name][key].shape
+    def take(trace: Trace, name: str, key: Literal["value", "unscaled_log_prob"]) -> torch.Tensor:
+        tensor: Any = trace.nodes[name][key]
+        shape = cast(torch.Tensor, prototype.nodes[name][key]).shape
         if tensor.numel() != num * shape.numel():
-            raise ValueError(f"site '{name}': {key} of shape {tuple(tensor.shape)} for {num} draws "
-                             f"does not match shape {tuple(shape)} of one draw")
+            raise ValueError(
+                f"site '{name}': {key} of shape {tuple(tensor.shape)} for {num} draws "
+                f"does not match shape {tuple(shape)} of one draw"
+            )
         return tensor.reshape(num, *shape)
 
     observed = _sample_sites(prototype, _is_observation)
     return _Draws(
-        latent={name: take(model_trace, name, "value")
-                for name in _sample_sites(prototype, _is_latent)},
+        latent={
+            name: take(model_trace, name, "value") for name in _sample_sites(prototype, _is_latent)
+        },
         predictive={name: take(predictive_trace, name, "value") for name in observed},
         log_lik={name: take(model_trace, name, "unscaled_log_prob") for name in observed},
-        log_joint=log_joint.reshape(num), log_q=log_q.reshape(num))
+        log_joint=log_joint.reshape(num),
+        log_q=log_q.reshape(num),
+    )
 
 
 def _max_plate_nesting(*traces: Trace) -> int:
-    dims = [frame.dim for trace in traces for site in trace.nodes.values()
-            if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized]
+    dims = [
+        frame.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
     return -min(dims, default=0)
 
 
-def _draw_vectorized(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                     prototype: tuple[Trace, ...], hidden: frozenset[str],
-                     num_samples: int) -> _Draws:
+def _draw_vectorized(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    prototype: tuple[Trace, ...],
+    hidden: frozenset[str],
+    num_samples: int,
+) -> _Draws:
     dim = -_max_plate_nesting(*prototype[:2]) - 1
 
     def wrap(fn):
         def vectorized(*args, **kwargs):
             with pyro.plate(_DRAW_PLATE, num_samples, dim=dim):
                 return fn(*args, **kwargs)
+
         return vectorized
 
     traces = _traces(model, guide, args, kwargs, wrap, hidden, enum_dim=dim - 1)
@@ -185,22 +225,47 @@ def _draw_vectorized(model: Callable, guide: Callable, args: tuple, kwargs: dict
     guide_trace.pack_tensors()
     joint_trace.pack_tensors(guide_trace.plate_to_symbol)
     symbol = guide_trace.plate_to_symbol[_DRAW_PLATE]
-    return _collect(traces, prototype[1], num_samples, _log_joint(joint_trace, symbol),
-                    plate_log_prob_sum(guide_trace, symbol))
+    return _collect(
+        traces,
+        prototype[1],
+        num_samples,
+        _log_joint(joint_trace, symbol),
+        plate_log_prob_sum(guide_trace, symbol),
+    )
 
 
-def _draw_one(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-              prototype: tuple[Trace, ...], hidden: frozenset[str]) -> _Draws:
-    traces = _traces(model, guide, args, kwargs, lambda fn: fn, hidden,
-                     enum_dim=-_max_plate_nesting(*prototype[:2]) - 1)
+def _draw_one(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    prototype: tuple[Trace, ...],
+    hidden: frozenset[str],
+) -> _Draws:
+    traces = _traces(
+        model,
+        guide,
+        args,
+        kwargs,
+        lambda fn: fn,
+        hidden,
+        enum_dim=-_max_plate_nesting(*prototype[:2]) - 1,
+    )
     guide_trace, _, _, joint_trace = traces
     joint_trace.pack_tensors()
-    return _collect(traces, prototype[1], 1, _log_joint(joint_trace), guide_trace.log_prob_sum())
+    return _collect(
+        traces,
+        prototype[1],
+        1,
+        _log_joint(joint_trace),
+        torch.as_tensor(guide_trace.log_prob_sum()),
+    )
 
 
 @torch.no_grad()
-def _draw(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-          num_samples: int) -> tuple[_Draws, Trace]:
+def _draw(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_samples: int
+) -> tuple[_Draws, Trace]:
     """``num_samples`` draws, and a model trace of one draw (site shapes, plates, observations)."""
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
@@ -210,14 +275,18 @@ def _draw(model: Callable, guide: Callable, args: tuple, kwargs: dict,
         draws = _draw_vectorized(model, guide, args, kwargs, prototype, hidden, num_samples)
     except Exception as error:  # whatever stops the vectorized pass, the loop may still work
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        warnings.warn(f"model and guide could not be run vectorized over draws ({reason}); "
-                      f"drawing {num_samples} samples one at a time", stacklevel=3)
-        draws = _Draws.cat([_draw_one(model, guide, args, kwargs, prototype, hidden)
-                            for _ in range(num_samples)])
+        warnings.warn(
+            f"model and guide could not be run vectorized over draws ({reason}); "
+            f"drawing {num_samples} samples one at a time",
+            stacklevel=3,
+        )
+        draws = _Draws.cat(
+            [_draw_one(model, guide, args, kwargs, prototype, hidden) for _ in range(num_samples)]
+        )
     return draws, prototype[1]
 
 
-def _dim_names(name: str, site: dict) -> list[str]:
+def _dim_names(name: str, site: Mapping[str, Any]) -> list[str]:
     """Axis names of a site's value: the plate's name for a plate's axis, else ``<site>_dim_<i>``
     (ArviZ's default)."""
     value_dims = site["value"].dim()
@@ -251,12 +320,13 @@ def _tensor_arguments(model: Callable, args: tuple, kwargs: dict) -> dict[str, t
     return {name: value for name, value in named.items() if torch.is_tensor(value)}
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
+def _numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def to_inference_data(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
-                      **kwargs: Any) -> Any:
+def to_inference_data(
+    model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any
+) -> Any:
     """ArviZ InferenceData (a DataTree under ArviZ 1.x) of ``num_samples`` draws z ~ q, one chain.
 
     Groups: ``posterior`` (every latent site of the model, and ``pyro.deterministic`` sites, in the
@@ -276,8 +346,11 @@ def to_inference_data(model: Callable, guide: Callable, *args: Any, num_samples:
         "posterior_predictive": {name: _numpy(v)[None] for name, v in draws.predictive.items()},
         "log_likelihood": {name: _numpy(v)[None] for name, v in draws.log_lik.items()},
         "observed_data": {name: _numpy(site["value"]) for name, site in observed.items()},
-        "constant_data": {name: _numpy(v) for name, v in _tensor_arguments(model, args, kwargs)
-                          .items() if id(v) not in observed_ids},
+        "constant_data": {
+            name: _numpy(v)
+            for name, v in _tensor_arguments(model, args, kwargs).items()
+            if id(v) not in observed_ids
+        },
     }
     return _arviz_compat.from_dict({g: v for g, v in groups.items() if v}, dims=dims)
 
@@ -312,7 +385,7 @@ class VIDiagnostics:
 
     @property
     def verdict(self) -> str:
-        """"good" (k̂ ≤ 0.5), "ok" (k̂ ≤ 0.7) or "unreliable" (larger, or NaN: no tail fit)."""
+        """ "good" (k̂ ≤ 0.5), "ok" (k̂ ≤ 0.7) or "unreliable" (larger, or NaN: no tail fit)."""
         if self.pareto_k <= _K_GOOD:
             return "good"
         return "ok" if self.pareto_k <= _K_OK else "unreliable"
@@ -322,9 +395,11 @@ class VIDiagnostics:
         """PSIS-weighted posterior means per latent site; ValueError when the verdict is
         "unreliable"."""
         if self.verdict == "unreliable":
-            raise ValueError(f"PSIS-weighted means withheld: Pareto k-hat = {self.pareto_k:.3g} "
-                             f"is above {_K_OK}, where importance weighting does not correct the "
-                             "guide; guide_means are the guide's own")
+            raise ValueError(
+                f"PSIS-weighted means withheld: Pareto k-hat = {self.pareto_k:.3g} "
+                f"is above {_K_OK}, where importance weighting does not correct the "
+                "guide; guide_means are the guide's own"
+            )
         return self._weighted_means
 
     @property
@@ -333,26 +408,35 @@ class VIDiagnostics:
         return float(logsumexp(self.log_ratios) - np.log(self.num_samples))
 
     def __str__(self) -> str:
-        meaning = {"good": "q is close to the posterior",
-                   "ok": "usable, better with the PSIS-weighted estimates below",
-                   "unreliable": "q is far from the posterior; do not trust its estimates"}
+        meaning = {
+            "good": "q is close to the posterior",
+            "ok": "usable, better with the PSIS-weighted estimates below",
+            "unreliable": "q is far from the posterior; do not trust its estimates",
+        }
         if np.isnan(self.pareto_k):
             meaning["unreliable"] = "no Pareto fit to the largest ratios, which are tied"
-        lines = [f"VI diagnostics: PSIS on {self.num_samples} draws from the guide",
-                 f"  Pareto k-hat = {self.pareto_k:.3f}: {self.verdict} ({meaning[self.verdict]})",
-                 f"  ESS of the importance weights = {self.ess:.1f} "
-                 f"({100 * self.ess / self.num_samples:.0f}% of the draws)",
-                 f"  log evidence (IS estimate) = {self.log_evidence:.4g}"]
-        fmt = {"precision": 4, "threshold": 8, "edgeitems": 3}
+        lines = [
+            f"VI diagnostics: PSIS on {self.num_samples} draws from the guide",
+            f"  Pareto k-hat = {self.pareto_k:.3f}: {self.verdict} ({meaning[self.verdict]})",
+            f"  ESS of the importance weights = {self.ess:.1f} "
+            f"({100 * self.ess / self.num_samples:.0f}% of the draws)",
+            f"  log evidence (IS estimate) = {self.log_evidence:.4g}",
+        ]
+
+        def show(array: np.ndarray) -> str:
+            return np.array2string(array, precision=4, threshold=8, edgeitems=3)
+
         if self.verdict == "unreliable":
-            lines.append(f"  posterior means under the guide (PSIS-weighted withheld: k-hat not "
-                         f"<= {_K_OK}):")
-            lines += [f"    {name}: {np.array2string(mean, **fmt)}"
-                      for name, mean in self.guide_means.items()]
+            lines.append(
+                f"  posterior means under the guide (PSIS-weighted withheld: k-hat not <= {_K_OK}):"
+            )
+            lines += [f"    {name}: {show(mean)}" for name, mean in self.guide_means.items()]
         else:
             lines.append("  posterior means, guide -> PSIS-weighted:")
-            lines += [f"    {name}: {np.array2string(self.guide_means[name], **fmt)} -> "
-                      f"{np.array2string(mean, **fmt)}" for name, mean in self.means.items()]
+            lines += [
+                f"    {name}: {show(self.guide_means[name])} -> {show(mean)}"
+                for name, mean in self.means.items()
+            ]
         return "\n".join(lines)
 
 
@@ -363,8 +447,9 @@ def _is_discrete(fn: Any) -> bool:
         return False
 
 
-def vi_diagnostics(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
-                   **kwargs: Any) -> VIDiagnostics:
+def vi_diagnostics(
+    model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any
+) -> VIDiagnostics:
     """PSIS diagnostic of ``guide`` for ``model`` (see :class:`VIDiagnostics`) from
     ``num_samples`` draws z ~ q; draws are independent, so the relative efficiency r_eff = 1.
     A continuous latent whose draws are all equal (a point-mass guide such as AutoDelta, which
@@ -373,18 +458,26 @@ def vi_diagnostics(model: Callable, guide: Callable, *args: Any, num_samples: in
     for name, site in _sample_sites(prototype, lambda site: not site["is_observed"]).items():
         value = draws.latent[name]
         if not _is_discrete(site["fn"]) and (value == value[0]).all():
-            raise ValueError(f"all {num_samples} draws of site '{name}' are equal: a point-mass "
-                             "guide (such as AutoDelta) has no density to weigh against p(x, z)")
+            raise ValueError(
+                f"all {num_samples} draws of site '{name}' are equal: a point-mass "
+                "guide (such as AutoDelta) has no density to weigh against p(x, z)"
+            )
     log_ratios = _numpy(draws.log_joint - draws.log_q).astype(np.float64)
     if not np.isfinite(log_ratios).all():
         bad = int((~np.isfinite(log_ratios)).sum())
-        raise ValueError(f"{bad} of {num_samples} draws from the guide have a non-finite "
-                         "log p(x, z) - log q(z): the guide puts mass where the model has none, "
-                         "or the model's log density is not a number there")
+        raise ValueError(
+            f"{bad} of {num_samples} draws from the guide have a non-finite "
+            "log p(x, z) - log q(z): the guide puts mass where the model has none, "
+            "or the model's log density is not a number there"
+        )
     log_weights, k_hat = _arviz_compat.psislw(log_ratios)
     weights = np.exp(log_weights)
     latent = {name: _numpy(v).astype(np.float64) for name, v in draws.latent.items()}
     return VIDiagnostics(
-        pareto_k=k_hat, ess=float(1.0 / np.sum(weights**2)), log_ratios=log_ratios,
-        log_weights=log_weights, guide_means={name: v.mean(0) for name, v in latent.items()},
-        _weighted_means={name: np.tensordot(weights, v, axes=1) for name, v in latent.items()})
+        pareto_k=k_hat,
+        ess=float(1.0 / np.sum(weights**2)),
+        log_ratios=log_ratios,
+        log_weights=log_weights,
+        guide_means={name: v.mean(0) for name, v in latent.items()},
+        _weighted_means={name: np.tensordot(weights, v, axes=1) for name, v in latent.items()},
+    )

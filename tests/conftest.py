@@ -33,7 +33,11 @@ except ImportError:
 
 TIERS = ("unit", "integration", "notebooks", "distributed")
 UNIT_MODULES = {
-    "test_arviz_compat", "test_empirical_fisher", "test_families", "test_gaussian_step",
+    "test_arviz_compat",
+    "test_diagnostics",
+    "test_empirical_fisher",
+    "test_families",
+    "test_gaussian_step",
     "test_step_size",
 }
 MODULE_TIERS = {"test_tutorials": "notebooks", "test_distributed": "distributed"}

@@ -21,11 +21,10 @@ from .arviz_versions import ARVIZ_1, group_names, loo, plot_marginal
 
 _SPEC = importlib.util.spec_from_file_location(
     "pyro_natgrad_arviz_compat",
-    Path(__file__).resolve().parent.parent / "pyro_natgrad" / "_arviz_compat.py")
+    Path(__file__).resolve().parent.parent / "pyro_natgrad" / "_arviz_compat.py",
+)
 compat = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(compat)
-
-pytestmark = pytest.mark.unit
 
 # mu ~ N(M0, S0²), y_i ~ N(mu, SIGMA²): the exact posterior of mu is Gaussian.
 M0, S0, SIGMA = 1.0, 2.0, 0.7
@@ -45,7 +44,8 @@ def groups(num: int, dtype: type = np.float64, seed: int = 0) -> dict:
     return {
         "posterior": {"mu": mu[None]},
         "posterior_predictive": {
-            "y": (mu[:, None] + SIGMA * rng.standard_normal((num, len(Y)))).astype(dtype)[None]},
+            "y": (mu[:, None] + SIGMA * rng.standard_normal((num, len(Y)))).astype(dtype)[None]
+        },
         "log_likelihood": {"y": norm.logpdf(Y, mu[:, None], SIGMA).astype(dtype)[None]},
         "observed_data": {"y": Y.astype(dtype)},
         "constant_data": {"X": np.ones((len(Y), 2), dtype=dtype)},
@@ -59,8 +59,13 @@ DIMS = {"mu": [], "y": ["n"], "X": ["n", "X_dim_1"]}
 def test_from_dict_groups_dims_shapes_and_dtypes(dtype):
     data = compat.from_dict(groups(300, dtype), dims=DIMS)
     assert type(data).__name__ == ("DataTree" if ARVIZ_1 else "InferenceData")
-    assert group_names(data) == {"posterior", "posterior_predictive", "log_likelihood",
-                                 "observed_data", "constant_data"}
+    assert group_names(data) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "constant_data",
+    }
     assert data.posterior["mu"].dims == ("chain", "draw") and data.posterior["mu"].dtype == dtype
     for group in ("posterior_predictive", "log_likelihood"):
         assert data[group]["y"].dims == ("chain", "draw", "n")

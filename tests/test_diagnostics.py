@@ -83,16 +83,18 @@ def exact_custom_guide(y):
 
     def guide(y):
         loc = pyro.param("mu_loc", torch.tensor(mean, dtype=y.dtype))
-        scale = pyro.param("mu_scale", torch.tensor(sd, dtype=y.dtype),
-                           constraint=constraints.positive)
+        scale = pyro.param(
+            "mu_scale", torch.tensor(sd, dtype=y.dtype), constraint=constraints.positive
+        )
         pyro.sample("mu", dist.Normal(loc, scale))
 
     return guide
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("make_guide", [exact_autonormal, exact_custom_guide],
-                         ids=["AutoNormal", "custom"])
+@pytest.mark.parametrize(
+    "make_guide", [exact_autonormal, exact_custom_guide], ids=["AutoNormal", "custom"]
+)
 def test_round_trip_matches_exact_posterior(dtype, make_guide):
     y, num = normal_data(dtype), 4000
     guide = make_guide(y)
@@ -155,8 +157,12 @@ def plated_data(dtype):
     return X, torch.arange(N_OBS) % GROUPS, torch.randn(N_OBS, generator=g, dtype=dtype)
 
 
-GUIDES = {"AutoNormal": AutoNormal, "AutoDiagonalNormal": AutoDiagonalNormal,
-          "AutoMultivariateNormal": AutoMultivariateNormal, "custom": lambda m: plated_custom_guide}
+GUIDES = {
+    "AutoNormal": AutoNormal,
+    "AutoDiagonalNormal": AutoDiagonalNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "custom": lambda m: plated_custom_guide,
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -168,8 +174,13 @@ def test_groups_dims_and_shapes_with_plates(guide_name, dtype):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*one at a time")  # it must vectorize
         idata = to_inference_data(plated_model, guide, *data, num_samples=num)
-    assert group_names(idata) == {"posterior", "posterior_predictive", "log_likelihood",
-                                  "observed_data", "constant_data"}
+    assert group_names(idata) == {
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "observed_data",
+        "constant_data",
+    }
     post = idata.posterior
     assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["w"].shape == (1, num, DIM)
     assert post["s"].dims == ("chain", "draw") and (post["s"].values > 0).all()
@@ -187,8 +198,9 @@ def test_groups_dims_and_shapes_with_plates(guide_name, dtype):
     scale = s[:, None]
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     expected = dist.Normal(loc, scale).log_prob(y)
-    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], expected.numpy(), rtol=tol,
-                               atol=tol)
+    np.testing.assert_allclose(
+        idata.log_likelihood["y"].values[0], expected.numpy(), rtol=tol, atol=tol
+    )
     # Replicated data given each draw: standardized residuals are N(0, 1) over num·N_OBS values.
     z = (torch.as_tensor(idata.posterior_predictive["y"].values[0]).double() - loc) / scale
     count = z.numel()
@@ -377,14 +389,21 @@ def correlated_regression(dtype, n=30, d=5):
     """Data, exact posterior (mean, covariance, precision), log evidence log N(y; 0, σ²I + XXᵀ)."""
     g = torch.Generator().manual_seed(2)
     X = torch.randn(n, 1, generator=g, dtype=torch.float64) + 0.1 * torch.randn(
-        n, d, generator=g, dtype=torch.float64)
+        n, d, generator=g, dtype=torch.float64
+    )
     y = X @ torch.linspace(1.0, -0.5, d, dtype=torch.float64) + NOISE * torch.randn(
-        n, generator=g, dtype=torch.float64)
+        n, generator=g, dtype=torch.float64
+    )
     precision = torch.eye(d, dtype=torch.float64) + X.T @ X / NOISE**2
     cov = torch.linalg.inv(precision)
     mean = cov @ X.T @ y / NOISE**2
-    log_evidence = dist.MultivariateNormal(torch.zeros(n, dtype=torch.float64),
-                                           NOISE**2 * torch.eye(n) + X @ X.T).log_prob(y).item()
+    log_evidence = (
+        dist.MultivariateNormal(
+            torch.zeros(n, dtype=torch.float64), NOISE**2 * torch.eye(n) + X @ X.T
+        )
+        .log_prob(y)
+        .item()
+    )
     return X.to(dtype), y.to(dtype), mean, cov, precision, log_evidence
 
 
@@ -398,8 +417,9 @@ def test_khat_small_for_exact_full_rank_guide(dtype):
     chol = torch.linalg.cholesky(cov)  # AutoMultivariateNormal's is diag(scale) · scale_tril
     guide.loc = PyroParam(mean.to(dtype))
     guide.scale = PyroParam(chol.diagonal().to(dtype), constraints.softplus_positive)
-    guide.scale_tril = PyroParam((chol / chol.diagonal()[:, None]).to(dtype),
-                                 constraints.unit_lower_cholesky)
+    guide.scale_tril = PyroParam(
+        (chol / chol.diagonal()[:, None]).to(dtype), constraints.unit_lower_cholesky
+    )
     num = 2000
     report = vi_diagnostics(regression_model, guide, X, y, num_samples=num)
     assert report.pareto_k < 0.5 and report.verdict == "good"
@@ -449,19 +469,22 @@ def test_log_ratios_through_a_constrained_autoguide_site(dtype):
     guide = AutoNormal(model)
     guide(x)
     guide.locs.s = PyroParam(torch.tensor(mean, dtype=dtype))
-    guide.scales.s = PyroParam(torch.tensor(precision**-0.5, dtype=dtype),
-                               constraints.softplus_positive)
+    guide.scales.s = PyroParam(
+        torch.tensor(precision**-0.5, dtype=dtype), constraints.softplus_positive
+    )
     num = 2000
     report = vi_diagnostics(model, guide, x, num_samples=num)
     cov = sig**2 * torch.eye(len(x), dtype=torch.float64) + tau0**2
-    exact = (dist.MultivariateNormal(torch.full_like(logx, mu0), cov).log_prob(logx)
-             - logx.sum()).item()
+    exact = (
+        dist.MultivariateNormal(torch.full_like(logx, mu0), cov).log_prob(logx) - logx.sum()
+    ).item()
     atol = 1e-9 if dtype == torch.float64 else 1e-4
     np.testing.assert_allclose(report.log_ratios, exact, rtol=0, atol=atol)
     assert report.log_evidence == pytest.approx(exact, abs=atol)
     s_sd = math.sqrt(math.expm1(1 / precision)) * math.exp(mean + 0.5 / precision)
-    assert report.means["s"] == pytest.approx(math.exp(mean + 0.5 / precision),
-                                              abs=MC_SE * s_sd / math.sqrt(num))
+    assert report.means["s"] == pytest.approx(
+        math.exp(mean + 0.5 / precision), abs=MC_SE * s_sd / math.sqrt(num)
+    )
 
 
 def logistic_model(X, y):
@@ -486,8 +509,12 @@ def test_full_rank_vi_matches_nuts_on_breast_cancer():
     X = torch.tensor(np.hstack([np.ones((len(features), 1)), features]), dtype=torch.float64)
     y = torch.tensor(data.target, dtype=torch.float64)
 
-    mcmc = MCMC(NUTS(logistic_model, jit_compile=True, ignore_jit_warnings=True),
-                warmup_steps=300, num_samples=300, disable_progbar=True)
+    mcmc = MCMC(
+        NUTS(logistic_model, jit_compile=True, ignore_jit_warnings=True),
+        warmup_steps=300,
+        num_samples=300,
+        disable_progbar=True,
+    )
     mcmc.run(X, y)
     nuts = mcmc.get_samples()["w"]
     nuts_mean, nuts_sd = nuts.mean(0).numpy(), nuts.std(0).numpy()
