@@ -158,3 +158,35 @@ def _identity(x: Tensor) -> Tensor:
 
 def _half_lyapunov(eig: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
     return 0.5 * _lyapunov_eigh(eig, x)
+
+
+class LowRankBures:
+    """The Bures–Wasserstein metric of N(loc, WWᵀ + diag D) in its arguments (loc, W, D), as a
+    product v ↦ G·v at fixed arguments, in closed form (the :class:`BuresMetric` of this family
+    without autograd). With δΣ = VWᵀ + WVᵀ + diag(v_D) and S = L_Σ⁻¹(δΣ), SΣ + ΣS = δΣ,
+
+        vᵀGv = |v_loc|² + ½⟨S, δΣ⟩,   G·v = (v_loc, S W, ½ diag S),
+
+    (Takatsu 2011; Bhatia, Jain & Lim 2019). S is solved in Σ's eigenbasis, Σ = U diag(λ) Uᵀ
+    (one eigh, O(d³), here): S = U [(UᵀδΣU)ᵢⱼ / (λᵢ + λⱼ)] Uᵀ, its low-rank part from UᵀV and
+    UᵀW in O(d²r). Unlike the Fisher, whose Σ⁻¹ has a Woodbury form, L_Σ⁻¹ of a diagonal-plus-
+    low-rank Σ has none: the diagonal perturbation diag(v_D) costs two d × d × d products per
+    call (Uᵀ diag(v_D) U and diag S). Tangents ``v`` may carry extra leading dimensions (a batch
+    of tangents), which broadcast against the arguments.
+    """
+
+    def __init__(self, args: Sequence[Tensor]):
+        _, w, cov_diag = (a.detach() for a in args)
+        cov = w @ w.mT + torch.diag_embed(cov_diag)
+        self.evals, self.evecs = torch.linalg.eigh(cov)
+        self.w, self.w_eig = w, self.evecs.mT @ w  # W and UᵀW
+        self.inv_sum = (self.evals[..., :, None] + self.evals[..., None, :]).reciprocal()
+
+    def __call__(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        v_loc, v_w, v_d = v
+        u = self.evecs
+        low = (u.mT @ v_w) @ self.w_eig.mT  # Uᵀ V Wᵀ U
+        diagonal = u.mT @ (v_d.unsqueeze(-1) * u)  # Uᵀ diag(v_D) U
+        inner = (low + low.mT + diagonal) * self.inv_sum  # UᵀSU
+        return (v_loc, u @ (inner @ self.w_eig),
+                0.5 * ((u @ inner) * u).sum(-1))
