@@ -19,12 +19,20 @@ Carlo Fisher, pushforward metric), which agree when the ranks' RNG states agree.
   reproduce a 1-process run on the full data with the same draws;
 * seed ranks differently (R× the particles per step) and pass ``rng_seed``: the wrapped step runs
   on a forked RNG seeded with ``rng_seed + call count``, the same on every rank.
+
+Failures: a rank that fails while the others wait in a collective would leave them blocked until
+the process group's timeout. Every call of :class:`DistributedOptim` therefore starts with one
+small all-reduce of a status vector (which ranks failed, whether any asked to stop or holds a new
+set of params, and a value to average); a rank that fails calls :meth:`DistributedOptim.agree`
+with ``failed=True`` in place of its next call, and every other rank raises
+:class:`RankFailedError` at that point. :func:`~pyro_natgrad.fit` does this on every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import pyro
 import torch
@@ -32,7 +40,8 @@ import torch.distributed as dist
 from pyro.optim import PyroOptim
 from torch import Tensor
 
-__all__ = ["DistributedOptim", "all_reduce_gradients", "broadcast_params", "world_size"]
+__all__ = ["DistributedOptim", "RankFailedError", "all_reduce_gradients", "broadcast_params",
+           "world_size"]
 
 _OPS = ("mean", "sum")
 
@@ -96,6 +105,10 @@ def broadcast_params(params: Iterable[Tensor] | None = None, src: int = 0,
     return equal
 
 
+class RankFailedError(RuntimeError):
+    """Another rank failed (its own error is on that rank); this rank stops too."""
+
+
 class DistributedOptim(PyroOptim):
     """Wraps any :class:`pyro.optim.PyroOptim` (``NaturalGradient``, ``WassersteinGradient``, Adam
     ...) for data-parallel SVI: all-reduces the params' ``.grad``, then delegates the step.
@@ -108,6 +121,11 @@ class DistributedOptim(PyroOptim):
     differently), rank 0's values are copied to every rank and that call takes no step, since its
     gradients were taken at different points. Attributes it lacks (``last_step``, ``summary``) are
     the wrapped optimizer's. With one process (or none initialised) it is the wrapped optimizer.
+
+    Every call first exchanges a status with the other ranks (module docstring): a rank that
+    failed makes every other rank raise :class:`RankFailedError` there, so none waits for the
+    process group's timeout; a stop asked for by any rank (:meth:`request_stop`) sets
+    :attr:`stop_agreed` on every rank in the same call.
 
     :param optim: the optimizer every rank runs.
     :param op: ``"mean"`` (each rank's loss estimates the full-data loss) or ``"sum"``.
@@ -126,12 +144,14 @@ class DistributedOptim(PyroOptim):
         self.optim, self.op, self.group, self.rng_seed = optim, op, group, rng_seed
         self.num_calls = 0
         self._checked: list[str] | None = None
+        self._stop_requested = False
+        self.stop_agreed = False
 
     def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
         named = _by_name(params)
         params, names = [p for _, p in named], [n for n, _ in named]
         in_sync = True
-        if names != self._checked:
+        if self._exchange(changed=names != self._checked).changed:
             in_sync = broadcast_params(params, group=self.group)
             self._checked = names
         if in_sync:
@@ -139,6 +159,50 @@ class DistributedOptim(PyroOptim):
             with self._rng(params):
                 self.optim(params, *args, **kwargs)
         self.num_calls += 1
+
+    def agree(self, value: float = 0.0, *, failed: bool = False) -> float:
+        """One status exchange, at a point every rank reaches (it counts as a call's exchange
+        for a rank that failed): returns the mean of ``value`` over the ranks. Raises
+        :class:`RankFailedError` when another rank failed (with ``failed=True``, this rank's own
+        failure is left to the caller to raise)."""
+        return self._exchange(value=value, failed=failed).mean
+
+    def request_stop(self) -> None:
+        """Asks every rank to stop: the next status exchange sets :attr:`stop_agreed` on every
+        rank (the caller clears it before a new run)."""
+        self._stop_requested = True
+
+    def finalize(self) -> bool:
+        """The wrapped optimizer's ``finalize`` on gradients averaged over the ranks (every
+        param of the store; call it on every rank after computing the gradient at the current
+        params). True when there was nothing to finalize or the params end on a kept step."""
+        self._exchange()
+        params = [p for _, p in pyro.get_param_store().named_parameters()]
+        all_reduce_gradients(params, self.op, self.group)
+        finalize = getattr(self.optim, "finalize", None)
+        return True if finalize is None else finalize()
+
+    def _exchange(self, value: float = 0.0, *, failed: bool = False,
+                  changed: bool = False) -> _Status:
+        """All-reduces [failed one-hot over ranks…, stop, changed, value] (one collective)."""
+        size = world_size(self.group)
+        if size == 1:
+            self.stop_agreed = self.stop_agreed or self._stop_requested
+            self._stop_requested = False
+            return _Status(value, changed)
+        rank = dist.get_rank(self.group)
+        status = torch.zeros(size + 3, dtype=torch.float64, device=_collective_device(self.group))
+        status[rank] = float(failed)
+        status[size:] = torch.tensor([float(self._stop_requested), float(changed), value])
+        dist.all_reduce(status, group=self.group)
+        status = status.cpu()
+        others = [r for r in range(size) if status[r] > 0 and r != rank]
+        if others and not failed:
+            raise RankFailedError(f"rank(s) {others} of {size} failed (their error is in their "
+                                  f"own output); rank {rank} stops too")
+        if status[size] > 0:
+            self.stop_agreed, self._stop_requested = True, False
+        return _Status(float(status[size + 2]) / size, bool(status[size + 1] > 0))
 
     def _rng(self, params: Sequence[Tensor]) -> contextlib.AbstractContextManager:
         if self.rng_seed is None:
@@ -159,6 +223,19 @@ class DistributedOptim(PyroOptim):
             return self.optim.set_state(state)
         self.optim.set_state(state["wrapped"])
         self.num_calls = state["num_calls"]
+
+
+@dataclass
+class _Status:
+    mean: float  # of the ranks' values
+    changed: bool  # some rank holds a new set of params
+
+
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a collective's tensor must live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -18,11 +18,15 @@ import math
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyro
+import torch
 from tqdm import tqdm
+
+from .distributed import RankFailedError
 
 
 class _EMA:
@@ -71,6 +75,66 @@ def _check_arguments(num_steps: int, tol: float | None, patience: int, window: i
         raise ValueError("; ".join(problems))
 
 
+class StepUndoneWarning(UserWarning):
+    """The model or guide failed, or the loss was not finite, at the params of the optimizer's
+    last step, and the optimizer undid that step (``optim.undo``)."""
+
+
+class FitDiagnosisWarning(UserWarning):
+    """What limits a finished fit, in the optimizer's words (``optim.diagnose()``)."""
+
+
+class _Watched:
+    """Stands in for ``svi.optim`` during :func:`fit`: keeps a copy of the params it is handed,
+    so that a step the optimizer does not finish (an interrupt or an error inside it, or after it
+    inside ``svi.step``) can be put back."""
+
+    def __init__(self, optim: Any):
+        self.optim = optim
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(self, params: Iterable[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(params, Collection):
+            params = list(params)
+        self.saved = [(p, p.detach().clone()) for p in params]
+        return self.optim(params, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "optim":  # not yet set
+            raise AttributeError(name)
+        return getattr(self.optim, name)
+
+    def restore(self) -> bool:
+        """Puts back the params of an unfinished step; True when there was one."""
+        saved, self.saved = self.saved, None
+        if saved is None:
+            return False
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+        return True
+
+
+@contextlib.contextmanager
+def _watching(svi: Any) -> Iterator[_Watched | None]:
+    optim = getattr(svi, "optim", None)
+    if optim is None:
+        yield None
+        return
+    svi.optim = watched = _Watched(optim)
+    try:
+        yield watched
+    finally:
+        svi.optim = optim
+
+
+def _clear_grads() -> None:
+    """Drops every param's ``.grad``: a step that did not finish leaves them, and the next
+    backward pass would add to them."""
+    for _, p in pyro.get_param_store().named_parameters():
+        p.grad = None
+
+
 def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
         tol: float | None = 1e-4, patience: int = 3, window: int = 100, smoothing: float = 0.95,
         **kwargs: Any) -> list[float]:
@@ -78,41 +142,139 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
 
     Works with any ``pyro.infer.SVI`` (any optimizer, any loss). The progress bar shows the
     smoothed loss ē_t; the loop stops early by the rule in the module docstring (``tol=None``
-    never stops early). Ctrl-C lets the running step finish, then returns the history with a
-    warning (a second Ctrl-C interrupts at once). A KeyboardInterrupt raised inside a step also
-    returns the history of the finished steps with a warning; SVI writes params only after the
-    loss and its gradients, so an interrupt in the loss leaves the params of the last finished step.
-    A non-finite loss raises FloatingPointError (SVI has already applied that step's update).
+    never stops early).
+
+    Interrupts: Ctrl-C lets the running step finish, then returns the history with a warning (a
+    second Ctrl-C interrupts at once). A KeyboardInterrupt raised inside a step returns the
+    history of the finished steps with a warning, and the params are those of the last finished
+    step (put back if the optimizer had begun to write them); ``.grad`` is cleared either way.
+
+    Failures: when the model or guide raises (``ValueError``, ``RuntimeError`` such as a failed
+    Cholesky) at the params of the last step, or the loss is not finite, and the optimizer can
+    undo that step (``optim.undo(reason)`` returns True), fit warns (:class:`StepUndoneWarning`)
+    and goes on; otherwise it raises (a non-finite loss as FloatingPointError naming the step).
+
+    End: an optimizer with ``finalize()`` judges its last step on one more gradient (so the fit
+    ends on a kept step), and the messages of its ``diagnose()`` (what limits the fit, such as
+    Monte Carlo noise, and the remedy) are issued as :class:`FitDiagnosisWarning`.
+
+    Data-parallel (an optimizer with ``agree``, :class:`~pyro_natgrad.distributed.
+    DistributedOptim`): the stopping rule uses the ranks' mean smoothed loss, a Ctrl-C on any
+    rank stops every rank after the same step, and a rank that fails makes every rank raise
+    promptly (no undo: the ranks' params must stay equal).
     """
     _check_arguments(num_steps, tol, patience, window, smoothing)
+    optim = getattr(svi, "optim", None)
+    distributed = callable(getattr(optim, "agree", None))
+    if distributed:
+        optim.stop_agreed = False
     history: list[float] = []
-    ema, last_check, stale = _EMA(smoothing), None, 0
-    with _deferred_sigint() as interrupted, tqdm(total=num_steps, disable=not progress,
-                                                 desc="SVI") as bar:
+    ema, last_check, stale, ended = _EMA(smoothing), None, 0, "ended"
+    with (_deferred_sigint() as interrupted, _watching(svi) as watched,
+          tqdm(total=num_steps, disable=not progress, desc="SVI") as bar):
         try:
             for step in range(1, num_steps + 1):
-                loss = float(svi.step(*args, **kwargs))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"SVI loss is {loss} at step {step}")
+                loss = _step(svi, watched, step, distributed, args, kwargs)
+                bar.update()
+                if loss is None:
+                    continue
                 history.append(loss)
                 smoothed = ema.update(loss)
                 bar.set_postfix_str(f"loss {smoothed:.5g}", refresh=False)
-                bar.update()
+                if interrupted.is_set() and not distributed:
+                    raise KeyboardInterrupt
                 if interrupted.is_set():
+                    optim.request_stop()  # every rank stops after the same step
+                if distributed and optim.stop_agreed:
                     raise KeyboardInterrupt
                 if tol is None or step % window:
                     continue
+                if distributed:
+                    smoothed = optim.agree(smoothed)
                 if last_check is not None:
                     improved = (last_check - smoothed) / max(abs(last_check), 1.0) >= tol
                     stale = 0 if improved else stale + 1
                 last_check = smoothed
                 if stale >= patience:
+                    ended = "converged"
                     bar.set_description("SVI converged")
                     break
         except KeyboardInterrupt:
             warnings.warn(f"fit interrupted after {len(history)} finished steps; returning their "
                           "losses", stacklevel=2)
+            return history
+        _finalize(svi, watched, distributed, args, kwargs)
+    for message in getattr(optim, "diagnose", lambda: [])():
+        warnings.warn(f"fit {ended} after {len(history)} steps; {message}", FitDiagnosisWarning,
+                      stacklevel=2)
     return history
+
+
+def _step(svi: Any, watched: _Watched | None, step: int, distributed: bool, args: tuple,
+          kwargs: dict) -> float | None:
+    """One ``svi.step``: its loss, or None when it failed at the params of the previous step and
+    the optimizer undid that step."""
+    try:
+        loss = float(svi.step(*args, **kwargs))
+    except BaseException as e:
+        inside = watched is not None and watched.restore()  # the optimizer had begun
+        _clear_grads()
+        if isinstance(e, KeyboardInterrupt | RankFailedError):
+            raise
+        if (not inside and isinstance(e, ValueError | RuntimeError)
+                and _undone(watched, distributed, _describe(e), f"step {step}")):
+            return None
+        if distributed:
+            watched.agree(failed=True)
+        raise
+    if math.isfinite(loss) or _undone(watched, distributed, f"the loss is {loss}", f"step {step}"):
+        if watched is not None:
+            watched.saved = None
+        return loss if math.isfinite(loss) else None
+    if watched is not None:
+        watched.restore()  # the params of the last step with a finite loss
+    if distributed:
+        watched.agree(failed=True)
+    raise FloatingPointError(f"SVI loss is {loss} at step {step}")
+
+
+def _undone(optim: Any, distributed: bool, reason: str, where: str) -> bool:
+    """Asks the optimizer to undo its last step; warns and returns True when it did."""
+    undo = getattr(optim, "undo", None)
+    if distributed or undo is None or not undo(reason):
+        return False
+    warnings.warn(f"{where}: {reason} at the params of the optimizer's last step; that step "
+                  "was undone and its step size shrunk", StepUndoneWarning, stacklevel=4)
+    return True
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, without the trace shapes Pyro appends, cut to 300 characters."""
+    message = str(error).split("\nTrace Shapes:")[0]
+    message = message if len(message) <= 300 else message[:297] + "..."
+    return f"{type(error).__name__.lstrip('_')}: {message}"
+
+
+def _finalize(svi: Any, optim: Any, distributed: bool, args: tuple, kwargs: dict) -> None:
+    """Computes the gradient at the current params and lets the optimizer judge its last step
+    (``optim.finalize()``), so the run ends on a kept step."""
+    finalize = getattr(optim, "finalize", None)
+    loss_and_grads = getattr(svi, "loss_and_grads", None)
+    if finalize is None or loss_and_grads is None:
+        return
+    try:
+        loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    except (ValueError, RuntimeError) as e:
+        _clear_grads()
+        if _undone(optim, distributed, _describe(e), "final gradient"):
+            return
+        if distributed:
+            optim.agree(failed=True)
+        raise
+    try:
+        finalize()
+    finally:
+        _clear_grads()
 
 
 def plot_history(history: Sequence[float], ax: Any = None, smoothing: float = 0.95) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import time
 import warnings
@@ -28,8 +29,13 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from pyro_natgrad import NaturalGradient
-from pyro_natgrad.distributed import DistributedOptim, all_reduce_gradients, broadcast_params
+from pyro_natgrad import NaturalGradient, fit
+from pyro_natgrad.distributed import (
+    DistributedOptim,
+    RankFailedError,
+    all_reduce_gradients,
+    broadcast_params,
+)
 
 try:
     from pyro_natgrad import WassersteinGradient
@@ -221,3 +227,110 @@ def test_minibatch_natural_gradient_reaches_exact_posterior_with_defaults():
             svi.step(X, y, subsample_size=512)
     fitted = guide.median(X, y)["w"].detach()
     assert ((fitted - mean).abs() / sd).max() < 3.0
+
+
+# ----- failures and stops agreed between ranks ------------------------------------------------
+# Each scenario runs ``fit`` on both ranks with a deterministic loss of one param whose value (or
+# failure) depends on the rank and the step; a rank that finished waits (up to ALIVE seconds) for
+# the other to finish too, so a failing rank stays alive as in a notebook or a caught exception.
+ALIVE = 20.0
+
+
+def _scenario_loss(rank: int, kind: str) -> Callable:
+    calls = 0
+
+    def loss(p: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if kind == "model_raises" and rank == 1 and calls == 5:
+            raise ValueError("rank 1's model failed at step 5")
+        if kind == "nan_loss" and rank == 1 and calls == 5:
+            return p * float("nan")
+        if kind == "ctrl_c" and rank == 1 and calls == 7:
+            signal.raise_signal(signal.SIGINT)
+        if kind == "one_rank_improves" and rank == 1:
+            return 0.0 * p + 5.0 - 0.1 * calls  # rank 0 alone would stop early
+        return 0.0 * p + 5.0
+
+    return loss
+
+
+def _scenario(rank: int, kind: str, out: str) -> dict:
+    pyro.clear_param_store()
+    loss = _scenario_loss(rank, kind)
+    svi = SVI(lambda: None, lambda: None, DistributedOptim(pyro.optim.SGD({"lr": 0.1})),
+              loss=lambda model, guide: loss(pyro.param("p", torch.tensor(0.0,
+                                                                          dtype=torch.float64))))
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = {"steps": len(fit(svi, num_steps=60, progress=False, window=10,
+                                       patience=2))}
+        except Exception as e:  # the test checks which
+            result = {"error": type(e).__name__, "message": str(e)}
+    result["seconds"] = time.monotonic() - start
+    result["warnings"] = [str(w.message) for w in caught]
+    open(os.path.join(out, f"{kind}.{rank}.done"), "w").close()
+    deadline = time.monotonic() + ALIVE
+    while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(out, f"{kind}.{r}.done")) for r in range(WORLD)):
+        time.sleep(0.05)
+    return result
+
+
+SCENARIOS = ("model_raises", "nan_loss", "one_rank_improves", "both_converge", "ctrl_c")
+
+
+def _failure_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        # outside the timed fits: a torch optimizer's first construction imports torch._dynamo
+        # (measured 19-29 s on a busy 2-core machine)
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        tdist.barrier()
+        results = {kind: _scenario(rank, kind, out) for kind in SCENARIOS}
+        torch.save(results, os.path.join(out, f"{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory) -> list[dict]:
+    out = str(tmp_path_factory.mktemp("failures"))
+    context = mp.spawn(_failure_worker, args=(_free_port(), out), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 150
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-process failure scenarios did not finish in 150 s")
+    return [torch.load(os.path.join(out, f"{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("kind, error", [("model_raises", "ValueError"),
+                                         ("nan_loss", "FloatingPointError")])
+def test_a_rank_that_fails_stops_every_rank_promptly(failures, kind, error):
+    """Rank 1 fails at step 5 and stays alive: rank 1 raises its own error, rank 0 raises
+    RankFailedError naming rank 1 at once (not after the process group's 60 s timeout)."""
+    zero, one = failures[0][kind], failures[1][kind]
+    assert one["error"] == error
+    assert zero["error"] == RankFailedError.__name__ and "rank(s) [1]" in zero["message"]
+    assert zero["seconds"] < 10 and one["seconds"] < 10
+
+
+def test_early_stopping_uses_the_ranks_mean_loss(failures):
+    """Rank 0's loss is constant (alone it would stop after 30 steps), rank 1's falls by 0.1 a
+    step: on the mean both run all 60 steps; with both constant both stop after 30."""
+    assert [r["one_rank_improves"]["steps"] for r in failures] == [60, 60]
+    assert [r["both_converge"]["steps"] for r in failures] == [30, 30]
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(failures):
+    """SIGINT on rank 1 during step 7: the stop travels with step 8's status, and both ranks
+    return 8 losses with the interrupt warning."""
+    for r in failures:
+        assert r["ctrl_c"]["steps"] == 8
+        assert any("interrupted after 8 finished steps" in w for w in r["ctrl_c"]["warnings"])
