@@ -194,3 +194,45 @@ def test_the_unwrapped_model_passed_as_the_guide_gets_both_remedies():
     with pytest.raises(TypeError, match=r"record_args.*if this is the model, build the "
                                         "optimizer on the guide"):
         SVI(model, guide, NaturalGradient(model), Trace_ELBO()).step(y)
+
+
+def _svi_nesting(guide, optim) -> SVI:
+    """SVI whose ELBO is told max_plate_nesting (else it guesses it on its first step by running
+    the model and guide, which draws random numbers)."""
+    return SVI(model, guide, optim, Trace_ELBO(num_particles=4, vectorize_particles=True,
+                                               max_plate_nesting=1))
+
+
+def _resume(y, path, set_up_before_seeding: bool) -> list[float]:
+    """A fresh run (empty param store, new guide and optimizer) loading the saved params and
+    optimizer state, seeded with 123, then 3 steps."""
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    if set_up_before_seeding:
+        guide(y)  # the AutoGuide's set-up draws random numbers (its initial values)
+    pyro.get_param_store().load(path / "params.pt")
+    optim = NaturalGradient(guide)
+    optim.load(path / "optim.pt")
+    pyro.set_rng_seed(123)
+    svi = _svi_nesting(guide, optim)
+    return [svi.step(y) for _ in range(3)]
+
+
+def test_resume_bit_for_bit_needs_the_guide_set_up_before_seeding(tmp_path):
+    """README's recipe: save the param store and the optimizer; in the new run build the guide,
+    call it once on the data, load both, give the ELBO max_plate_nesting, then seed. The resumed
+    steps equal the original run's continuation exactly; setting the guide up after seeding
+    (inside the first step) draws from the seeded stream and does not."""
+    y = _data(torch.float64)
+    guide = AutoNormal(model)
+    optim = NaturalGradient(guide)
+    svi = _svi_nesting(guide, optim)
+    for _ in range(4):
+        svi.step(y)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    optim.save(tmp_path / "optim.pt")
+    pyro.set_rng_seed(123)
+    original = [svi.step(y) for _ in range(3)]
+
+    assert _resume(y, tmp_path, set_up_before_seeding=True) == original
+    assert _resume(y, tmp_path, set_up_before_seeding=False) != original
