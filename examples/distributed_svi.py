@@ -24,7 +24,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
 
 from pyro_natgrad import NaturalGradient
-from pyro_natgrad.distributed import DistributedOptim
+from pyro_natgrad.distributed import DistributedOptim, RankFailedError
 
 NOISE = 0.5
 
@@ -59,7 +59,12 @@ def run(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         rows = shard
         if args.batch_size:
             rows = shard[torch.randint(len(shard), (args.batch_size,), generator=batches)]
-        loss = torch.tensor(svi.step(X, y, rows))
+        try:
+            loss = torch.tensor(svi.step(X, y, rows))
+        except Exception as e:  # tell the other ranks, or they wait in the all-reduce
+            if not isinstance(e, RankFailedError):
+                optim.agree(failed=True)
+            raise
         tdist.all_reduce(loss)  # for printing only: the mean of the ranks' estimates
         if rank == 0 and (step + 1) % 10 == 0:
             print(f"step {step + 1:3d}  loss {float(loss) / world:.2f}", flush=True)
