@@ -59,10 +59,12 @@ class ExpectedGaussian(Likelihood):
     :param variance: σ², a positive :class:`~pyro.nn.module.PyroParam` (default 1).
     """
 
+    variance: Tensor  # read as its constrained value
+
     def __init__(self, variance: Tensor | None = None):
         super().__init__()
         variance = torch.tensor(1.0) if variance is None else variance
-        self.variance = PyroParam(variance, constraints.positive)
+        self.variance = PyroParam(variance, constraints.positive)  # type: ignore[assignment]
 
     def forward(self, f_loc: Tensor, f_var: Tensor, y: Tensor | None = None) -> Tensor:
         name = self._pyro_get_fullname("y")
