@@ -16,6 +16,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
+from pyro_natgrad.optim import FisherSolve, KLTrustRegion, Mirror, Retraction
 
 from .conjugate import (
     CONJUGATE_SCALARS,
@@ -31,7 +32,7 @@ DTYPES = [torch.float32, torch.float64]
 def test_one_step_lands_on_exact_conjugate_posterior(case):
     c = case(torch.float64)
     guide = record_args(c.guide)
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    opt = NaturalGradient(guide, lr=1.0)
     svi = SVI(c.model, guide, opt, c.loss)
     guide(*c.data)
     svi.step(*c.data)
@@ -79,7 +80,7 @@ def _mvn_moments():
 def test_one_step_exact_gaussian_regression_full_covariance(dtype):
     X, y, mean, cov = linear_regression(dtype)
     guide = _mvn_guide(X.shape[1], dtype)
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    opt = NaturalGradient(guide, lr=1.0)
     svi = SVI(regression_model(), guide, opt, regression_loss(_mvn_moments))
     guide(X, y)
     svi.step(X, y)
@@ -99,7 +100,7 @@ def test_auto_multivariate_normal_one_step_exact():
         tril = pyro.param(name("scale"))[..., None] * pyro.param(name("scale_tril"))
         return pyro.param(name("loc")), tril @ tril.T
 
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False)
+    opt = NaturalGradient(guide, lr=1.0)
     SVI(regression_model(), guide, opt, regression_loss(moments)).step(X, y)
     m, c = moments()
     torch.testing.assert_close(m.detach(), mean)
@@ -165,12 +166,13 @@ def _path(constraint, steps=8):
     pyro.set_rng_seed(42)
     x = torch.linspace(1.0, 3.0, 15, dtype=torch.float64)
     guide = _scalar_normal_guide(constraint)
-    svi = SVI(_normal_model, guide, NaturalGradient(guide, lr=0.3, adaptive=False),
+    svi = SVI(_normal_model, guide,
+              NaturalGradient(guide, lr=0.3, step_size=None, stationarity=None),
               Trace_ELBO(num_particles=8, vectorize_particles=True))
     path = []
     for _ in range(steps):
         svi.step(x)
-        path.append((float(pyro.param("loc")), float(pyro.param("scale"))))
+        path.append((float(pyro.param("loc").detach()), float(pyro.param("scale").detach())))
     return torch.tensor(path)
 
 
@@ -185,14 +187,15 @@ def test_path_of_q_does_not_depend_on_parameterization():
 def test_parameter_space_option_uses_closed_form_fisher():
     x = torch.linspace(1.0, 3.0, 15, dtype=torch.float64)
     guide = _scalar_normal_guide(constraints.positive)
-    opt = NaturalGradient(guide, lr=0.5, space="parameter")
+    opt = NaturalGradient(guide, lr=0.5, mirror=None)
     svi = SVI(_normal_model, guide, opt, Trace_ELBO(num_particles=16, vectorize_particles=True))
     for _ in range(100):
         svi.step(x)
     assert opt.last_step["z"]["method"] == "closed_form"
     post_prec = 1 + len(x) / 0.09
-    assert abs(float(pyro.param("loc")) - float(x.sum() / 0.09 / post_prec)) < 0.05
-    assert abs(float(pyro.param("scale")) - post_prec**-0.5) < 0.2 * post_prec**-0.5
+    loc, scale = float(pyro.param("loc").detach()), float(pyro.param("scale").detach())
+    assert abs(loc - float(x.sum() / 0.09 / post_prec)) < 0.05
+    assert abs(scale - post_prec**-0.5) < 0.2 * post_prec**-0.5
 
 
 @pytest.mark.parametrize("autoguide", [AutoMultivariateNormal, AutoDiagonalNormal])
@@ -244,8 +247,8 @@ def test_non_finite_gradient_is_refused_and_params_kept():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr": -1.0}, "lr"),
-    ({"fisher": "bogus"}, "fisher"), ({"space": "x"}, "space"), ({"damping": -1.0}, "damping"),
-    ({"num_samples": 0}, "num_samples"), ({"max_kl": -1.0}, "max_kl"),
+    ({"fisher": "bogus"}, "fisher"), ({"num_samples": 0}, "num_samples"), ({"lr": True}, "lr"),
+    ({"momentum": 1.5}, "momentum"), ({"momentum": -0.1}, "momentum"),
 ])
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -285,11 +288,14 @@ def test_model_params_get_the_base_optimizer():
     x = torch.full((20,), 2.0, dtype=torch.float64)
     for _ in range(50):
         svi.step(x)
-    assert float(pyro.param("shift")) != 0.0
+    assert float(pyro.param("shift").detach()) != 0.0
     assert list(opt.last_step) == ["z_unconstrained"]
+    rows = {line.split()[0]: line for line in opt.summary().splitlines()[1:]}
+    assert "natural" in rows["AutoNormal.locs.z"] and "Normal" in rows["AutoNormal.locs.z"]
+    assert "base: Adam({'lr': 0.05})" in rows["shift"]  # every param is listed
 
 
-def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():  # retract=True
+def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():  # Retraction
     """Element 0's plain step would give precision 1 − 20 < 0; Lin, Schmidt & Khan's retraction
     gives λ' = λ + g + ½g²/λ = 1 − 20 + 200 = 181 instead, and element 1 takes the plain step
     (λ: 1 → 3, m: 0 → 2/3), computed here by hand from η ← η − ∂L/∂μ."""
@@ -306,7 +312,7 @@ def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():  
     x = torch.ones(3, dtype=torch.float64)
     guide = record_args(guide)
     guide(x)
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False, retract=True)
+    opt = NaturalGradient(guide, lr=1.0, mirror=Mirror(domain=Retraction()), trust_region=None)
     SVI(_normal_model, guide, opt, loss).step(x)
     expected_scale = torch.tensor([181.0, 3.0], dtype=torch.float64).rsqrt()
     torch.testing.assert_close(pyro.param("scale").detach(), expected_scale)
@@ -342,7 +348,7 @@ def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
     guide, loss = _indefinite_quadratic(a)
     guide()
     m0 = pyro.param("loc").detach().clone()
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=None)
+    opt = NaturalGradient(guide, lr=1.0, trust_region=None)  # the repair alone
     SVI(lambda: None, guide, opt, loss).step()
     precision = torch.cholesky_inverse(pyro.param("tril").detach())
     rho = 1 / 8
@@ -372,7 +378,7 @@ def test_mean_field_precision_is_shortened_per_coordinate():
 
     guide()
     m0 = pyro.param("loc").detach().clone()
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=None)
+    opt = NaturalGradient(guide, lr=1.0, trust_region=None)  # the repair alone
     SVI(lambda: None, guide, opt, loss).step()
     precision = pyro.param("scale").detach() ** -2
     expected = torch.tensor([2.0, 7 / 8 - 3 / 8], dtype=f64)
@@ -401,7 +407,7 @@ def test_natural_step_is_exact_for_a_mean_far_from_zero():
         return torch.distributions.kl_divergence(q, target)
 
     guide()
-    SVI(lambda: None, guide, NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=None),
+    SVI(lambda: None, guide, NaturalGradient(guide, lr=1.0),
         loss).step()
     torch.testing.assert_close(pyro.param("loc").detach(), target.loc, rtol=1e-12, atol=1e-6)
     torch.testing.assert_close(pyro.param("scale").detach(), target.scale, rtol=1e-6, atol=0)
@@ -442,11 +448,11 @@ def test_momentum_speeds_up_a_factorized_guide_on_a_correlated_target():
                                atol=0.0)
 
 
-def test_kl_radius_bounds_each_step_and_grows_after_good_steps():
-    """max_kl="auto": the first step of a group is bounded by KL ≤ ½√n (n = 2 params here), and
-    the radius doubles past the KL of an accepted step whose far-end gradient still agreed; every
-    step's KL stays within the radius in force. Loss E_q[z⁴] − H[q] in closed form, far from its
-    minimum, where a full natural step overshoots (measured: the first three steps are cut)."""
+def test_default_trust_region_takes_full_steps_until_one_is_rejected():
+    """Defaults: a natural step that stays in the domain is unbounded until the step-size policy
+    rejects one; that sets the group's radius to half the rejected step's KL, and every later
+    step's KL stays within the radius in force. Loss E_q[z⁴] − H[q] in closed form, from far
+    away: the first, full step moves q by 143 nats (a ½√n radius would have cut it to 0.7)."""
     f64 = torch.float64
 
     def guide():
@@ -460,22 +466,30 @@ def test_kl_radius_bounds_each_step_and_grows_after_good_steps():
         return m**4 + 6 * m**2 * s**2 + 3 * s**4 - torch.log(s)
 
     guide()
-    opt = NaturalGradient(guide, lr=1.0, momentum=0.0)  # the trust region alone: no restarts
+    opt = NaturalGradient(guide, lr=1.0, momentum=0.0)
     svi = SVI(lambda: None, guide, opt, loss)
-    start, cut, losses = 0.5 * 2**0.5, [], []
-    for _ in range(8):
+    key, losses, rejected_at = ("loc", "scale"), [], None
+    for i in range(14):
+        trusted = key not in opt.trust_region.distrusted  # before the step
+        radius = opt.trust_region.radius.get(key, float("inf"))
         losses.append(svi.step())
         step = opt.last_step["z"]
-        radius = opt.get_state()["geometry"]["radius"]["loc|scale"]  # the one this step obeyed
-        assert step["method"] == "natural" and step["kl"] <= radius * (1 + 1e-9)
-        cut.append(step["lr"] < 1.0)
-    assert cut[:3] == [True] * 3 and not any(cut[-3:])  # cut far away, free near the minimum
-    assert radius > 4 * start  # it grew
-    assert losses[-1] < 0.01 * losses[0]
+        if step["method"] == "undone":
+            rejected_at = i
+            continue
+        assert step["method"] == "natural" and step["note"] == ""  # clean: no domain repair
+        if trusted:
+            assert step["lr"] == 1.0  # the full natural step
+        else:
+            assert step["kl"] <= radius * (1 + 1e-9)
+    assert opt.last_step is not None and losses[1] < 0.1 * losses[0]
+    assert rejected_at is not None and opt.trust_region.radius[key] < 1e-2
+    assert losses[-1] <= min(losses) + 1e-9  # settled at the minimum
 
 
+@pytest.mark.filterwarnings("ignore::pyro_natgrad.StepRefusedWarning")  # at the boundary
 @pytest.mark.parametrize("make_optim", [
-    lambda g: NaturalGradient(g, lr=1.0, space="parameter"),
+    lambda g: NaturalGradient(g, lr=1.0, mirror=None),
     lambda g: WassersteinGradient(g, lr=1.0, metric="pushforward"),
 ], ids=["natural-parameter", "wasserstein-pushforward"])
 def test_a_linear_step_the_guide_cannot_build_is_shortened(make_optim):
@@ -553,7 +567,7 @@ def test_low_rank_step_does_not_rotate_the_factor():
     guide = AutoLowRankMultivariateNormal(model, rank=3)
     elbo = Trace_ELBO(num_particles=4)
     elbo.loss(model, guide)  # builds the guide
-    opt = NaturalGradient(guide, form="cg")
+    opt = NaturalGradient(guide, solve=FisherSolve(form="cg"))
     svi, taken = SVI(model, guide, opt, elbo), 0
     for _ in range(8):
         before = guide.cov_factor.detach().clone()
@@ -575,7 +589,8 @@ def test_low_rank_step_is_bounded_by_its_exact_kl_both_ways():
     model = _regression_8d(noise=0.1)
     pyro.set_rng_seed(0)
     guide = AutoLowRankMultivariateNormal(model, rank=2)
-    opt = NaturalGradient(guide, lr=1.0, adaptive=False, max_kl=2.0)
+    opt = NaturalGradient(guide, lr=1.0, trust_region=KLTrustRegion.fixed(2.0), step_size=None,
+                          stationarity=None)
     svi = SVI(model, guide, opt, Trace_ELBO(num_particles=8))
     for _ in range(5):
         svi.step()  # the first call builds the guide; later ones step
@@ -584,8 +599,8 @@ def test_low_rank_step_is_bounded_by_its_exact_kl_both_ways():
                                            q.cov_diag.detach().clone())
         svi.step()
         new = guide.get_posterior()
-        both = max(float(torch.distributions.kl_divergence(q, new)),
-                   float(torch.distributions.kl_divergence(new, q)))
+        both = max(float(torch.distributions.kl_divergence(q, new).detach()),
+                   float(torch.distributions.kl_divergence(new, q).detach()))
         record = opt.last_step["_AutoLowRankMultivariateNormal_latent"]
         assert record["method"] == "closed_form"
         assert both <= 2.0 * (1 + 1e-6) and abs(record["kl"] - both) <= 1e-6 * max(1, both)

@@ -1,18 +1,25 @@
-"""The adaptive step size: trapezoidal acceptance test and Pflug's stationarity test, on a
-quadratic loss L(θ) = ½|θ|² with exact and with noisy gradients."""
+"""The step-size pieces without SVI: the trapezoidal judgement, the bold driver and Pflug's
+ceiling, on a quadratic loss L(θ) = ½|θ|² with exact and with noisy gradients."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from pyro_natgrad.optim.schedule import AdaptiveStep
+from pyro_natgrad.optim import BoldDriver, Judgement, PflugCeiling, judge
 
 
-def _run(schedule: AdaptiveStep, noise: float, steps: int, seed: int = 0) -> list[float]:
-    """Preconditioned gradient descent θ ← θ − ρ ĝ with ĝ = θ + noise·ε, judged by ``schedule``
-    (a rejected step is undone, as the optimizer does); returns the ceiling after each step."""
+def _run(bold: BoldDriver | None, pflug: PflugCeiling | None, noise: float, steps: int,
+         lr: float = 0.5, seed: int = 0) -> list[float]:
+    """Preconditioned gradient descent θ ← θ − ρ ĝ with ĝ = θ + noise·ε, judged as the optimizer
+    judges it (a rejected step is undone); returns the ceiling after each step."""
     g = torch.Generator().manual_seed(seed)
     theta = torch.full((5,), 10.0, dtype=torch.float64)
+    for piece in (bold, pflug):
+        if piece is not None:
+            piece.start(lr)
 
     def grad(t):
         return t + noise * torch.randn(t.shape, generator=g, dtype=torch.float64)
@@ -20,46 +27,90 @@ def _run(schedule: AdaptiveStep, noise: float, steps: int, seed: int = 0) -> lis
     g0 = grad(theta)
     ceilings = []
     for _ in range(steps):
-        theta1 = theta - schedule.rate * g0
+        rate = bold.rate if bold is not None else pflug.ceiling
+        theta1 = theta - rate * g0
         g1 = grad(theta1)
-        if schedule.observe({"t": theta}, {"t": theta1}, {"t": g0}, {"t": g1}):
+        judgement = judge({"t": theta}, {"t": theta1}, {"t": g0}, {"t": g1})
+        if pflug is not None:
+            pflug.update(judgement, lr)
+        if bold is not None:
+            bold.update(judgement, lr, pflug.ceiling if pflug is not None else lr)
+        if judgement.accepted or bold is None:
             theta = theta1
         g0 = g1 if theta is theta1 else grad(theta)
-        ceilings.append(schedule.ceiling)
+        ceilings.append(pflug.ceiling if pflug is not None else bold.rate)
     return ceilings
 
 
-def test_exact_gradients_keep_the_ceiling_at_lr():
-    schedule = AdaptiveStep(0.5)
-    assert _run(schedule, noise=0.0, steps=200) == [0.5] * 200
+def test_judge_trapezoid_and_pflug_ratio_on_a_quadratic():
+    theta0, g0 = {"t": torch.tensor([2.0])}, {"t": torch.tensor([2.0])}
+    half = judge(theta0, {"t": torch.tensor([1.0])}, g0, {"t": torch.tensor([1.0])})
+    assert half == Judgement(descent=True, change=-1.5, ratio=-0.5, accepted=True)
+    over = judge(theta0, {"t": torch.tensor([-3.0])}, g0, {"t": torch.tensor([-3.0])})
+    assert over.descent and over.change == 2.5 and over.ratio == 1.5 and not over.accepted
+    uphill = judge(theta0, {"t": torch.tensor([3.0])}, g0, {"t": torch.tensor([3.0])})
+    assert not uphill.descent and uphill.ratio == math.inf and not uphill.accepted
+    nan = judge(theta0, {"t": torch.tensor([1.0])}, g0, {"t": torch.tensor([float("nan")])})
+    assert not nan.descent and not nan.accepted
 
 
-def test_noise_dominated_steps_lower_the_ceiling():
+def test_pflug_ceiling_stays_at_lr_with_exact_gradients():
+    assert _run(BoldDriver(), PflugCeiling(), noise=0.0, steps=200) == [0.5] * 200
+
+
+def test_pflug_ceiling_falls_polynomially_once_noise_dominates():
     """At stationarity E[r] ≈ ρ/2 > 0: the ceiling falls, not before the iterate has travelled
     from θ = 10 to the noise floor (~20 steps), and polynomially rather than geometrically: each
-    window lasts 10·(lr/ceiling)^½ steps, so after 200 steps it has halved 5 or 6 times
-    (measured: at steps 19, 34, 94, 123, 163), not ~20 times down to the floor."""
-    schedule = AdaptiveStep(0.5)
-    ceilings = _run(schedule, noise=1.0, steps=200)
+    window lasts 10·(lr/ceiling)^½ steps, so after 200 steps it has halved 4 to 7 times, not ~20
+    times down to the floor."""
+    ceilings = _run(BoldDriver(), PflugCeiling(), noise=1.0, steps=200)
     assert ceilings[9] == 0.5
     assert 0.5 * 2**-7 <= ceilings[-1] <= 0.5 * 2**-4
     assert all(c >= min(0.5, 100 / (t + 1) ** 2) for t, c in enumerate(ceilings))  # ρ_t ≳ 1/t²
 
 
-def test_a_step_that_raises_the_loss_is_rejected_and_the_rate_shrinks():
-    schedule = AdaptiveStep(1.0)
-    theta0, theta1 = {"t": torch.tensor([1.0])}, {"t": torch.tensor([-3.0])}  # overshoot
-    assert not schedule.observe(theta0, theta1, {"t": torch.tensor([1.0])},
-                                {"t": torch.tensor([-3.0])})
-    assert schedule.rate == 0.5
-    nan = {"t": torch.tensor([float("nan")])}
-    assert not schedule.observe(theta0, theta1, {"t": torch.tensor([1.0])}, nan)
-    assert schedule.rate == 0.25
+def test_pflug_ceiling_works_without_the_bold_driver():
+    ceilings = _run(None, PflugCeiling(), noise=1.0, steps=200)
+    assert ceilings[-1] < 0.5 * 2**-3
 
 
-def test_state_round_trip():
-    schedule = AdaptiveStep(0.5)
-    _run(schedule, noise=1.0, steps=37)
-    copy = AdaptiveStep(0.5)
-    copy.load_state_dict(schedule.state_dict())
-    assert copy == schedule
+def test_bold_driver_shrinks_on_a_rejected_step_and_grows_back_to_the_ceiling():
+    bold = BoldDriver()
+    bold.start(1.0)
+    overshoot = judge({"t": torch.tensor([1.0])}, {"t": torch.tensor([-3.0])},
+                      {"t": torch.tensor([1.0])}, {"t": torch.tensor([-3.0])})
+    bold.update(overshoot, lr=1.0, ceiling=1.0)
+    assert bold.rate == 0.5
+    good = Judgement(descent=True, change=-1.0, ratio=-0.5, accepted=True)
+    bold.update(good, lr=1.0, ceiling=1.0)
+    assert bold.rate == 0.75
+    bold.update(good, lr=1.0, ceiling=1.0)
+    assert bold.rate == 1.0  # never above the ceiling
+    for _ in range(40):
+        bold.update(overshoot, lr=1.0, ceiling=1.0)
+    assert bold.rate == 1e-4  # the floor, min_lr · lr
+
+
+@pytest.mark.parametrize("piece", [BoldDriver, PflugCeiling])
+def test_step_size_state_round_trip(piece):
+    bold, pflug = BoldDriver(), PflugCeiling()
+    _run(bold, pflug, noise=1.0, steps=37)
+    original = bold if piece is BoldDriver else pflug
+    copy = piece()
+    copy.start(0.5)
+    copy.load_state_dict(original.state_dict())
+    assert copy == original
+
+
+@pytest.mark.parametrize("bad", [dict(grow=0.5), dict(shrink=1.0), dict(min_lr=0.0),
+                                 dict(min_lr=float("nan")), dict(tolerance=-1.0)])
+def test_bold_driver_rejects_bad_options(bad):
+    with pytest.raises(ValueError, match="BoldDriver"):
+        BoldDriver(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(window=0), dict(window=2.5), dict(shrink=0.0),
+                                 dict(min_lr=-1.0)])
+def test_pflug_ceiling_rejects_bad_options(bad):
+    with pytest.raises(ValueError, match="PflugCeiling"):
+        PflugCeiling(**bad)

@@ -26,6 +26,7 @@ from torch.distributions import kl_divergence
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
 from pyro_natgrad.fisher.linalg import unflat
+from pyro_natgrad.optim import MetricSolve
 from pyro_natgrad.wasserstein import (
     BuresMetric,
     bures_step,
@@ -149,7 +150,7 @@ def test_full_covariance_step_is_the_bures_wasserstein_update_computed_by_hand(k
     gm, gcov = torch.autograd.grad(_loss_at(m0, cov0, X, y), (m0, cov0))
     h = 1e-3
     a = torch.eye(3, dtype=F64) - h * (gcov + gcov.T)
-    opt = WassersteinGradient(guide, lr=h, adaptive=False)
+    opt = WassersteinGradient(guide, lr=h, step_size=None)
     SVI(_model(), guide, opt, _loss(moments)).step(X, y)
     m1, cov1 = moments()
     torch.testing.assert_close(m1.detach(), (m0 - h * gm).detach())
@@ -175,7 +176,7 @@ def test_diagonal_step_is_euclidean_in_mean_and_scale(kind):
     m0, s0 = (P(n).detach().clone().requires_grad_() for n in (loc, scale))
     gm, gs = torch.autograd.grad(_loss_at(m0, torch.diag(s0**2), X, y), (m0, s0))
     h = 1e-3
-    opt = WassersteinGradient(guide, lr=h, adaptive=False)
+    opt = WassersteinGradient(guide, lr=h, step_size=None)
     SVI(_model(), guide, opt, _loss(moments)).step(X, y)
     torch.testing.assert_close(P(loc).detach(), m0.detach() - h * gm)
     torch.testing.assert_close(P(scale).detach(), s0.detach() - h * gs)
@@ -192,7 +193,7 @@ def test_pulled_back_step_on_log_scale_is_the_inverse_metric_times_the_gradient(
     m0, u0 = (P(n).detach().clone().requires_grad_() for n in ("loc", "log_scale"))
     gm, gu = torch.autograd.grad(_loss_at(m0, torch.diag(u0.exp() ** 2), X, y), (m0, u0))
     h = 1e-3
-    opt = WassersteinGradient(guide, lr=h, adaptive=False, damping=0.0)
+    opt = WassersteinGradient(guide, lr=h, step_size=None, solve=MetricSolve(damping=0.0))
     SVI(_model(), guide, opt,
         _loss(lambda: (P("loc"), torch.diag(P("log_scale").exp() ** 2)))).step(X, y)
     assert opt.last_step["w"]["method"] == "bures_metric"
@@ -335,7 +336,7 @@ def _narrow_far(optim_factory, steps):
     return path
 
 
-@pytest.mark.parametrize("space", ["natural", "parameter"])
+@pytest.mark.parametrize("space", ["auto", None], ids=["natural", "parameter"])
 def test_wasserstein_moves_a_narrow_far_guide_where_the_fisher_step_stalls(space):
     """The Fisher metric scales the mean's step by q's variance σ² = 0.01, so from N(0, 0.1²) the
     natural step toward N(5, 0.5²) crawls (measured: mean 0.02 after one step, 1.12 (natural
@@ -343,9 +344,9 @@ def test_wasserstein_moves_a_narrow_far_guide_where_the_fisher_step_stalls(space
     m ← m − 0.1 (m − 5)/0.25, a contraction by 0.6 toward 5 (2.0 after one step, 4.9998 after 20),
     while σ: 0.1 → 1.06 → 0.73 → 0.5. Same nominal step size 0.1, no adaptation, exact gradients,
     the plain Fisher step (no momentum, which the natural form adds on factorized sites)."""
-    natural = _narrow_far(lambda g: NaturalGradient(g, lr=0.1, space=space, adaptive=False,
-                                                    momentum=0.0), 20)
-    wasserstein = _narrow_far(lambda g: WassersteinGradient(g, lr=0.1, adaptive=False), 20)
+    natural = _narrow_far(lambda g: NaturalGradient(g, lr=0.1, mirror=space, momentum=None,
+                                                    step_size=None, stationarity=None), 20)
+    wasserstein = _narrow_far(lambda g: WassersteinGradient(g, lr=0.1, step_size=None), 20)
     means = [m for m, _ in wasserstein]
     assert means[0] == pytest.approx(2.0)
     assert all(b > a for a, b in zip(means, means[1:], strict=False))  # steadily, no overshoot
@@ -384,7 +385,8 @@ def test_positive_definite_under_large_steps_and_noisy_gradients(seed, lr, noise
             torch.randn(3, generator=g, dtype=dtype) @ m
             + (torch.randn(3, 3, generator=g, dtype=dtype) * tril).sum())
 
-    svi = SVI(_model(), guide, WassersteinGradient(guide, lr=lr, adaptive=adaptive), noisy_loss)
+    opt = WassersteinGradient(guide, lr=lr, step_size="auto" if adaptive else None)
+    svi = SVI(_model(), guide, opt, noisy_loss)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StepRefusedWarning)
         for _ in range(5):
@@ -474,17 +476,22 @@ def test_state_round_trip(tmp_path):
     opt.save(tmp_path / "w.pt")
     resumed = WassersteinGradient(guide, lr=1e-3)
     resumed.load(tmp_path / "w.pt")
-    assert resumed.schedule == opt.schedule and resumed.num_steps == opt.num_steps
+    assert resumed.step_size == opt.step_size and resumed.num_steps == opt.num_steps
     for kind in ("theta", "grad"):
         for name, value in opt._pending[kind].items():
             assert torch.equal(resumed._pending[kind][name], value)
 
 
-@pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"lr": float("nan")}, {"metric": "fisher"},
-                                    {"form": "qr"}, {"damping": -1.0}, {"num_samples": 0}])
-def test_bad_options_are_rejected(kwargs):
+@pytest.mark.parametrize("make", [
+    lambda g: WassersteinGradient(g, lr=0.0), lambda g: WassersteinGradient(g, lr=float("nan")),
+    lambda g: WassersteinGradient(g, metric="fisher"),
+    lambda g: WassersteinGradient(g, solve=MetricSolve(form="qr")),
+    lambda g: WassersteinGradient(g, solve=MetricSolve(damping=-1.0)),
+    lambda g: WassersteinGradient(g, solve=MetricSolve(num_samples=0)),
+    lambda g: WassersteinGradient(g, solve=MetricSolve(cg_iters=0))])
+def test_bad_options_are_rejected(make):
     with pytest.raises(ValueError):
-        WassersteinGradient(_tril_guide(), **kwargs)
+        make(_tril_guide())
 
 
 @pytest.mark.parametrize("kwargs", [{"hessian": "bfgs"}, {"h": 0.0}, {"num_samples": 0}])

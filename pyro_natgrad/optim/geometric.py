@@ -266,11 +266,15 @@ class GeometricOptim(PyroOptim):
             self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
                                 f"factorized ({e}); step refused, params unchanged")
             return None
-        bound = (self.trust_region.bound(key, _count(key, leaves), proposal.exact)
-                 if self.trust_region is not None else math.inf)
-        tried, problems = rate, []
+        tried, problems, bound = rate, [], None
         for backtrack in range(self.max_backtracks + 1):
-            candidate, problem = self._attempt(proposal, tried, bound, leaves)
+            try:
+                candidate = proposal.candidate(tried)
+            except torch.linalg.LinAlgError:
+                candidate = None  # e.g. a covariance that is not positive definite
+            if bound is None:  # set by the step at the full rate
+                bound = self._bound(key, leaves, proposal.exact, candidate)
+            problem = self._check(proposal, candidate, bound, leaves)
             problems.append(problem)
             if problem is None:
                 self._accept(group, candidate, leaves, proposal.method, backtrack)
@@ -285,20 +289,25 @@ class GeometricOptim(PyroOptim):
                             f"problems: {reasons}); step refused, params unchanged")
         return None
 
-    def _attempt(self, proposal: Proposal, rate: float, bound: float,
-                 leaves: dict[str, Tensor]) -> tuple[Candidate | None, str | None]:
-        try:
-            candidate = proposal.candidate(rate)
-        except torch.linalg.LinAlgError:
-            return None, "domain"  # e.g. a covariance that is not positive definite
+    def _bound(self, key: tuple[str, ...], leaves: dict[str, Tensor], exact: bool,
+               candidate: Candidate | None) -> float:
+        """The trust region's bound for this step: a clean exact step (one that needed no domain
+        repair at the full rate) may be unbounded."""
+        if self.trust_region is None:
+            return math.inf
+        clean = candidate is not None and not candidate.repaired
+        return self.trust_region.bound(key, _count(key, leaves), exact, clean)
+
+    def _check(self, proposal: Proposal, candidate: Candidate | None, bound: float,
+               leaves: dict[str, Tensor]) -> str | None:
         problem = finite(candidate) or in_support(candidate)
         if problem is None and _beyond(candidate.kl, bound):
-            return candidate, "kl"
+            return "kl"
         if problem is None and not proposal.exact:
             problem = rebuild(candidate, leaves, self.reader)
             if problem is None and _beyond(candidate.kl, bound):
                 problem = "measured kl"
-        return candidate, problem
+        return problem
 
     def _accept(self, group: Group, candidate: Candidate, leaves: dict[str, Tensor],
                 method: str, backtracks: int) -> None:

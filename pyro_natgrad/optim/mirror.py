@@ -73,7 +73,8 @@ class Mirror:
                 new_args = family.natural_to_args(*new_eta)
                 values = param.unconstrained(new_args)
                 kl = exact_kl(family, current, family.distribution(*new_args))
-            return Candidate(values, rate, kl * site.multiplicity, note, anchor=anchor)
+            return Candidate(values, rate, kl * site.multiplicity, note, anchor=anchor,
+                             repaired=bool(note))
 
         return Proposal("natural", candidate, exact=True)
 

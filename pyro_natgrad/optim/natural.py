@@ -46,8 +46,9 @@ class NaturalGradient(GeometricOptim):
         :class:`~.fisher_solve.FisherSolve`).
     :param momentum: heavy-ball momentum β on a Gaussian mean, ``"auto"`` (0.9 on factorized
         sites, 0 on full-covariance ones), a number, a :class:`~.transforms.HeavyBall`, or None.
-    :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion` unbounded for exact
-        steps until one is rejected, ½√n nats for first-order steps), a KLTrustRegion, or None.
+    :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion`: ½√n nats, except
+        that natural steps that stay in the family's domain at the full rate are unbounded until
+        one of the group's steps needs a repair or is rejected), a KLTrustRegion, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`: rejected steps are undone
         and the rate shrinks), a BoldDriver, or None (every step is kept).
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with a window of 10

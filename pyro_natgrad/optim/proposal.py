@@ -20,7 +20,8 @@ class Candidate:
     ``kl``: its KL from the current q (closed form for exact steps, the metric's quadratic model
     ½ rate² dᵀGd for linear ones); ``measure``: a better KL taken on the guide re-built at
     ``values`` (its trace), which replaces ``kl`` once ``kl`` fits the trust region; ``anchor``:
-    the mean the step was built at (for momentum); ``note``: what a transform did to it.
+    the mean the step was built at (for momentum); ``note``: what a transform did to it;
+    ``repaired``: a domain repair changed the step (it left the family's domain at this rate).
     """
 
     values: dict[str, Tensor]
@@ -29,6 +30,7 @@ class Candidate:
     note: str = ""
     measure: Callable[[poutine.Trace], float] | None = None
     anchor: Tensor | None = None
+    repaired: bool = False
 
 
 @dataclass

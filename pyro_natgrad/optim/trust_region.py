@@ -23,47 +23,63 @@ Key = tuple[str, ...]
 class KLTrustRegion:
     """KL(q_old ‖ q_new) ≤ radius, one radius per group (keyed by its param names).
 
-    A step is *exact* when it is taken in a family's own coordinates and its KL is computed in
-    closed form at the candidate (natural-parameter and Bures steps); otherwise it is a first-order
-    step in the guide's parameters, whose quadratic model is only locally right.
+    A step is *exact* when it is taken in a family's own coordinates with its KL computed in
+    closed form (natural-parameter and Bures steps), and *clean* when it also needed no repair
+    to stay in the family's domain: with exact gradients such a step is Newton's step on a
+    model that is exact for conjugate models (the full natural step lands on the posterior), and
+    a natural update that leaves the domain (a precision that is not positive definite) is the
+    sign that the model does not hold at that rate. Other steps are first-order steps in the
+    guide's parameters, whose quadratic model is only locally right.
 
-    :param start: the radius an exact step starts from: ``"unbounded"`` (+∞, so the full natural
-        step is taken until a step is rejected: a conjugate model is exact in one step) or a
-        number of nats per √n (n = the group's param count).
-    :param linear_start: the radius a first-order step starts from, per √n.
+    :param start: the radius every group starts from, per √n (n = the group's param count).
+    :param trust_clean: a clean exact step is not bounded until the evidence says its model does
+        not hold for the group: a step that needed a repair at the full rate, or a rejected step
+        (False: every step is bounded).
     :param linear_cap: a first-order step's radius never exceeds ``linear_cap``·n.
     :param grow: an accepted step that did not overshoot (Pflug's ratio ≤ 0: the gradient at the
         candidate still points the same way) raises the radius to ``grow`` × its KL.
     :param shrink: a rejected step sets the radius to ``shrink`` × its KL, floored at
         ``min_radius``·√n.
     :param adaptive: False keeps every radius at its start (a fixed bound).
+    :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
+        False: they are nats.
+
+    State: the radius of each group, and the groups no longer trusted.
     """
 
-    start: float | str = 0.5
-    linear_start: float = 0.5
+    start: float = 0.5
+    trust_clean: bool = True
     linear_cap: float = 0.5
     grow: float = 2.0
     shrink: float = 0.5
     min_radius: float = 0.5e-4
     adaptive: bool = True
+    sized: bool = True
     radius: dict[Key, float] = field(default_factory=dict)
+    distrusted: set[Key] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        if not (self.start == "unbounded" or (isinstance(self.start, int | float)
-                                              and self.start > 0)):
-            raise ValueError(f"KLTrustRegion start must be > 0 or 'unbounded', got "
-                             f"{self.start!r}")
-        if not (self.linear_start > 0 and self.linear_cap > 0 and self.grow >= 1
+        if not (self.start > 0 and self.linear_cap > 0 and self.grow >= 1
                 and 0 < self.shrink < 1 and self.min_radius > 0):
-            raise ValueError(f"KLTrustRegion needs linear_start, linear_cap, min_radius > 0, "
+            raise ValueError(f"KLTrustRegion needs start, linear_cap, min_radius > 0, "
                              f"grow >= 1 and 0 < shrink < 1, got {self!r}")
 
-    def bound(self, key: Key, n: int, exact: bool) -> float:
+    @classmethod
+    def fixed(cls, max_kl: float) -> KLTrustRegion:
+        """KL(q_old ‖ q_new) ≤ ``max_kl`` nats for every step, whatever the group's size."""
+        return cls(start=max_kl, trust_clean=False, linear_cap=math.inf, adaptive=False,
+                   sized=False)
+
+    def bound(self, key: Key, n: int, exact: bool, clean: bool = False) -> float:
         """The largest KL a step of the group may take now."""
-        if key not in self.radius:
-            per_root = self.start if exact else self.linear_start
-            self.radius[key] = math.inf if per_root == "unbounded" else per_root * math.sqrt(n)
-        return self.radius[key] if exact else min(self.radius[key], self.linear_cap * n)
+        radius = self.radius.setdefault(key, self.start * self._root(n))
+        if exact and self.trust_clean and key not in self.distrusted:
+            if clean:
+                return math.inf
+            self.distrusted.add(key)
+        if exact:
+            return radius
+        return min(radius, self.linear_cap * (n if self.sized else 1))
 
     def update(self, key: Key, n: int, kl: float, judgement: Judgement) -> None:
         """After the judgement of a step of KL ``kl``: shrink below a rejected step, grow past
@@ -71,18 +87,24 @@ class KLTrustRegion:
         if key not in self.radius or not self.adaptive:
             return
         if not judgement.accepted:
-            self.radius[key] = max(self.min_radius * math.sqrt(n), self.shrink * kl)
+            self.radius[key] = max(self.min_radius * self._root(n), self.shrink * kl)
+            self.distrusted.add(key)
         elif judgement.ratio <= 0:
             self.radius[key] = max(self.radius[key], self.grow * kl)
 
+    def _root(self, n: int) -> float:
+        return math.sqrt(n) if self.sized else 1.0
+
     def forget(self, key: Key) -> None:
         self.radius.pop(key, None)
+        self.distrusted.discard(key)
 
     def state_dict(self) -> dict:
-        return {"radius": dict(self.radius)}
+        return {"radius": dict(self.radius), "distrusted": sorted(self.distrusted)}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = {tuple(k): v for k, v in state["radius"].items()}
+        self.distrusted = {tuple(k) for k in state["distrusted"]}
 
 
 def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool) -> float:

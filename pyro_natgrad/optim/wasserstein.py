@@ -68,8 +68,7 @@ class WassersteinGradient(GeometricOptim):
         if not isinstance(solve, MetricSolve):
             raise TypeError(f"solve must be 'auto' or a MetricSolve, got {solve!r}")
         if trust_region == "auto":  # a squared W₂ length has the problem's units: no KL radius
-            trust_region = KLTrustRegion(start="unbounded", linear_start=math.inf,
-                                         adaptive=False)
+            trust_region = KLTrustRegion(start=math.inf, trust_clean=False, adaptive=False)
         super().__init__(guide, lr, trust_region=trust_region,
                          step_size=BoldDriver() if step_size == "auto" else step_size,
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,
