@@ -282,6 +282,41 @@ def _scenario(rank: int, kind: str, out: str) -> dict:
 SCENARIOS = ("model_raises", "nan_loss", "one_rank_improves", "both_converge", "ctrl_c")
 
 
+def _natural_fit(rank: int) -> dict[str, torch.Tensor]:
+    """fit with DistributedOptim(NaturalGradient) on this rank's shard, to its finalize()."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    X, y, _, _ = _data()
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, DistributedOptim(NaturalGradient(guide)),
+              Trace_ELBO(num_particles=16, vectorize_particles=True))
+    # shards of low and of high y: the ranks' own gradients disagree near the optimum
+    shard = y.argsort()[rank * N // WORLD:(rank + 1) * N // WORLD]
+    fit(svi, X, y, shard, num_steps=STEPS, progress=False, tol=None)
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+class _Recording(pyro.optim.PyroOptim):
+    """SGD whose ``finalize`` records the ``.grad`` it is given."""
+
+    def __init__(self):
+        super().__init__(torch.optim.SGD, {"lr": 0.1})
+        self.seen: torch.Tensor | None = None
+
+    def finalize(self) -> bool:
+        self.seen = pyro.param("a").unconstrained().grad.clone()
+        return True
+
+
+def _finalize_grad(rank: int) -> torch.Tensor:
+    """DistributedOptim.finalize hands the wrapped finalize the ranks' mean gradient."""
+    pyro.clear_param_store()
+    optim = DistributedOptim(_Recording())
+    pyro.param("a", torch.zeros(2)).unconstrained().grad = torch.full((2,), rank + 1.0)
+    optim.finalize()
+    return optim.optim.seen
+
+
 def _failure_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -292,6 +327,8 @@ def _failure_worker(rank: int, port: int, out: str) -> None:
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         tdist.barrier()
         results = {kind: _scenario(rank, kind, out) for kind in SCENARIOS}
+        results["natural_fit"] = _natural_fit(rank)
+        results["finalize_grad"] = _finalize_grad(rank)
         torch.save(results, os.path.join(out, f"{rank}.pt"))
     finally:
         tdist.destroy_process_group()
@@ -334,3 +371,14 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(failures):
     for r in failures:
         assert r["ctrl_c"]["steps"] == 8
         assert any("interrupted after 8 finished steps" in w for w in r["ctrl_c"]["warnings"])
+
+
+def test_fit_finalizes_on_the_averaged_gradient(failures):
+    """The last step is judged by finalize() on the ranks' mean gradient ((1 + 2) / 2 here), and
+    fit with NaturalGradient ends on identical params on both ranks (a judgement on each rank's
+    own gradient could keep the step on one rank and undo it on the other)."""
+    for r in failures:
+        torch.testing.assert_close(r["finalize_grad"], torch.full((2,), 1.5))
+    first, second = (r["natural_fit"] for r in failures)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
