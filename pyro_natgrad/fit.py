@@ -1,4 +1,5 @@
-"""The SVI loop: a progress bar with the smoothed loss, early stopping, and a clean Ctrl-C.
+"""The SVI loop: a progress bar with the smoothed loss, early stopping, a clean Ctrl-C, and a step
+the model fails at undone (see :func:`fit`).
 
 Smoothed loss: the bias-corrected exponential moving average of Kingma & Ba (2015, "Adam", §3),
 m_t = β m_{t−1} + (1 − β) L_t, m_0 = 0, ē_t = m_t / (1 − βᵗ): a weighted mean of the losses so
