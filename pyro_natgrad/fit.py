@@ -27,7 +27,7 @@ import pyro
 import torch
 from tqdm import tqdm
 
-from .distributed import RankFailedError
+from .distributed import RankFailedError, world_size
 
 
 class _EMA:
@@ -159,14 +159,14 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
     ends on a kept step), and the messages of its ``diagnose()`` (what limits the fit, such as
     Monte Carlo noise, and the remedy) are issued as :class:`FitDiagnosisWarning`.
 
-    Data-parallel (an optimizer with ``agree``, :class:`~pyro_natgrad.distributed.
-    DistributedOptim`): the stopping rule uses the ranks' mean smoothed loss, a Ctrl-C on any
+    Data-parallel (:class:`~pyro_natgrad.distributed.DistributedOptim` on more than one
+    process): the stopping rule uses the ranks' mean smoothed loss, a Ctrl-C on any
     rank stops every rank after the same step, and a rank that fails makes every rank raise
     promptly (no undo: the ranks' params must stay equal).
     """
     _check_arguments(num_steps, tol, patience, window, smoothing)
     optim = getattr(svi, "optim", None)
-    distributed = callable(getattr(optim, "agree", None))
+    distributed = callable(getattr(optim, "agree", None)) and world_size(optim.group) > 1
     if distributed:
         optim.stop_agreed = False
     history: list[float] = []

@@ -19,6 +19,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.optim import PyroOptim
 
 from pyro_natgrad import NaturalGradient
+from pyro_natgrad.distributed import DistributedOptim
 from pyro_natgrad.fit import FitDiagnosisWarning, StepUndoneWarning, fit
 
 from .test_diagnostics import normal_data, normal_model, normal_posterior
@@ -182,6 +183,17 @@ def test_a_model_failure_at_the_last_step_is_undone_and_the_fit_goes_on(error):
     assert len(history) == 19 and len(optim.undone) == 1
     assert str(error) in optim.undone[0]
     assert _p().item() == pytest.approx(_sgd_path(18)[18], abs=1e-12)
+
+
+def test_distributed_optim_on_one_process_undoes_as_the_wrapped_optimizer():
+    """DistributedOptim without a process group is the wrapped optimizer: undo and finalize go
+    through (the no-undo rule is for several ranks)."""
+    optim = DistributedOptim(Undoable())
+    with pytest.warns(StepUndoneWarning, match="step 5"):
+        fit(_svi(_fails_once_at(5, ValueError("bad")), optim), num_steps=20, progress=False,
+            tol=None)
+    assert _p().item() == pytest.approx(_sgd_path(18)[18], abs=1e-12)
+    assert len(optim.optim.finalized) == 1
 
 
 def test_a_failure_without_undo_is_raised_with_clean_gradients():
