@@ -9,6 +9,7 @@ posterior in one step, and the path of q does not depend on how the guide parame
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,22 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from ..families import ExponentialFamily
+from ..families.base import Params
+from ..families.gaussian_step import (
+    GaussianDirection,
+    GaussianStep,
+    gaussian_direction,
+    natural_step,
+)
 from ..guides import Site, args_gradient
 from .proposal import Candidate, Proposal
-from .transforms import HeavyBall, PrecisionShortening, Retraction
+from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction
 
 __all__ = ["Mirror", "exact_kl"]
+
+# a group's step at (rate, the momentum's shift of the mean): (new args, KL(q ‖ q'), note), or
+# None when it cannot stay in the family's domain
+Step = Callable[[float, Tensor | None], "tuple[Params, float, str] | None"]
 
 
 @dataclass
@@ -44,39 +56,92 @@ class Mirror:
         family, param = site.family, site.parameterization
         with torch.no_grad():
             args = param.args({n: leaves[n].detach() for n in param.param_names})
-            eta = family.args_to_natural(*args)
         d_args = args_gradient(param, args, [grads[n] for n in param.param_names])
-        with torch.no_grad():
-            dmu = family.mean_gradient(args, d_args)
         d_loc = d_args[0] if family.location_split else None
-        scale = 1.0 / site.multiplicity
         velocity = momentum.velocity(key, family, args[0], d_loc) if momentum else None
         anchor = args[0].detach().clone() if d_loc is not None else None
-        current = family.distribution(*(a.detach() for a in args))
+        dense = (family.name == "MultivariateNormal"
+                 and args[0].shape[:-1] == args[1].shape[:-2])  # no covariance shared by locs
+        build = self._gaussian if dense else self._natural
+        step = build(family, args, d_args, 1.0 / site.multiplicity)
 
         def candidate(rate: float) -> Candidate | None:
             with torch.no_grad():
-                delta = tuple(-rate * scale * d for d in dmu)
-                new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
-                valid = family.in_domain(*new_eta)
-                note = ""
-                if not bool(valid.all()):
-                    repaired = (self.domain.repair(family, eta, delta, dmu, d_loc, rate * scale,
-                                                   valid) if self.domain is not None else None)
-                    if repaired is None:
-                        return None
-                    new_eta, note = repaired
-                    if not bool(family.in_domain(*new_eta).all()):
-                        return None
-                if velocity is not None:
-                    new_eta = family.translate(new_eta, rate * velocity)
-                new_args = family.natural_to_args(*new_eta)
+                stepped = step(rate, None if velocity is None else rate * velocity)
+                if stepped is None:
+                    return None
+                new_args, kl, note = stepped
                 values = param.unconstrained(new_args)
-                kl = exact_kl(family, current, family.distribution(*new_args))
             return Candidate(values, rate, kl * site.multiplicity, note, anchor=anchor,
                              repaired=bool(note))
 
         return Proposal("natural", candidate, exact=True)
+
+    def _natural(self, family: ExponentialFamily, args: Params, d_args: Params,
+                 scale: float) -> Step:
+        """Any family, in natural parameters: η' = η − ρ·scale·∂L/∂μ, the domain repaired, the
+        mean translated by the momentum's shift; KL(q ‖ q') by :func:`exact_kl`."""
+        with torch.no_grad():
+            eta = family.args_to_natural(*args)
+            dmu = family.mean_gradient(args, d_args)
+        d_loc = d_args[0] if family.location_split else None
+        current = family.distribution(*(a.detach() for a in args))
+
+        def step(rate: float, shift: Tensor | None) -> tuple[Params, float, str] | None:
+            delta = tuple(-rate * scale * d for d in dmu)
+            new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
+            valid = family.in_domain(*new_eta)
+            note = ""
+            if not bool(valid.all()):
+                repaired = (self.domain.repair(family, eta, delta, dmu, d_loc, rate * scale,
+                                               valid) if self.domain is not None else None)
+                if repaired is None:
+                    return None
+                new_eta, note = repaired
+                if not bool(family.in_domain(*new_eta).all()):
+                    return None
+            if shift is not None:
+                new_eta = family.translate(new_eta, shift)
+            new_args = family.natural_to_args(*new_eta)
+            return new_args, exact_kl(family, current, family.distribution(*new_args)), note
+
+        return step
+
+    def _gaussian(self, family: ExponentialFamily, args: Params, d_args: Params,
+                  scale: float) -> Step:
+        """N(m, LLᵀ) in its Cholesky factor (:mod:`~pyro_natgrad.families.gaussian_step`): the
+        same step as :meth:`_natural`, with one d×d product per step and, per rate, one Cholesky
+        and one triangular solve where the step stays in the domain. KL(q ‖ q') comes from the
+        factor, KL = KL₀ + ½bᵀ(2a + b) when the mean is shifted by s (a = L'⁻¹(m' − m) =
+        −ρL'ᵀ∂L/∂m, b = L'⁻¹s; KL₀ the unshifted KL)."""
+        (loc, tril), (d_loc, d_tril) = args, d_args
+        direction = gaussian_direction(loc, tril, d_loc, d_tril)
+        repair = (self.domain.gaussian(direction) if self.domain is not None
+                  else _unrepaired(direction))
+
+        def step(rate: float, shift: Tensor | None) -> tuple[Params, float, str] | None:
+            stepped = repair(rate * scale)
+            if stepped is None:
+                return None
+            new, note = stepped
+            new_loc, kl = new.loc, new.kl
+            if shift is not None:
+                new_loc = new_loc + shift
+                a = -rate * scale * (new.scale_tril.mT @ d_loc.unsqueeze(-1))
+                b = torch.linalg.solve_triangular(new.scale_tril, shift.unsqueeze(-1),
+                                                  upper=False)
+                kl = kl + 0.5 * (b * (2 * a + b)).sum((-2, -1))
+            return (new_loc, new.scale_tril), float(kl.sum()), note
+
+        return step
+
+
+def _unrepaired(direction: GaussianDirection) -> GaussianRepair:
+    """The plain step, or None where it leaves the domain."""
+    def step(rate: float) -> tuple[GaussianStep, str] | None:
+        new = natural_step(direction, rate)
+        return (new, "") if bool(new.ok.all()) else None
+    return step
 
 
 def exact_kl(family: ExponentialFamily, p: torch.distributions.Distribution,

@@ -4,12 +4,19 @@ transform out when its option is None."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from ..families import ExponentialFamily
+from ..families.gaussian_step import (
+    GaussianDirection,
+    GaussianStep,
+    natural_step,
+    smallest_eigenvalue,
+)
 from ..fisher.linalg import jvp, without_rotations
 from ..guides import Group
 from .proposal import Candidate
@@ -18,6 +25,9 @@ __all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection"]
 
 Key = tuple[str, ...]
 Eta = tuple[Tensor, ...]
+# a full-covariance Gaussian's natural step at a rate, repaired where it leaves the domain, with
+# its note; None when no repair keeps it in the domain
+GaussianRepair = Callable[[float], "tuple[GaussianStep, str] | None"]
 
 
 @dataclass
@@ -85,9 +95,17 @@ class PrecisionShortening:
     optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is not held back by it.
     Limit: the first positive-definite point leaves Λ' with eigenvalues in [0, ½) of Λ's along
     the noise, so with very noisy ∂L/∂Σ the covariance can drift up. Families without a
-    location (not Gaussian) are not repaired."""
+    location (not Gaussian) are not repaired.
+
+    A full-covariance Gaussian (:meth:`gaussian`) is stepped in its Cholesky factor, where
+    Λ' = L⁻ᵀ(I + ρ_Λ S)L⁻¹ (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which
+    I + ρ_Λ S is indefinite by an upper bound θ ≥ λ_min(S) (ρ_Λ θ < −1) are skipped without a
+    factorization; θ is min Sᵢᵢ, and once a halving is needed also the smallest Ritz value of
+    ``lanczos_iters`` Lanczos steps (Ritz values never lie below λ_min; Golub & Van Loan 2013,
+    §10.1). A Cholesky decides every rate it tries, so the fraction found is the same."""
 
     max_halvings: int = 20
+    lanczos_iters: int = 20
 
     def repair(self, family: ExponentialFamily, eta: Eta, delta: Eta, dmu: Eta,
                d_loc: Tensor | None, rate: float, valid: Tensor) -> tuple[Eta, str] | None:
@@ -98,18 +116,79 @@ class PrecisionShortening:
             return f.reshape(f.shape + (1,) * k)
 
         k1, k2 = family.event_dims
-        fraction = torch.where(valid, 1.0, 0.5).to(eta[1].dtype)
-        for _ in range(self.max_halvings):
-            guard = eta[1] - rate * expand(fraction, k2) * dmu[1]
-            pending = ~valid & ~family.in_domain(eta[0], guard)
-            if not bool(pending.any()):
-                break
-            fraction = torch.where(pending, 0.5 * fraction, fraction)
+
+        def inside(fraction: Tensor) -> Tensor:
+            return family.in_domain(eta[0], eta[1] - rate * expand(fraction, k2) * dmu[1])
+
+        fraction = self._search(inside, torch.where(valid, 1.0, 0.5).to(eta[1].dtype))
+        if fraction is None:
+            return None
         f1, f2 = expand(fraction, k1), expand(fraction, k2)
         new_eta = (eta[0] - rate * (f1 * dmu[0] + (1 - f1) * d_loc),
                    eta[1] - rate * f2 * dmu[1])
-        return new_eta, (f"precision step shortened to {float(fraction.min()):.3g} of the "
-                         f"mean's at {int((~valid).sum())} of {valid.numel()} elements")
+        return new_eta, _shortened(fraction)
+
+    def gaussian(self, direction: GaussianDirection) -> GaussianRepair:
+        """The step of N(m, LLᵀ) along ``direction`` at each rate, shortened where it leaves the
+        domain: per rate, one Cholesky when the step stays in the domain or the bound on λ_min(S)
+        is tight."""
+        s = direction.whitened_cov
+        bounds = [s.diagonal(dim1=-2, dim2=-1).amin(-1)]  # eᵢᵀSeᵢ ≥ λ_min(S)
+        limit = -(1 + torch.finfo(s.dtype).eps ** 0.5)
+        floor = 0.5 ** self.max_halvings
+
+        def descend(fraction: Tensor, rate: float) -> Tensor:
+            while True:  # halve while I + rate·fraction·S is indefinite by the bound
+                out = (rate * fraction * bounds[-1] < limit) & (fraction >= floor)
+                if not bool(out.any()):
+                    return fraction
+                fraction = torch.where(out, 0.5 * fraction, fraction)
+
+        def skip(fraction: Tensor, rate: float) -> Tensor:
+            fraction = descend(fraction, rate)
+            if len(bounds) == 1 and bool((fraction < 1).any()):  # a halving: worth Lanczos
+                ritz = smallest_eigenvalue(s, self.lanczos_iters)[0]
+                bounds.append(torch.minimum(bounds[0], ritz))
+                fraction = descend(fraction, rate)
+            return fraction
+
+        def step(rate: float) -> tuple[GaussianStep, str] | None:
+            steps = []
+
+            def inside(fraction: Tensor) -> Tensor:
+                steps.append(natural_step(direction, rate, rate * fraction))
+                return steps[-1].ok
+
+            fraction = self._search(inside, s.new_ones(s.shape[:-2]),
+                                    lambda f: skip(f, rate))
+            return None if fraction is None else (steps[-1], _shortened(fraction))
+
+        return step
+
+    def _search(self, inside: Callable[[Tensor], Tensor], fraction: Tensor,
+                skip: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """Per batch element, the first of ``fraction``, ½·fraction, … (down to
+        ½^max_halvings) at which ``inside`` holds, ``skip`` moving a tried fraction past levels
+        known to fail; None when some element has none. ``inside`` is called on the whole batch
+        and last on the fraction returned."""
+        floor = 0.5 ** self.max_halvings
+        skip = skip or (lambda f: f)
+        fraction = skip(fraction)
+        while not bool((fraction < floor).any()):
+            ok = inside(fraction)
+            if bool(ok.all()):
+                return fraction
+            fraction = torch.where(ok, fraction, skip(0.5 * fraction))
+        return None
+
+
+def _shortened(fraction: Tensor) -> str:
+    """The note of a precision-shortened step (empty when no element was shortened)."""
+    shortened = int((fraction < 1).sum())
+    if not shortened:
+        return ""
+    return (f"precision step shortened to {float(fraction.min()):.3g} of the mean's at "
+            f"{shortened} of {fraction.numel()} elements")
 
 
 @dataclass
@@ -128,7 +207,34 @@ class Retraction:
         plain = tuple(e + d for e, d in zip(eta, delta, strict=True))
         new_eta = tuple(torch.where(valid.reshape(valid.shape + (1,) * k), x, y)
                         for x, y, k in zip(plain, retracted, family.event_dims, strict=True))
-        return new_eta, f"retraction at {int((~valid).sum())} of {valid.numel()} elements"
+        return new_eta, _retracted(valid)
+
+    def gaussian(self, direction: GaussianDirection) -> GaussianRepair:
+        """The step of N(m, LLᵀ) along ``direction`` at each rate, retracted
+        (``natural_step(..., retract=True)``) at the elements where it leaves the domain; S² is
+        formed once, at the first such step."""
+        retracting: list[GaussianDirection] = []
+
+        def step(rate: float) -> tuple[GaussianStep, str] | None:
+            plain = natural_step(direction, rate)
+            if bool(plain.ok.all()):
+                return plain, ""
+            if not retracting:
+                s = direction.whitened_cov
+                retracting.append(replace(direction, whitened_cov_square=s @ s))
+            other = natural_step(retracting[0], rate, retract=True)
+            valid = plain.ok
+            merged = GaussianStep(torch.where(valid[..., None], plain.loc, other.loc),
+                                  torch.where(valid[..., None, None], plain.scale_tril,
+                                              other.scale_tril),
+                                  torch.where(valid, plain.kl, other.kl), None, valid | other.ok)
+            return (merged, _retracted(valid)) if bool(merged.ok.all()) else None
+
+        return step
+
+
+def _retracted(valid: Tensor) -> str:
+    return f"retraction at {int((~valid).sum())} of {valid.numel()} elements"
 
 
 @dataclass
