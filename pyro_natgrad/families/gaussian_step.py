@@ -117,22 +117,25 @@ def natural_step(direction: GaussianDirection, rate: float | Tensor,
     d = s.shape[-1]
     eye = torch.eye(d, dtype=s.dtype, device=s.device)
     rho_s = rho_lam[..., None, None] * s
-    trace_s = s.diagonal(dim1=-2, dim2=-1).sum(-1)
-    excess = rho_lam * trace_s  # tr B − d
     if retract:
         if direction.whitened_cov_square is None:
             raise ValueError("natural_step: retract=True needs the direction built with "
                              "gaussian_direction(..., retraction=True) (its S²)")
         rho_s = rho_s + 0.5 * rho_lam[..., None, None].square() * direction.whitened_cov_square
-        excess = excess + 0.5 * rho_lam.square() * s.square().sum((-2, -1))
     b = rho_s + eye
     flipped, info = torch.linalg.cholesky_ex(b.flip(-2, -1))  # JBJ = L_f L_fᵀ, U = J L_f J
     u = flipped.flip(-2, -1)
     new_tril = torch.linalg.solve_triangular(u.mT, tril, upper=False, left=False)  # L U⁻ᵀ
     w = torch.linalg.solve_triangular(u, v.unsqueeze(-1), upper=True)  # U⁻¹ v
     new_loc = loc - rho[..., None] * (new_tril @ w).squeeze(-1)
-    log_det = 2 * flipped.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # log|B|
-    kl = 0.5 * (excess - log_det + rho.square() * w.squeeze(-1).square().sum(-1))
+    pivots = flipped.diagonal(dim1=-2, dim2=-1)
+    log_det = 2 * pivots.log().sum(-1)  # log|B|
+    # tr B − d − log|B| = Σ_{i≠j} u_ij² + Σ_i (u_ii² − 1 − 2 log u_ii) (tr B = |U|²_F): terms ≥ 0,
+    # the diagonal's as 2x + x² − 2 log(1 + x) of x = u_ii − 1 in float64 (no cancellation)
+    x = (pivots - 1).double()
+    spread = (flipped.tril(-1).square().sum((-2, -1))
+              + (2 * x + x.square() - 2 * torch.log1p(x)).sum(-1).to(s.dtype))
+    kl = 0.5 * (spread + rho.square() * w.squeeze(-1).square().sum(-1))
     ok = (info == 0) & torch.isfinite(kl)
     reverse = None
     if reverse_kl:
