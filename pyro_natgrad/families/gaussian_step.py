@@ -193,7 +193,8 @@ def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple
         alpha[..., j] = (w * q).sum((-2, -1))
         scale = w.square().sum((-2, -1)).sqrt()
         done = basis[..., :j + 1, :]
-        w = w - (w @ done.mT) @ done  # full reorthogonalization (one Gram–Schmidt pass)
+        for _ in range(2):  # full reorthogonalization, two Gram–Schmidt passes ("twice is
+            w = w - (w @ done.mT) @ done  # enough"): one leaves the next q off the basis
         norm = w.square().sum((-2, -1)).sqrt()
         # an invariant subspace (β ≤ √eps·|Sq|): β = 0 and a zero vector next, so T gets zeros
         closed = norm <= threshold * scale
