@@ -56,17 +56,17 @@ def forward_backward_step(loc: Tensor, scale_tril: Tensor, grad_loc: Tensor, hes
     triangular, positive diagonal, L'L'ᵀ = Σ' of the module docstring. Batched over leading dims.
 
     ``grad_loc`` = E_q[∇V] (= ∇ₘL), ``hess`` = Ĥ symmetric (:func:`energy_hessian`), both per
-    unit weight; ``h`` > 0, a number or a tensor broadcasting against the batch shape. With an
-    invertible ``frame`` F the step is taken in the coordinates y = F⁻¹x, i.e. in the W₂ geometry
-    of the cost |F⁻¹(x − x')|²: m' = m − h FFᵀ E[∇V], Ĥ read as FᵀĤF, the factor as F⁻¹L; the
-    fixed point is unchanged (KL is invariant under affine maps). F = L takes it where q is
-    standard normal. With (I − hĤ)L = U diag(s) Vᵀ (SVD), Σ½ = U diag(s²) Uᵀ and
+    unit weight; ``h`` finite and > 0, a number or a tensor broadcasting against the batch shape.
+    With an invertible ``frame`` F the step is taken in the coordinates y = F⁻¹x, i.e. in the W₂
+    geometry of the cost |F⁻¹(x − x')|²: m' = m − h FFᵀ E[∇V], Ĥ read as FᵀĤF, the factor as
+    F⁻¹L; the fixed point is unchanged (KL is invariant under affine maps). F = L takes it where q
+    is standard normal. With (I − hĤ)L = U diag(s) Vᵀ (SVD), Σ½ = U diag(s²) Uᵀ and
     Σ' = U diag(σ')² Uᵀ, σ' = :func:`entropy_prox` (s, h): neither Σ nor a matrix square root is
     formed, and L' comes from the QR of (U diag σ')ᵀ.
     """
     h = torch.as_tensor(h, dtype=loc.dtype, device=loc.device)
-    if not bool((h > 0).all()):
-        raise ValueError(f"forward_backward_step: h must be > 0, got {h}")
+    if not bool((torch.isfinite(h) & (h > 0)).all()):
+        raise ValueError(f"forward_backward_step: h must be finite and > 0, got {h}")
     factor, grad = scale_tril, grad_loc.unsqueeze(-1)
     if frame is not None:
         grad, hess = frame.mT @ grad, frame.mT @ hess @ frame
@@ -88,7 +88,7 @@ def forward_backward_step_diag(loc: Tensor, scale: Tensor, grad_loc: Tensor, gra
     (the proximal step in the Euclidean (m, σ) coordinates of diagonal Gaussians), so the fixed
     point ∂E/∂σ = 1/σ holds for every h, not only for h·E[∂ᵢ²V] ≤ 1 as with |σ½|."""
     h = torch.as_tensor(h, dtype=loc.dtype, device=loc.device)
-    if not bool((h > 0).all()):
-        raise ValueError(f"forward_backward_step_diag: h must be > 0, got {h}")
+    if not bool((torch.isfinite(h) & (h > 0)).all()):
+        raise ValueError(f"forward_backward_step_diag: h must be finite and > 0, got {h}")
     half = scale - h * (grad_scale + scale.reciprocal())
     return loc - h * grad_loc, entropy_prox(half, h)
