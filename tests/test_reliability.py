@@ -15,7 +15,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
 from pyro_natgrad.families import Normal
-from pyro_natgrad.optim import KLTrustRegion
+from pyro_natgrad.optim import BoldDriver, KLTrustRegion
 from pyro_natgrad.optim.mirror import exact_kl
 
 from .conjugate import linear_regression, regression_model
@@ -217,6 +217,7 @@ def test_lr_assignment_rescales_the_step_and_scheduler_wrappers_get_a_clear_erro
     ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite"),
     ({"trust_region": 2.0}, TypeError, "trust_region"),
     ({"step_size": "bold"}, TypeError, "step_size"),
+    ({"lr": record_args(_guide)}, TypeError, "one guide"),
 ])
 def test_options_are_checked_when_the_optimizer_is_built(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -240,3 +241,18 @@ def test_set_state_names_what_does_not_fit():
     with pytest.raises(ValueError, match=r"param 'loc' has shape \(\)"):
         NaturalGradient(guide).set_state(state)
     assert isinstance(KLTrustRegion().state_dict()["radius"], dict)
+
+
+@pytest.mark.filterwarnings("ignore:no valid step:pyro_natgrad.StepRefusedWarning")
+def test_a_fit_stuck_at_the_smallest_step_says_so():
+    """WassersteinGradient's lr (a variance) far above a narrow posterior's (sd ≈ 0.02): steps
+    overshoot and are undone; once the rate is at its floor (here min_lr = ¼, reached after two
+    rejections), a rejection warns that the fit is not moving."""
+    x = torch.linspace(1.0, 3.0, 200, dtype=torch.float64)
+    guide = record_args(_guide)
+    guide(x)
+    svi = SVI(_model, guide, WassersteinGradient(guide, lr=1.0, step_size=BoldDriver(min_lr=0.25)),
+              Trace_ELBO(num_particles=4, vectorize_particles=True))
+    with pytest.warns(StepRefusedWarning, match="the fit is not moving"):
+        for _ in range(80):
+            svi.step(x)

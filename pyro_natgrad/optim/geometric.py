@@ -237,6 +237,11 @@ class GeometricOptim(PyroOptim):
         if judgement.accepted:
             return False
         self._restore(pending["theta"], leaves)
+        if self.step_size.rate <= self.step_size.min_lr * self._lr:
+            warnings.warn(
+                f"a step was rejected at the smallest step size ({self.step_size.rate:.3g} = "
+                f"min_lr × lr): the fit is not moving. A smaller lr, more particles, or a guide "
+                "started closer to the posterior may help", StepRefusedWarning, stacklevel=4)
         return True
 
     def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor]) -> None:
@@ -446,6 +451,9 @@ class GeometricOptim(PyroOptim):
 
 
 def _check_lr(lr: float) -> None:
+    if callable(lr):
+        raise TypeError(f"lr must be a number, got the callable {lr!r}: the optimizer takes one "
+                        "guide, the object passed to SVI")
     if not (isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr)
             and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
