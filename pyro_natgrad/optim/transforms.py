@@ -105,7 +105,7 @@ class PrecisionShortening:
     §10.1). A Cholesky decides every rate it tries, so the fraction found is the same."""
 
     max_halvings: int = 20
-    lanczos_iters: int = 20
+    lanczos_iters: int = 10
 
     def repair(self, family: ExponentialFamily, eta: Eta, delta: Eta, dmu: Eta,
                d_loc: Tensor | None, rate: float, valid: Tensor) -> tuple[Eta, str] | None:
