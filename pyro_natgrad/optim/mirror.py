@@ -38,6 +38,9 @@ Step = Callable[[float, Tensor | None], "tuple[Params, float, str] | None"]
 @dataclass
 class Mirror:
     """The mirror step of a site whose family is written through an invertible parameterization.
+    A full-covariance ``MultivariateNormal(loc, scale_tril)`` takes the same step in its Cholesky
+    factor (:mod:`~pyro_natgrad.families.gaussian_step`: one Cholesky per rate instead of the
+    η-maps' several factorizations and an O(d³) float64 KL).
 
     :param domain: how a step that leaves the natural-parameter domain is repaired before the
         optimizer shortens it: :class:`~pyro_natgrad.optim.transforms.PrecisionShortening`
