@@ -148,6 +148,13 @@ def test_precision_shortening_gives_up_after_max_halvings():
     assert ops.factorizations <= 1, ops.calls
 
 
+def test_precision_shortening_names_bad_options():
+    with pytest.raises(ValueError, match="max_halvings must be an integer >= 0, got -1"):
+        PrecisionShortening(max_halvings=-1)
+    with pytest.raises(ValueError, match="lanczos_iters must be an integer >= 1, got 2.5"):
+        PrecisionShortening(lanczos_iters=2.5)
+
+
 @pytest.mark.parametrize("spread, factorizations", [(False, 1), (True, 2)],
                          ids=["diagonal-bound", "lanczos-bound"])
 def test_halvings_excluded_by_the_bound_take_no_factorization(spread, factorizations):

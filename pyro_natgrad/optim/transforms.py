@@ -107,6 +107,13 @@ class PrecisionShortening:
     max_halvings: int = 20
     lanczos_iters: int = 10
 
+    def __post_init__(self) -> None:
+        for name, low in (("max_halvings", 0), ("lanczos_iters", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise ValueError(f"PrecisionShortening: {name} must be an integer >= {low}, "
+                                 f"got {value!r}")
+
     def repair(self, family: ExponentialFamily, eta: Eta, delta: Eta, dmu: Eta,
                d_loc: Tensor | None, rate: float, valid: Tensor) -> tuple[Eta, str] | None:
         if d_loc is None:
