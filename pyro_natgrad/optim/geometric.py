@@ -237,11 +237,6 @@ class GeometricOptim(PyroOptim):
         if judgement.accepted:
             return False
         self._restore(pending["theta"], leaves)
-        if self.step_size.rate <= self.step_size.min_lr * self._lr:
-            warnings.warn(
-                f"a step was rejected at the smallest step size ({self.step_size.rate:.3g} = "
-                f"min_lr × lr): the fit is not moving. A smaller lr, more particles, or a guide "
-                "started closer to the posterior may help", StepRefusedWarning, stacklevel=4)
         return True
 
     def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor]) -> None:
