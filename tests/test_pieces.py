@@ -36,8 +36,12 @@ def test_trust_region_clean_exact_steps_are_unbounded_until_a_repair_or_a_reject
     assert region.bound(KEY, 16, exact=True, clean=True) == 2.0  # ... from then on
     other = ("a",)
     region.bound(other, 4, exact=True, clean=True)
+    region.update(other, 4, kl=10.0, judgement=ACCEPTED)
+    assert region.radius[other] == 1.0  # an unbounded step did not use the radius: no growth
     region.update(other, 4, kl=10.0, judgement=REJECTED)
-    assert region.bound(other, 4, exact=True, clean=True) == 5.0  # ½ the rejected KL
+    assert region.bound(other, 4, exact=True, clean=True) == 1.0  # back to the start ½√4
+    region.update(other, 4, kl=1.0, judgement=REJECTED)
+    assert region.bound(other, 4, exact=True, clean=True) == 0.5  # ½ the rejected KL
 
 
 def test_trust_region_grows_past_accepted_steps_that_did_not_overshoot():

@@ -39,12 +39,14 @@ class KLTrustRegion:
     :param grow: an accepted step that did not overshoot (Pflug's ratio ≤ 0: the gradient at the
         candidate still points the same way) raises the radius to ``grow`` × its KL.
     :param shrink: a rejected step sets the radius to ``shrink`` × its KL, floored at
-        ``min_radius``·√n.
+        ``min_radius``·√n (a rejected unbounded step: at most the start radius). While a group's
+        clean steps are trusted, its radius stays at its start.
     :param adaptive: False keeps every radius at its start (a fixed bound).
     :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
         False: they are nats.
 
-    State: the radius of each group, and the groups no longer trusted.
+    State: the radius of each group, the groups whose steps are unbounded now, and those no
+    longer trusted.
     """
 
     start: float = 0.5
@@ -56,6 +58,7 @@ class KLTrustRegion:
     adaptive: bool = True
     sized: bool = True
     radius: dict[Key, float] = field(default_factory=dict)
+    trusted: set[Key] = field(default_factory=set)
     distrusted: set[Key] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -75,8 +78,9 @@ class KLTrustRegion:
         radius = self.radius.setdefault(key, self.start * self._root(n))
         if exact and self.trust_clean and key not in self.distrusted:
             if clean:
+                self.trusted.add(key)
                 return math.inf
-            self.distrusted.add(key)
+            self._distrust(key)
         if exact:
             return radius
         return min(radius, self.linear_cap * (n if self.sized else 1))
@@ -86,24 +90,34 @@ class KLTrustRegion:
         an accepted one that did not overshoot."""
         if key not in self.radius or not self.adaptive:
             return
+        trusted = key in self.trusted
         if not judgement.accepted:
-            self.radius[key] = max(self.min_radius * self._root(n), self.shrink * kl)
-            self.distrusted.add(key)
-        elif judgement.ratio <= 0:
+            radius = max(self.min_radius * self._root(n), self.shrink * kl)
+            # a rejected unbounded step falls back to the start radius at most
+            self.radius[key] = min(radius, self.start * self._root(n)) if trusted else radius
+            self._distrust(key)
+        elif judgement.ratio <= 0 and not trusted:  # a trusted step was not bounded by it
             self.radius[key] = max(self.radius[key], self.grow * kl)
+
+    def _distrust(self, key: Key) -> None:
+        self.trusted.discard(key)
+        self.distrusted.add(key)
 
     def _root(self, n: int) -> float:
         return math.sqrt(n) if self.sized else 1.0
 
     def forget(self, key: Key) -> None:
         self.radius.pop(key, None)
+        self.trusted.discard(key)
         self.distrusted.discard(key)
 
     def state_dict(self) -> dict:
-        return {"radius": dict(self.radius), "distrusted": sorted(self.distrusted)}
+        return {"radius": dict(self.radius), "trusted": sorted(self.trusted),
+                "distrusted": sorted(self.distrusted)}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = {tuple(k): v for k, v in state["radius"].items()}
+        self.trusted = {tuple(k) for k in state["trusted"]}
         self.distrusted = {tuple(k) for k in state["distrusted"]}
 
 
