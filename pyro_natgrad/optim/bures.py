@@ -1,11 +1,18 @@
 """Wasserstein-2 directions of a group of guide sites.
 
 * :class:`Bures`: a Normal or MultivariateNormal site written through an invertible
-  parameterization takes the closed-form Bures–Wasserstein step m' = m − h∇ₘL,
-  Σ' = (I − hM)Σ(I − hM), M = 2 sym ∇_ΣL (:func:`~pyro_natgrad.wasserstein.bures_step`; for a
-  Normal, the Euclidean step in (m, σ)), h = ρ / (copies × ELBO scale) of the site; ∂L/∂Σ from
-  ∂L/∂L by the Cholesky reverse rule, and the new Cholesky factor written back through the
-  parameterization.
+  parameterization takes a closed-form Bures–Wasserstein step, by default the forward–backward
+  step (Diao, Balasubramanian, Chewi & Salim 2023, ICML; gradient step on the energy, exact
+  proximal step on the entropy, :func:`~pyro_natgrad.wasserstein.forward_backward_step`) with
+  the scale-free h = ρ / ρ(LᵀĤL) (:func:`~pyro_natgrad.wasserstein.curvature_step`) in q's frame
+  F = L, Ĥ = 2 sym ∂L/∂Σ + Σ⁻¹ per unit weight; for a Normal, the elementwise step
+  (:func:`~pyro_natgrad.wasserstein.forward_backward_step_diag`) with
+  h = ρ / maxᵢ Ĥᵢᵢ (:func:`~pyro_natgrad.wasserstein.curvature_step_diag`). The explicit scheme
+  is the plain step m' = m − h∇ₘL, Σ' = (I − hM)Σ(I − hM), M = 2 sym ∇_ΣL
+  (:func:`~pyro_natgrad.wasserstein.bures_step`; for a Normal, the Euclidean step in (m, σ)),
+  h = ρ / (copies × ELBO scale). ∂L/∂Σ comes from ∂L/∂L by the Cholesky reverse rule, gradients
+  per unit weight divide SVI's by the site's multiplicity, and the new factor is written back
+  through the parameterization.
 * :class:`MetricSolve`: any other group steps linearly in its params with a W₂ metric pulled
   back to them, the exact Bures metric of Gaussians
   (:class:`~pyro_natgrad.wasserstein.BuresMetric`) or the pushforward metric E[JᵀJ] of a
@@ -14,6 +21,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,17 +32,44 @@ from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site, args_gradient
-from ..wasserstein import BuresMetric, PushforwardMetric, bures_step, cholesky_to_cov_gradient
+from ..wasserstein import (
+    BuresMetric,
+    PushforwardMetric,
+    bures_step,
+    cholesky_to_cov_gradient,
+    curvature_step,
+    curvature_step_diag,
+    energy_hessian,
+    energy_hessian_diag,
+    forward_backward_step,
+    forward_backward_step_diag,
+)
 from .proposal import Candidate, Proposal, linear_proposal
 
 __all__ = ["Bures", "MetricSolve"]
 
 _FORMS = ("dense", "diag", "cg")
+_SCHEMES = ("forward_backward", "explicit")
 
 
 @dataclass
 class Bures:
-    """The closed-form Bures–Wasserstein step of one Gaussian site."""
+    """The closed-form Bures–Wasserstein step of one Gaussian site (module docstring).
+
+    :param scheme: ``"forward_backward"`` (scale-free: the rate ρ is a fraction of 1 / curvature)
+        or ``"explicit"`` (the rate has the units of 1 / curvature).
+    :param iters: Lanczos steps of the spectral radius ρ(LᵀĤL) (exact once ≥ the dimension).
+    """
+
+    scheme: Literal["forward_backward", "explicit"] = "forward_backward"
+    iters: int = 10
+
+    def __post_init__(self) -> None:
+        if self.scheme not in _SCHEMES:
+            raise ValueError(f"Bures: scheme must be one of {_SCHEMES}, got {self.scheme!r}")
+        if not (isinstance(self.iters, int) and not isinstance(self.iters, bool)
+                and self.iters > 0):
+            raise ValueError(f"Bures: iters must be a positive integer, got {self.iters!r}")
 
     def propose(self, site: Site, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor]) -> Proposal:
@@ -45,24 +81,49 @@ class Bures:
         d_loc, d_second = args_gradient(param, args, [grads[n] for n in param.param_names])
         if dense:
             d_second = cholesky_to_cov_gradient(args[1], d_second)
-        scale = 1.0 / site.multiplicity
+        step = self._step(dense, args, d_loc / site.multiplicity, d_second / site.multiplicity)
 
         def candidate(rate: float) -> Candidate | None:
-            h = rate * scale
             with torch.no_grad():
-                if dense:
-                    new_args = bures_step(*args, d_loc, d_second, h)
-                    positive = new_args[1].diagonal(dim1=-2, dim2=-1)
-                else:
-                    new_args = (args[0] - h * d_loc, args[1] - h * d_second)
-                    positive = new_args[1]
-                if not bool(positive.gt(0).all()):  # Σ' singular, or σ' ≤ 0 (or NaN)
+                new_args = step(rate)
+                if new_args is None:
+                    return None
+                positive = new_args[1].diagonal(dim1=-2, dim2=-1) if dense else new_args[1]
+                finite = all(bool(torch.isfinite(a).all()) for a in new_args)
+                if not (finite and bool(positive.gt(0).all())):  # Σ' singular, σ' ≤ 0, or NaN
                     return None
                 values = param.unconstrained(new_args)
                 kl = float(kl_divergence(current, family.distribution(*new_args)).sum())
+            if not math.isfinite(kl):
+                return None
             return Candidate(values, rate, kl * site.multiplicity)
 
         return Proposal("bures", candidate, exact=True)
+
+    def _step(self, dense: bool, args: tuple[Tensor, ...], g_loc: Tensor,
+              g_second: Tensor) -> Callable[[float], tuple[Tensor, Tensor] | None]:
+        """rate -> (m', L') or (m', σ') from per-unit-weight gradients in (m, Σ) or (m, σ)."""
+        loc, second = args[0], args[1]
+        if self.scheme == "explicit":
+            if dense:
+                return lambda rate: bures_step(loc, second, g_loc, g_second, rate)
+            return lambda rate: (loc - rate * g_loc, second - rate * g_second)
+        with torch.no_grad():
+            if dense:
+                hess = energy_hessian(second, g_second)
+                unit = curvature_step(hess, 1.0, frame=second, iters=self.iters)
+            else:
+                unit = curvature_step_diag(energy_hessian_diag(second, g_second), 1.0)
+
+        def forward_backward(rate: float) -> tuple[Tensor, Tensor] | None:
+            h = rate * unit  # rate / ρ(LᵀĤL), or rate / maxᵢ |Ĥᵢᵢ|
+            if not bool((torch.isfinite(h) & (h > 0)).all()):
+                return None
+            if dense:
+                return forward_backward_step(loc, second, g_loc, hess, h, frame=second)
+            return forward_backward_step_diag(loc, second, g_loc, g_second, h)
+
+        return forward_backward
 
 
 @dataclass

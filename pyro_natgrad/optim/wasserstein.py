@@ -28,36 +28,39 @@ class WassersteinGradient(GeometricOptim):
     """Wasserstein natural-gradient optimizer for :class:`pyro.infer.SVI`, θ ← θ − ρ G(θ)⁻¹∇θL
     with G the W₂ metric of the guide.
 
-    >>> svi = SVI(model, guide, WassersteinGradient(guide, lr=0.1), Trace_ELBO(num_particles=32))
+    >>> svi = SVI(model, guide, WassersteinGradient(guide), Trace_ELBO(num_particles=32))
 
     Per group of guide sites, the first that applies: the closed-form Bures step
-    (:class:`~.bures.Bures`) for a Normal or MultivariateNormal site written through an invertible
-    parameterization; a linear step with the Bures metric pulled back to the params for other
-    Gaussian groups, or with the pushforward metric for any other reparameterized site
-    (:class:`~.bures.MetricSolve`).
+    (:class:`~.bures.Bures`, by default the forward–backward step with h = ρ / curvature) for a
+    Normal or MultivariateNormal site written through an invertible parameterization; a linear
+    step with the Bures metric pulled back to the params for other Gaussian groups, or with the
+    pushforward metric for any other reparameterized site (:class:`~.bures.MetricSolve`).
 
     :param guide: the guide object passed to SVI.
-    :param lr: step size ρ, a time step of the Wasserstein gradient flow: it has the units of
-        1 / curvature of the loss, so unlike the natural gradient it depends on the problem's
-        scale (the step-size policy corrects too large a value).
+    :param lr: step size ρ. For the default closed-form steps it is dimensionless, the fraction
+        of 1 / curvature the step takes (:class:`~.bures.Bures`); for linear metric steps and
+        ``Bures(scheme="explicit")`` it has the units of 1 / curvature of the loss (the
+        step-size policy corrects too large a value).
     :param metric: ``"auto"`` (Bures–Wasserstein for Gaussian sites, pushforward elsewhere) or
         ``"pushforward"`` for every site.
     :param trust_region: ``"auto"`` (no bound on Bures steps; ½ρ²δᵀGδ ≤ ½·dim θ, half a squared
         W₂ length, on linear steps), a :class:`~.trust_region.KLTrustRegion`, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`), a BoldDriver, or None.
-    :param stationarity: a :class:`~.step_size.PflugCeiling` or None (default: the test presumes
-        an affine-invariant step, which a W₂ step is not).
+    :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5), a
+        PflugCeiling, or None.
+    :param bures: ``"auto"`` or a :class:`~.bures.Bures` (scheme, Lanczos steps).
     :param solve: ``"auto"`` or a :class:`~.bures.MetricSolve` (form, damping, draws).
     :param base_optim: torch optimizer class for params outside the guide's distributions;
         ``base_args`` its arguments.
     :param on_nonfinite: ``"warn"`` or ``"raise"``.
     """
 
-    def __init__(self, guide: Callable, lr: float = 0.1, *,
+    def __init__(self, guide: Callable, lr: float = 0.5, *,
                  metric: Literal["auto", "pushforward"] = "auto",
                  trust_region: KLTrustRegion | Auto | None = "auto",
                  step_size: BoldDriver | Auto | None = "auto",
-                 stationarity: PflugCeiling | None = None,
+                 stationarity: PflugCeiling | Auto | None = "auto",
+                 bures: Bures | Auto = "auto",
                  solve: MetricSolve | Auto = "auto",
                  base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
                  base_args: dict | None = None,
@@ -67,13 +70,18 @@ class WassersteinGradient(GeometricOptim):
         solve = MetricSolve() if solve == "auto" else solve
         if not isinstance(solve, MetricSolve):
             raise TypeError(f"solve must be 'auto' or a MetricSolve, got {solve!r}")
+        bures = Bures() if bures == "auto" else bures
+        if not isinstance(bures, Bures):
+            raise TypeError(f"bures must be 'auto' or a Bures, got {bures!r}")
+        if stationarity == "auto":
+            stationarity = PflugCeiling(window=5)
         if trust_region == "auto":  # a squared W₂ length has the problem's units: no KL radius
             trust_region = KLTrustRegion(start=math.inf, trust_clean=False, adaptive=False)
         super().__init__(guide, lr, trust_region=trust_region,
                          step_size=BoldDriver() if step_size == "auto" else step_size,
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,
                          on_nonfinite=on_nonfinite)
-        self.metric, self.solve, self.bures = metric, solve, Bures()
+        self.metric, self.solve, self.bures = metric, solve, bures
 
     def _method(self, group: Group) -> str:
         if self.metric == "pushforward":
