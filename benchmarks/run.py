@@ -36,7 +36,7 @@ def describe(args: argparse.Namespace, problems: dict[str, Problem]) -> list[str
     """The protocol, printed before the runs and written above the table."""
     grid = protocol.QUICK_GRID if args.quick else protocol.LR_GRID
     w2 = ("not available (ImportError): no rows" if protocol.WassersteinGradient is None else
-          f"best of lr {protocol.QUICK_GRID if args.quick else protocol.W2_GRID}")
+          f"defaults, and as an extra row the best of lr {protocol.W2_GRID}")
     budgets = ", ".join(f"{name} {protocol.budget(problem, args.quick)[0]}"
                         for name, problem in problems.items())
     return [
