@@ -418,10 +418,28 @@ def test_dense_target_converges_at_defaults():
 
 
 def test_narrow_far_case_converges_at_defaults():
-    """The seed's case N(0, 0.1²) → N(5, 0.5²) with exact gradients at the defaults: the mean
-    within 0.1 of 5 and the sd within 0.05 of 0.5 after 100 steps."""
+    """The seed's case N(0, 0.1²) → N(5, 0.5²) at the defaults, 100 steps: with exact gradients
+    the mean within 0.1 of 5 and the sd within 0.05 of 0.5; with Trace_ELBO(16 particles), 3
+    seeds, the mean within 0.1 of 5 (measured 4.977–4.987; sd 0.54–0.57, Ĥ's noise)."""
     path = _narrow_far(WassersteinGradient, 100)
     assert abs(path[-1][0] - 5.0) < 0.1 and abs(path[-1][1] - 0.5) < 0.05, path[-1]
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor(5.0, dtype=F64), 0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(P("loc", torch.tensor(0.0, dtype=F64)),
+                                     P("scale", torch.tensor(0.1, dtype=F64),
+                                       constraints.positive)))
+    guide = record_args(guide)
+    for seed in range(3):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        svi = SVI(model, guide, WassersteinGradient(guide),
+                  Trace_ELBO(num_particles=16, vectorize_particles=True))
+        for _ in range(100):
+            svi.step()
+        assert abs(float(P("loc").detach()) - 5.0) < 0.1, (seed, P("loc"))
 
 
 # ----- the seed's case: a narrow guide far from the posterior ----------------------------------
