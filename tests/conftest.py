@@ -38,6 +38,8 @@ UNIT_MODULES = {
     "test_empirical_fisher",
     "test_families",
     "test_gaussian_step",
+    "test_low_rank_fisher",
+    "test_pieces",
     "test_step_size",
 }
 MODULE_TIERS = {"test_tutorials": "notebooks", "test_distributed": "distributed"}
