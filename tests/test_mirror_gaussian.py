@@ -120,11 +120,10 @@ def test_factor_step_equals_the_natural_parameter_step(domain, lowest, with_mome
 
 
 def test_without_a_repair_a_step_that_leaves_the_domain_is_refused():
-    """Mirror.domain = None: no candidate where the plain step leaves the domain (the optimizer
+    """Mirror(domain=None): no candidate where the plain step leaves the domain (the optimizer
     then halves the whole rate), the plain step where it stays in it."""
     param, leaves, grads, _ = _problem(_spectrum(LEAVING, 12))
-    bare = Mirror()
-    bare.domain = None
+    bare = Mirror(domain=None)
     for family in (MultivariateNormal(), _NaturalParameters()):
         assert _candidate(family, param, leaves, grads, 0.9, bare) is None
     factor, generic = (_candidate(family, param, leaves, grads, 0.01, bare)

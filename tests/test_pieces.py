@@ -145,3 +145,12 @@ def test_checks_name_non_finite_and_out_of_support_candidates():
     assert finite(Candidate({"scale": torch.tensor(0.0)}, rate=1.0, kl=0.1)) is None
     assert in_support(Candidate({"scale": torch.tensor(-200.0)}, rate=1.0)) == "domain"  # exp → 0
     assert in_support(Candidate({"scale": torch.tensor(-2.0)}, rate=1.0)) is None
+
+
+def test_mirror_domain_none_means_no_repair_and_bad_pieces_are_named():
+    from pyro_natgrad.optim import Mirror
+
+    assert Mirror(domain=None).domain is None
+    assert isinstance(Mirror().domain, PrecisionShortening)
+    with pytest.raises(TypeError, match="Mirror domain"):
+        Mirror(domain="retract")

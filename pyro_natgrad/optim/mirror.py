@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -43,16 +44,20 @@ class Mirror:
     η-maps' several factorizations and an O(d³) float64 KL).
 
     :param domain: how a step that leaves the natural-parameter domain is repaired before the
-        optimizer shortens it: :class:`~pyro_natgrad.optim.transforms.PrecisionShortening`
-        (default), :class:`~pyro_natgrad.optim.transforms.Retraction`, or None (the whole step is
-        halved).
+        optimizer shortens it: ``"auto"`` (a
+        :class:`~pyro_natgrad.optim.transforms.PrecisionShortening`),
+        :class:`~pyro_natgrad.optim.transforms.Retraction`, or None (the whole step is halved).
     """
 
-    domain: PrecisionShortening | Retraction | None = None
+    domain: PrecisionShortening | Retraction | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
-        if self.domain is None:
+        if self.domain == "auto":
             self.domain = PrecisionShortening()
+        if self.domain is not None and not isinstance(self.domain,
+                                                      PrecisionShortening | Retraction):
+            raise TypeError(f"Mirror domain must be 'auto', a PrecisionShortening, a Retraction "
+                            f"or None, got {self.domain!r}")
 
     def propose(self, key: tuple[str, ...], site: Site, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor], momentum: HeavyBall | None) -> Proposal:
