@@ -5,8 +5,8 @@ pieces' state.
 
 One call, in order (each piece is left out when its option is None):
 
-1. refuse the whole call when any gradient is non-finite (params kept; ``on_nonfinite``);
-2. drop the state of groups whose params changed outside the optimizer (a new fit);
+1. drop the state of groups whose params changed outside the optimizer (a new fit);
+2. refuse the whole call when any gradient is non-finite (params kept; ``on_nonfinite``);
 3. judge the previous step from the new gradient (:func:`~.step_size.judge`): the step-size
    policy (:class:`~.step_size.BoldDriver`) undoes a rejected step, the ceiling
    (:class:`~.step_size.PflugCeiling`) and the trust region (:class:`~.trust_region.KLTrustRegion`)
@@ -152,9 +152,9 @@ class GeometricOptim(PyroOptim):
         self._groups = groups = self.reader.read(leaves)
         owned = {n for g in groups for n in g.param_names}
         self.num_steps += 1
+        self._forget_stale(groups, leaves)
         if self._refuse_nonfinite(groups, leaves, grads):
             return
-        self._forget_stale(groups, leaves)
         rejected = self._judge_pending(leaves, grads)
         others = [p for n, p in leaves.items() if n not in owned]
         if others:
