@@ -249,11 +249,12 @@ class GeometricOptim(PyroOptim):
             ceiling = self.stationarity.ceiling if self.stationarity is not None else self._lr
             self.step_size.update(judgement, self._lr, ceiling)
 
-    @staticmethod
-    def _restore(theta: dict[str, Tensor], leaves: dict[str, Tensor]) -> None:
+    def _restore(self, theta: dict[str, Tensor], leaves: dict[str, Tensor]) -> None:
+        """Puts params back to ``theta``, as values this optimizer left."""
         with torch.no_grad():
             for n, t0 in theta.items():
                 leaves[n].copy_(t0)
+        self._after.update({n: t.detach().clone() for n, t in theta.items()})
 
     def _step_group(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor],
                     rate: float) -> Candidate | None:
@@ -335,12 +336,10 @@ class GeometricOptim(PyroOptim):
         pending, self._pending = self._pending, None
         if pending is None:
             return False
-        store = pyro.get_param_store()
-        leaves = {n: store.get_param(n).unconstrained() for n in pending["theta"]}
+        leaves = _stored_leaves(pending["theta"])
         rejected = Judgement(descent=False, change=math.inf, ratio=math.inf, accepted=False)
         self._update(rejected, pending, leaves)
         self._restore(pending["theta"], leaves)
-        self._after.update({n: t.detach().clone() for n, t in pending["theta"].items()})
         note = "step undone" + (f": {reason}" if reason else "")
         self.last_step = {name: {"method": "undone", "note": note} for name in self.last_step}
         return True
@@ -352,15 +351,11 @@ class GeometricOptim(PyroOptim):
         pending = self._pending
         if pending is None:
             return True
-        store = pyro.get_param_store()
-        leaves = {n: store.get_param(n).unconstrained() for n in pending["theta"]}
+        leaves = _stored_leaves(pending["theta"])
         grads = {n: p.grad for n, p in leaves.items()}
         if any(g is None or not torch.isfinite(g).all() for g in grads.values()):
             return not self.undo("it could not be judged (no finite gradient at its end)")
-        rejected = self._judge_pending(leaves, {n: g.detach() for n, g in grads.items()})
-        if rejected:
-            self._after.update({n: t.detach().clone() for n, t in pending["theta"].items()})
-        return not rejected
+        return not self._judge_pending(leaves, {n: g.detach() for n, g in grads.items()})
 
     def diagnose(self) -> list[str]:
         """What limits the fit now, in words, with the remedy (empty when nothing does)."""
@@ -474,6 +469,12 @@ def _check_shapes(state: dict) -> None:
 
 def _beyond(kl: float | None, bound: float) -> bool:
     return kl is not None and kl > bound * (1 + 1e-9)  # not round-off
+
+
+def _stored_leaves(names: Iterable[str]) -> dict[str, Tensor]:
+    """The param store's unconstrained leaves of ``names``."""
+    store = pyro.get_param_store()
+    return {n: store.get_param(n).unconstrained() for n in names}
 
 
 def _count(names: tuple[str, ...], leaves: dict[str, Tensor]) -> int:
