@@ -209,7 +209,10 @@ class GuideReader:
         return trace
 
     def read(self, leaves: dict[str, Tensor]) -> list[Group]:
-        """Latent sites grouped by shared params; ``leaves`` are the params being optimized."""
+        """Latent sites grouped by shared params; ``leaves`` are the params being optimized. A
+        leaf with ``requires_grad=False`` (frozen) is no site's param: it is not stepped."""
+        frozen = [n for n, p in leaves.items() if not p.requires_grad]
+        leaves = {n: p for n, p in leaves.items() if p.requires_grad}
         trace = self.trace()
         sites = []
         for name, node in trace.nodes.items():
@@ -226,10 +229,11 @@ class GuideReader:
             if site is not None:
                 sites.append(site)
         if not sites:
-            raise ValueError(self._nothing_to_step(trace, leaves))
+            raise ValueError(self._nothing_to_step(trace, leaves, frozen))
         return _group(sites)
 
-    def _nothing_to_step(self, trace: poutine.Trace, leaves: dict[str, Tensor]) -> str:
+    def _nothing_to_step(self, trace: poutine.Trace, leaves: dict[str, Tensor],
+                         frozen: list[str]) -> str:
         """Why a guide read gave no site to step: the model passed as the guide, a guide whose
         params are not the ones SVI optimizes (another object), or a guide without any."""
         observed = [n for n, node in trace.nodes.items()
@@ -240,6 +244,11 @@ class GuideReader:
                     "latent site built from params: it looks like the model; build the "
                     "optimizer on the guide SVI runs: `SVI(model, guide, NaturalGradient(guide), "
                     "loss)`")
+        if own and not set(own) & set(leaves) and set(own) & set(frozen):
+            return (f"every param of guide {_name(self.guide)} that SVI optimizes is frozen "
+                    f"(requires_grad=False: {sorted(set(own) & set(frozen))[:4]}), so a "
+                    "geometric optimizer has nothing to step; unfreeze one, or use a plain Pyro "
+                    "optimizer such as pyro.optim.Adam for the remaining params")
         if own and not set(own) & set(leaves):
             return (f"the params SVI optimizes ({sorted(leaves)[:4]}) include none of guide "
                     f"{_name(self.guide)}'s ({own[:4]}): the optimizer needs the same guide "
