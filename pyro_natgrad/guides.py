@@ -62,6 +62,12 @@ class Parameterization:
         """The unconstrained param values that produce ``args`` (differentiable)."""
         raise NotImplementedError
 
+    def args_gradient(self, args: Sequence[Tensor], grads: Sequence[Tensor]
+                      ) -> tuple[Tensor, ...]:
+        """∂L/∂args from the params' gradients ``grads`` (in ``param_names`` order): one
+        vector-Jacobian product through :meth:`unconstrained` (:func:`coordinate_gradient`)."""
+        return coordinate_gradient(self, lambda *a: a, args, grads)
+
 
 def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence[Tensor]],
                         coords: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -79,7 +85,7 @@ def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence
 def args_gradient(param: Parameterization, args: Sequence[Tensor],
                   grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """∂L/∂args, the distribution's own arguments, from the params' gradients."""
-    return coordinate_gradient(param, lambda *a: a, args, grads)
+    return param.args_gradient(args, grads)
 
 
 @dataclass
@@ -120,6 +126,24 @@ class ScaledUnitCholesky(Parameterization):
         return {n: transform_to(c).inv(v)
                 for n, c, v in zip(self.param_names, self.constraints, (loc, scale, unit),
                                    strict=True)}
+
+    def args_gradient(self, args: Sequence[Tensor], grads: Sequence[Tensor]
+                      ) -> tuple[Tensor, ...]:
+        """In closed form where loc is unconstrained and the unit factor is Pyro's
+        ``unit_lower_cholesky`` (its inverse transform the identity): with s = diag L and
+        U = L/s (rows), ∂L/∂Lᵢⱼ = g_Uᵢⱼ/sᵢ + δᵢⱼ(∂L/∂sᵢ − Σₖ g_Uᵢₖ Lᵢₖ/sᵢ²), ∂L/∂s through the
+        scale's transform by autograd (a vector); two d×d passes instead of autograd's graph."""
+        loc_constraint, scale_constraint, unit_constraint = self.constraints
+        if not (_is_real(loc_constraint) and unit_constraint is constraints.unit_lower_cholesky):
+            return super().args_gradient(args, grads)
+        (_, tril), (g_loc, g_scale, g_unit) = args, grads
+        scale = tril.diagonal(dim1=-2, dim2=-1).detach()
+        with torch.enable_grad():
+            leaf = scale.clone().requires_grad_()
+            (g_s,) = torch.autograd.grad(transform_to(scale_constraint).inv(leaf), leaf, g_scale)
+        d_tril = g_unit / scale[..., None]
+        d_tril.diagonal(dim1=-2, dim2=-1).add_(g_s - (d_tril * tril).sum(-1) / scale)
+        return g_loc, d_tril
 
 
 @dataclass
@@ -338,6 +362,12 @@ def _record_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """The forward pre-hook of an ``nn.Module`` guide: remembers the arguments of its last call
     (by a module-level function and a weak-keyed map, so the guide stays picklable)."""
     _LAST_CALLS[module] = (args, kwargs)
+
+
+def _is_real(constraint: constraints.Constraint) -> bool:
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint is constraints.real
 
 
 def _name(guide: Callable) -> str:

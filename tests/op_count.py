@@ -12,13 +12,19 @@ Cholesky solve with a square factor of side ≥ size and a right-hand side of �
 ``cholesky_inverse`` of such a factor; a matrix product whose three dimensions are all ≥ size.
 Matrix–vector work and smaller matrices are not counted. Calls made inside torch's C++ code
 (e.g. the LU inside ``linalg.solve``) count as the one call that made them.
+
+``work`` adds up the multiply–adds of every such call, large or small, in units of size³ (a
+d×d product 1, a Cholesky ⅓, a triangular solve with a d×d right-hand side ½): it also sees
+O(d³) work done in blocks smaller than d (e.g. :func:`~pyro_natgrad.families.gaussian_step.
+lower_product`'s row blocks), which the call count does not.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
-from torch import Tensor
+from torch import Tensor, broadcast_shapes
 from torch.overrides import TorchFunctionMode
 
 FACTORIZATIONS = frozenset({
@@ -44,13 +50,21 @@ class OpCounter(TorchFunctionMode):
         super().__init__()
         self.size = size
         self.calls: list[tuple[str, str]] = []
+        self.multiply_adds = 0.0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = self._kind(getattr(func, "__name__", ""), args, kwargs)
+        name = getattr(func, "__name__", "")
+        kind = self._kind(name, args, kwargs)
         if kind is not None:
             self.calls.append((kind, func.__name__))
+        self.multiply_adds += _multiply_adds(name, args, kwargs)
         return func(*args, **kwargs)
+
+    @property
+    def work(self) -> float:
+        """Multiply–adds of the linear algebra inside, in units of size³."""
+        return self.multiply_adds / self.size ** 3
 
     @property
     def factorizations(self) -> int:
@@ -87,6 +101,41 @@ class OpCounter(TorchFunctionMode):
             return False
         a, b = mats[-2], mats[-1]
         return min(a.shape[-2], a.shape[-1], b.shape[-1]) >= self.size
+
+
+def _multiply_adds(name: str, args: tuple, kwargs: dict) -> float:
+    """Multiply–adds of one call: m·k·n per product, n³/3 per Cholesky or LU, n²k/2 per
+    triangular solve with k right-hand sides, n²k per Cholesky or LU solve, 2n³/3 per
+    ``cholesky_inverse``, n³ for any other factorization; times the batch."""
+    mats = [t for t in list(args) + list(kwargs.values())
+            if isinstance(t, Tensor) and t.dim() >= 2 and t.is_floating_point()]
+    if not mats:
+        return 0.0
+    if name in PRODUCTS:
+        if len(mats) < 2:
+            return 0.0
+        a, b = mats[-2], mats[-1]
+        batch = math.prod(broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        return float(batch * a.shape[-2] * a.shape[-1] * b.shape[-1])
+    if name in SOLVES:
+        if len(mats) < 2:
+            return 0.0
+        if name == "linalg_solve_triangular":  # (A, B, *, left)
+            factor, rhs, left = mats[0], mats[1], kwargs.get("left", True)
+        elif name in ("linalg_lu_solve", "lu_solve"):  # (LU, pivots, B)
+            factor, rhs, left = mats[0], mats[-1], True
+        else:  # triangular_solve(B, A), cholesky_solve(B, L)
+            factor, rhs, left = mats[1], mats[0], True
+        n = factor.shape[-1]
+        k = rhs.shape[-1] if left else rhs.shape[-2]
+        share = 0.5 if name in ("linalg_solve_triangular", "triangular_solve") else 1.0
+        return float(math.prod(rhs.shape[:-2]) * n * n * k * share)
+    n, batch = mats[0].shape[-1], math.prod(mats[0].shape[:-2])
+    if name in INVERSES:
+        return batch * 2 * n ** 3 / 3
+    if name in FACTORIZATIONS:
+        return batch * n ** 3 / (3 if "cholesky" in name or "lu" in name else 1)
+    return 0.0
 
 
 def count_ops(size: int) -> OpCounter:

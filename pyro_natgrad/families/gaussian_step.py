@@ -34,19 +34,22 @@ every rate; the same factorization and formulas serve, with tr B − d = ρ_Λ t
 The plain B is positive definite, i.e. the step stays in the domain, iff ρ_Λ λ_min(S) > −1;
 :func:`max_precision_rate` estimates that bound by Lanczos iterations (O(d²) each) before any
 factorization. Cost: forming S is one d×d matrix product per step (:func:`gaussian_direction`);
-each candidate rate then takes one Cholesky of B and one triangular solve with a matrix
-right-hand side (plus ``cholesky_inverse`` of the factor for KL(q' ‖ q)); the rest is O(d²).
+each candidate rate then takes one Cholesky of B for its KL (plus ``cholesky_inverse`` of the
+factor for KL(q' ‖ q)), and the candidate that is taken one triangular solve with a matrix
+right-hand side for L'; the rest is O(d²).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 __all__ = ["GaussianDirection", "GaussianStep", "gaussian_direction", "natural_step",
-           "max_precision_rate", "smallest_eigenvalue"]
+           "max_precision_rate", "smallest_eigenvalue", "lower_product"]
 
 
 @dataclass(frozen=True)
@@ -64,16 +67,29 @@ class GaussianDirection:
 
 @dataclass(frozen=True)
 class GaussianStep:
-    """One candidate of the step, per batch element: ``loc`` m', ``scale_tril`` L' (lower
-    triangular, positive diagonal), ``kl`` KL(q ‖ q'), ``reverse_kl`` KL(q' ‖ q) (None unless
-    asked for) and ``ok``: B positive definite and the KLs finite. Where ``ok`` is False the
-    KLs are +inf and ``loc``/``scale_tril`` are unspecified (not a distribution: do not use)."""
+    """One candidate of the step, per batch element: ``kl`` KL(q ‖ q'), ``reverse_kl``
+    KL(q' ‖ q) (None unless asked for), ``ok``: B positive definite and the KLs finite, and the
+    candidate's ``loc`` m' and ``scale_tril`` L' (lower triangular, positive diagonal), formed
+    by ``build`` on first access: a candidate judged by its KL alone never pays L''s O(d³)
+    triangular solve. Where ``ok`` is False the KLs are +inf and ``loc``/``scale_tril`` are
+    unspecified (not a distribution: do not use)."""
 
-    loc: Tensor
-    scale_tril: Tensor
     kl: Tensor
     reverse_kl: Tensor | None
     ok: Tensor
+    build: Callable[[], tuple[Tensor, Tensor]] = field(repr=False, compare=False)
+
+    @cached_property
+    def _args(self) -> tuple[Tensor, Tensor]:
+        return self.build()
+
+    @property
+    def loc(self) -> Tensor:
+        return self._args[0]
+
+    @property
+    def scale_tril(self) -> Tensor:
+        return self._args[1]
 
 
 def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor, d_scale_tril: Tensor,
@@ -93,9 +109,10 @@ def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor, d_scale_t
     if d_scale_tril.shape != scale_tril.shape:
         raise ValueError(f"gaussian_direction: d_scale_tril must have scale_tril's shape "
                          f"{tuple(scale_tril.shape)}, got {tuple(d_scale_tril.shape)}")
-    p = scale_tril.mT @ d_scale_tril.tril()
-    lower = p.tril(-1)
-    s = lower + lower.mT + torch.diag_embed(p.diagonal(dim1=-2, dim2=-1))
+    p = lower_product(scale_tril.mT, d_scale_tril.tril())
+    s = p.tril(-1)
+    s = s + s.mT
+    s.diagonal(dim1=-2, dim2=-1).copy_(p.diagonal(dim1=-2, dim2=-1))
     v = (scale_tril.mT @ d_loc.unsqueeze(-1)).squeeze(-1)
     return GaussianDirection(loc, scale_tril, v, s, s @ s if retraction else None)
 
@@ -106,46 +123,55 @@ def natural_step(direction: GaussianDirection, rate: float | Tensor,
     """The candidate m' = m − ρ Λ'⁻¹∂L/∂m, Λ' = Λ + 2ρ_Λ ∂L/∂Σ (module docstring) for ``rate`` ρ
     and ``precision_rate`` ρ_Λ (default ρ: the plain natural step η ← η − ρ∂L/∂μ), each a
     number or a tensor of the batch shape (a rate per batch element). One Cholesky
-    (``cholesky_ex``: a B that is not positive definite is reported in ``ok``, never raised) and
-    one triangular solve with a d×d right-hand side; ``reverse_kl`` adds a ``cholesky_inverse``
-    for tr B⁻¹. ``retract``: the precision by Lin, Schmidt & Khan's retraction (module docstring),
-    in the domain for every rate; needs ``gaussian_direction(..., retraction=True)``."""
+    (``cholesky_ex``: a B that is not positive definite is reported in ``ok``, never raised) for
+    the KL, and one triangular solve with a d×d right-hand side when ``loc`` or ``scale_tril`` is
+    read; ``reverse_kl`` adds a ``cholesky_inverse`` for tr B⁻¹. ``retract``: the precision by
+    Lin, Schmidt & Khan's retraction (module docstring), in the domain for every rate; needs
+    ``gaussian_direction(..., retraction=True)``."""
     loc, tril, v, s = (direction.loc, direction.scale_tril, direction.whitened_loc,
                        direction.whitened_cov)
     rho = _rate("rate", rate, s)
     rho_lam = rho if precision_rate is None else _rate("precision_rate", precision_rate, s)
     d = s.shape[-1]
-    eye = torch.eye(d, dtype=s.dtype, device=s.device)
-    rho_s = rho_lam[..., None, None] * s
+    b = rho_lam[..., None, None] * s
     if retract:
         if direction.whitened_cov_square is None:
             raise ValueError("natural_step: retract=True needs the direction built with "
                              "gaussian_direction(..., retraction=True) (its S²)")
-        rho_s = rho_s + 0.5 * rho_lam[..., None, None].square() * direction.whitened_cov_square
-    b = rho_s + eye
+        b = b + 0.5 * rho_lam[..., None, None].square() * direction.whitened_cov_square
+    b.diagonal(dim1=-2, dim2=-1).add_(1)  # B = I + ρ_Λ S
     flipped, info = torch.linalg.cholesky_ex(b.flip(-2, -1))  # JBJ = L_f L_fᵀ, U = J L_f J
-    u = flipped.flip(-2, -1)
-    new_tril = torch.linalg.solve_triangular(u.mT, tril, upper=False, left=False)  # L U⁻ᵀ
-    w = torch.linalg.solve_triangular(u, v.unsqueeze(-1), upper=True)  # U⁻¹ v
-    new_loc = loc - rho[..., None] * (new_tril @ w).squeeze(-1)
-    pivots = flipped.diagonal(dim1=-2, dim2=-1)
-    log_det = 2 * pivots.log().sum(-1)  # log|B|
+    # U⁻¹v = J L_f⁻¹ Jv: vectors flipped, not the factor
+    w = torch.linalg.solve_triangular(flipped, v.flip(-1).unsqueeze(-1), upper=False).flip(-2)
+    diagonal = flipped.diagonal(dim1=-2, dim2=-1)
+    pivots = diagonal.clone()
     # tr B − d − log|B| = Σ_{i≠j} u_ij² + Σ_i (u_ii² − 1 − 2 log u_ii) (tr B = |U|²_F): terms ≥ 0,
-    # the diagonal's as 2x + x² − 2 log(1 + x) of x = u_ii − 1 in float64 (no cancellation)
+    # the diagonal's as 2x + x² − 2 log(1 + x) of x = u_ii − 1 in float64 (no cancellation); the
+    # off-diagonal sum as the norm of the factor with its diagonal zeroed for the moment
+    diagonal.zero_()
+    off = torch.linalg.vector_norm(flipped, dim=(-2, -1)).square()
+    diagonal.copy_(pivots)
     x = (pivots - 1).double()
-    spread = (flipped.tril(-1).square().sum((-2, -1))
-              + (2 * x + x.square() - 2 * torch.log1p(x)).sum(-1).to(s.dtype))
+    spread = off + (2 * x + x.square() - 2 * torch.log1p(x)).sum(-1).to(s.dtype)
     kl = 0.5 * (spread + rho.square() * w.squeeze(-1).square().sum(-1))
     ok = (info == 0) & torch.isfinite(kl)
     reverse = None
     if reverse_kl:
+        log_det = 2 * pivots.log().sum(-1)  # log|B|
         trace_inv = torch.cholesky_inverse(flipped).diagonal(dim1=-2, dim2=-1).sum(-1)
-        back = torch.linalg.solve_triangular(u.mT, w, upper=False).squeeze(-1)  # U⁻ᵀ w
+        back = torch.linalg.solve_triangular(flipped.mT, w.flip(-2), upper=True
+                                             ).flip(-2).squeeze(-1)  # U⁻ᵀw = J L_f⁻ᵀ Jw
         reverse = 0.5 * (trace_inv - d + log_det + rho.square() * back.square().sum(-1))
         ok = ok & torch.isfinite(reverse)
         reverse = torch.where(ok, reverse, torch.inf)
     kl = torch.where(ok, kl, torch.inf)
-    return GaussianStep(new_loc, new_tril, kl, reverse, ok)
+
+    def build() -> tuple[Tensor, Tensor]:
+        u = flipped.flip(-2, -1)
+        new_tril = torch.linalg.solve_triangular(u.mT, tril, upper=False, left=False)  # L U⁻ᵀ
+        return loc - rho[..., None] * (new_tril @ w).squeeze(-1), new_tril
+
+    return GaussianStep(kl, reverse, ok, build)
 
 
 def max_precision_rate(whitened_cov: Tensor, *, floor: float = 0.0, safety: float = 0.9,
@@ -207,6 +233,22 @@ def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple
                    + torch.diag_embed(beta[..., :-1], -1))
     theta, y = torch.linalg.eigh(tridiagonal)
     return theta[..., 0], (beta[..., -1] * y[..., -1, 0]).abs()
+
+
+def lower_product(upper: Tensor, lower: Tensor, block: int = 64) -> Tensor:
+    """tril(AB) for A = ``upper`` upper triangular and B = ``lower`` lower triangular (…, d, d;
+    their other triangles zero). Row block I (rows i:e) of the lower triangle is
+    A[I, i:] B[i:, :e]: the terms k < i vanish (A_ik = 0), and so do the columns past e, so the
+    blocks take ≈ d³/3 multiply–adds instead of the full product's d³ (3.2 → 1.4 ms at d = 500,
+    one thread). Below two blocks: the plain product."""
+    d = upper.shape[-1]
+    if d < 2 * block:
+        return (upper @ lower).tril()
+    out = upper.new_zeros(torch.broadcast_shapes(upper.shape, lower.shape))
+    for i in range(0, d, block):
+        e = min(i + block, d)
+        out[..., i:e, :e] = upper[..., i:e, i:] @ lower[..., i:, :e]
+    return out.tril()
 
 
 def _rate(name: str, rate: float | Tensor, like: Tensor) -> Tensor:

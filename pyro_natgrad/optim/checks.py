@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import pyro
 import torch
+from pyro.distributions.constraints import unit_lower_cholesky
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
 from ..guides import GuideReader
 from .proposal import Candidate
 
-__all__ = ["finite", "in_support", "rebuild"]
+__all__ = ["all_finite", "finite", "in_support", "rebuild"]
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Every element of every tensor is finite. Decided by one sum: a NaN or ±∞ element makes
+    the sum NaN or ±∞ (∞ − ∞ = NaN), so a finite sum proves them all finite; only a sum that
+    overflows (or a non-finite element) takes the elementwise test. A sum reads each tensor
+    once; ``isfinite(t).all()`` writes and reads a boolean copy."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    if bool(torch.isfinite(sum(t.sum() for t in tensors))):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def finite(candidate: Candidate | None) -> str | None:
@@ -20,7 +35,7 @@ def finite(candidate: Candidate | None) -> str | None:
     a KL that is NaN or ±∞."""
     if candidate is None:
         return "domain"
-    if not all(torch.isfinite(v).all() for v in candidate.values.values()):
+    if not all_finite(candidate.values.values()):
         return "non-finite"
     if candidate.kl is not None and not math.isfinite(candidate.kl):
         return "non-finite"
@@ -29,12 +44,14 @@ def finite(candidate: Candidate | None) -> str | None:
 
 def in_support(candidate: Candidate) -> str | None:
     """``"domain"`` when an unconstrained value maps outside its param's constraint or to a
-    non-finite value (a softplus or exp that underflows to 0 leaves a scale's support)."""
+    non-finite value (a softplus or exp that underflows to 0 leaves a scale's support). Values
+    are taken as finite (:func:`finite` runs first): a constraint whose transform maps every
+    finite value into its support, finitely (real, unit lower triangular), is not evaluated."""
     constraints_ = getattr(pyro.get_param_store(), "_constraints", {})
     with torch.no_grad():
         for name, value in candidate.values.items():
             constraint = constraints_.get(name, constraints.real)
-            if constraint is constraints.real:
+            if _total(constraint):
                 continue
             constrained = transform_to(constraint)(value)
             if not (torch.isfinite(constrained).all() and constraint.check(constrained).all()):
@@ -66,3 +83,11 @@ def rebuild(candidate: Candidate, leaves: dict[str, Tensor], reader: GuideReader
         return "non-finite"
     candidate.kl = kl
     return None
+
+
+def _total(constraint: constraints.Constraint) -> bool:
+    """The constraint's transform maps every finite value to a finite point of its support:
+    the identity of the reals, or x ↦ tril(x, −1) + I (Pyro's ``unit_lower_cholesky``)."""
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint is constraints.real or constraint is unit_lower_cholesky

@@ -32,7 +32,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 
 from ..guides import Group, GuideReader
-from .checks import finite, in_support, rebuild
+from .checks import all_finite, finite, in_support, rebuild
 from .proposal import Candidate, Proposal
 from .step_size import BoldDriver, Judgement, PflugCeiling, judge
 from .transforms import HeavyBall
@@ -187,10 +187,10 @@ class GeometricOptim(PyroOptim):
         """Refuses the whole call when a gradient is non-finite: nothing is judged or stepped. A
         step still pending after two such calls in a row is undone (the gradient at its end
         stays non-finite)."""
-        bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
-        if not bad:
+        if all_finite(grads.values()):
             self._nonfinite_streak = 0
             return False
+        bad = [n for n, g in grads.items() if not all_finite([g])]
         self._nonfinite_streak += 1
         where = {n: [s.name for g in groups for s in g.sites if n in g.param_names]
                  for n in bad}
@@ -301,6 +301,9 @@ class GeometricOptim(PyroOptim):
 
     def _check(self, proposal: Proposal, candidate: Candidate | None, bound: float,
                leaves: dict[str, Tensor]) -> str | None:
+        if proposal.exact and candidate is not None and _beyond(candidate.kl, bound) \
+                and math.isfinite(candidate.kl):
+            return "kl"  # before its values are read: an exact step forms them only if it fits
         problem = finite(candidate) or in_support(candidate)
         if problem is None and _beyond(candidate.kl, bound):
             return "kl"

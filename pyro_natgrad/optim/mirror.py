@@ -26,14 +26,14 @@ from ..families.gaussian_step import (
     natural_step,
 )
 from ..guides import Site, args_gradient
-from .proposal import Candidate, Proposal
+from .proposal import Candidate, Deferred, Proposal
 from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction
 
 __all__ = ["Mirror", "exact_kl"]
 
-# a group's step at (rate, the momentum's shift of the mean): (new args, KL(q ‖ q'), note), or
-# None when it cannot stay in the family's domain
-Step = Callable[[float, Tensor | None], "tuple[Params, float, str] | None"]
+# a group's step at (rate, the momentum's shift of the mean): (new args, formed when called;
+# KL(q ‖ q'); note), or None when it cannot stay in the family's domain
+Step = Callable[[float, Tensor | None], "tuple[Callable[[], Params], float, str] | None"]
 
 
 @dataclass
@@ -76,12 +76,16 @@ class Mirror:
         def candidate(rate: float) -> Candidate | None:
             with torch.no_grad():
                 stepped = step(rate, None if velocity is None else rate * velocity)
-                if stepped is None:
-                    return None
-                new_args, kl, note = stepped
-                values = param.unconstrained(new_args)
-            return Candidate(values, rate, kl * site.multiplicity, note, anchor=anchor,
-                             repaired=bool(note))
+            if stepped is None:
+                return None
+            new_args, kl, note = stepped
+
+            def values() -> dict[str, Tensor]:
+                with torch.no_grad():
+                    return param.unconstrained(new_args())
+
+            return Candidate(Deferred(values), rate, kl * site.multiplicity, note,
+                             anchor=anchor, repaired=bool(note))
 
         return Proposal("natural", candidate, exact=True)
 
@@ -95,7 +99,8 @@ class Mirror:
         d_loc = d_args[0] if family.location_split else None
         current = family.distribution(*(a.detach() for a in args))
 
-        def step(rate: float, shift: Tensor | None) -> tuple[Params, float, str] | None:
+        def step(rate: float, shift: Tensor | None
+                 ) -> tuple[Callable[[], Params], float, str] | None:
             delta = tuple(-rate * scale * d for d in dmu)
             new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
             valid = family.in_domain(*new_eta)
@@ -111,35 +116,41 @@ class Mirror:
             if shift is not None:
                 new_eta = family.translate(new_eta, shift)
             new_args = family.natural_to_args(*new_eta)
-            return new_args, exact_kl(family, current, family.distribution(*new_args)), note
+            return (lambda: new_args), exact_kl(family, current,
+                                                family.distribution(*new_args)), note
 
         return step
 
     def _gaussian(self, family: ExponentialFamily, args: Params, d_args: Params,
                   scale: float) -> Step:
         """N(m, LLᵀ) in its Cholesky factor (:mod:`~pyro_natgrad.families.gaussian_step`): the
-        same step as :meth:`_natural`, with one d×d product per step and, per rate, one Cholesky
-        and one triangular solve where the step stays in the domain. KL(q ‖ q') comes from the
-        factor, KL = KL₀ + ½bᵀ(2a + b) when the mean is shifted by s (a = L'⁻¹(m' − m) =
-        −ρL'ᵀ∂L/∂m, b = L'⁻¹s; KL₀ the unshifted KL)."""
+        same step as :meth:`_natural`, with one d×d product per step, per rate one Cholesky
+        where the step stays in the domain, and one triangular solve for the new factor when the
+        candidate's values are read (with the momentum's shift, when its KL is: KL = KL₀ +
+        ½bᵀ(2a + b) for the mean shifted by s, a = L'⁻¹(m' − m) = −ρL'ᵀ∂L/∂m, b = L'⁻¹s; KL₀
+        the unshifted KL)."""
         (loc, tril), (d_loc, d_tril) = args, d_args
         direction = gaussian_direction(loc, tril, d_loc, d_tril)
         repair = (self.domain.gaussian(direction) if self.domain is not None
                   else _unrepaired(direction))
 
-        def step(rate: float, shift: Tensor | None) -> tuple[Params, float, str] | None:
+        def step(rate: float, shift: Tensor | None
+                 ) -> tuple[Callable[[], Params], float, str] | None:
             stepped = repair(rate * scale)
             if stepped is None:
                 return None
             new, note = stepped
-            new_loc, kl = new.loc, new.kl
+            kl = new.kl
             if shift is not None:
-                new_loc = new_loc + shift
                 a = -rate * scale * (new.scale_tril.mT @ d_loc.unsqueeze(-1))
                 b = torch.linalg.solve_triangular(new.scale_tril, shift.unsqueeze(-1),
                                                   upper=False)
                 kl = kl + 0.5 * (b * (2 * a + b)).sum((-2, -1))
-            return (new_loc, new.scale_tril), float(kl.sum()), note
+
+            def args() -> Params:
+                return (new.loc if shift is None else new.loc + shift), new.scale_tril
+
+            return args, float(kl.sum()), note
 
         return step
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from pyro import poutine
@@ -10,12 +10,37 @@ from torch import Tensor
 
 from ..fisher.linalg import unflat
 
-__all__ = ["Candidate", "Proposal", "linear_proposal"]
+__all__ = ["Candidate", "Deferred", "Proposal", "linear_proposal"]
+
+
+class Deferred(Mapping):
+    """A candidate's values computed on first access by ``build`` (then kept): a candidate the
+    trust region rejects by its KL alone never forms them (an exact step's new Cholesky factor is
+    one O(d³) triangular solve)."""
+
+    def __init__(self, build: Callable[[], dict[str, Tensor]]):
+        self._build: Callable[[], dict[str, Tensor]] | None = build
+        self._values: dict[str, Tensor] = {}
+
+    def _get(self) -> dict[str, Tensor]:
+        if self._build is not None:
+            self._values, self._build = self._build(), None
+        return self._values
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 @dataclass
 class Candidate:
-    """A proposed new value of a group's unconstrained params at a ``rate``.
+    """A proposed new value of a group's unconstrained params at a ``rate`` (``values``: a dict,
+    or a :class:`Deferred` one).
 
     ``kl``: its KL from the current q (closed form for exact steps, the metric's quadratic model
     ½ rate² dᵀGd for linear ones); ``measure``: a better KL taken on the guide re-built at
@@ -24,7 +49,7 @@ class Candidate:
     ``repaired``: a domain repair changed the step (it left the family's domain at this rate).
     """
 
-    values: dict[str, Tensor]
+    values: Mapping[str, Tensor]
     rate: float
     kl: float | None = None
     note: str = ""

@@ -231,10 +231,11 @@ class Retraction:
                 retracting.append(replace(direction, whitened_cov_square=s @ s))
             other = natural_step(retracting[0], rate, retract=True)
             valid = plain.ok
-            merged = GaussianStep(torch.where(valid[..., None], plain.loc, other.loc),
-                                  torch.where(valid[..., None, None], plain.scale_tril,
-                                              other.scale_tril),
-                                  torch.where(valid, plain.kl, other.kl), None, valid | other.ok)
+            merged = GaussianStep(
+                torch.where(valid, plain.kl, other.kl), None, valid | other.ok,
+                lambda: (torch.where(valid[..., None], plain.loc, other.loc),
+                         torch.where(valid[..., None, None], plain.scale_tril,
+                                     other.scale_tril)))
             return (merged, _retracted(valid)) if bool(merged.ok.all()) else None
 
         return step
