@@ -20,7 +20,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoMultivariateNormal
+from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
 from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
@@ -134,7 +134,7 @@ class ScaledUnitCholesky(Parameterization):
         U = L/s (rows), ∂L/∂Lᵢⱼ = g_Uᵢⱼ/sᵢ + δᵢⱼ(∂L/∂sᵢ − Σₖ g_Uᵢₖ Lᵢₖ/sᵢ²), ∂L/∂s through the
         scale's transform by autograd (a vector); two d×d passes instead of autograd's graph."""
         loc_constraint, scale_constraint, unit_constraint = self.constraints
-        if not (_is_real(loc_constraint) and unit_constraint is constraints.unit_lower_cholesky):
+        if not (is_real(loc_constraint) and unit_constraint is constraints.unit_lower_cholesky):
             return super().args_gradient(args, grads)
         (_, tril), (g_loc, g_scale, g_unit) = args, grads
         scale = tril.diagonal(dim1=-2, dim2=-1).detach()
@@ -144,6 +144,30 @@ class ScaledUnitCholesky(Parameterization):
         d_tril = g_unit / scale[..., None]
         d_tril.diagonal(dim1=-2, dim2=-1).add_(g_s - (d_tril * tril).sum(-1) / scale)
         return g_loc, d_tril
+
+
+@dataclass
+class ScaledLowRank(Parameterization):
+    """AutoLowRankMultivariateNormal: ``loc``, ``cov_factor = diag(scale)·P`` and
+    ``cov_diag = scale²`` from params (loc, scale, P) (Pyro's ``get_posterior``).
+
+    Inverse: ``scale = √cov_diag``, ``P = cov_factor / scale[..., None]``.
+    """
+
+    param_names: tuple[str, ...]  # (loc, scale, cov_factor)
+    constraints: tuple[constraints.Constraint, ...]
+
+    def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        loc, scale, factor = (transform_to(c)(values[n])
+                              for n, c in zip(self.param_names, self.constraints, strict=True))
+        return loc, factor * scale.unsqueeze(-1), scale * scale
+
+    def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
+        loc, cov_factor, cov_diag = args
+        scale = cov_diag.sqrt()
+        return {n: transform_to(c).inv(v)
+                for n, c, v in zip(self.param_names, self.constraints,
+                                   (loc, scale, cov_factor / scale.unsqueeze(-1)), strict=True)}
 
 
 @dataclass
@@ -293,6 +317,9 @@ class GuideReader:
             return None
         if family is not None and param is None and isinstance(self.guide, AutoMultivariateNormal):
             param = self._auto_mvn_parameterization(family, deps)
+        if (family is not None and param is None
+                and isinstance(self.guide, AutoLowRankMultivariateNormal)):
+            param = self._auto_low_rank_parameterization(family, deps)
         return Site(name, fn, base, family, copies * scale, scale, deps, param)
 
     def _dependencies(self, name: str, fn: Distribution, base: Distribution,
@@ -354,6 +381,15 @@ class GuideReader:
         store = pyro.get_param_store()
         return ScaledUnitCholesky(names, tuple(store._constraints[n] for n in names))
 
+    def _auto_low_rank_parameterization(self, family: ExponentialFamily,
+                                        deps: tuple[str, ...]) -> Parameterization | None:
+        guide = self.guide
+        names = tuple(guide._pyro_get_fullname(n) for n in ("loc", "scale", "cov_factor"))
+        if family.name != "LowRankMultivariateNormal" or set(names) != set(deps):
+            return None
+        store = pyro.get_param_store()
+        return ScaledLowRank(names, tuple(store._constraints[n] for n in names))
+
 
 _LAST_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -364,7 +400,8 @@ def _record_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     _LAST_CALLS[module] = (args, kwargs)
 
 
-def _is_real(constraint: constraints.Constraint) -> bool:
+def is_real(constraint: constraints.Constraint) -> bool:
+    """The constraint is the real line (or independent reals): its transform is the identity."""
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     return constraint is constraints.real

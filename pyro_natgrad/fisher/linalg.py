@@ -43,11 +43,12 @@ def jvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
     return torch.zeros_like(output) if jv is None else jv
 
 
-def without_rotations(w: Tensor, g: Tensor) -> Tensor:
+def without_rotations(w: Tensor, g: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """g minus its least-squares projection onto the rotation directions {wA : Aᵀ = −A} of a
     factor w (… × d × r). The normal equations of min_A ‖g − wA‖ over antisymmetric A are the
-    Sylvester equation GA + AG = wᵀg − gᵀw with G = wᵀw; in G's eigenbasis, Ãᵢⱼ = B̃ᵢⱼ/(λᵢ + λⱼ)."""
-    lam, q = torch.linalg.eigh(w.mT @ w)
+    Sylvester equation GA + AG = wᵀg − gᵀw with G = wᵀw; in G's eigenbasis, Ãᵢⱼ = B̃ᵢⱼ/(λᵢ + λⱼ).
+    ``eig``: G's (eigenvalues, eigenvectors), when already at hand."""
+    lam, q = torch.linalg.eigh(w.mT @ w) if eig is None else eig
     b = q.mT @ (w.mT @ g - g.mT @ w) @ q
     denominator = lam.unsqueeze(-1) + lam.unsqueeze(-2)
     tiny = torch.finfo(w.dtype).tiny
@@ -62,9 +63,13 @@ def gram_mvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
 
 def solve_metric(metric, g: Tensor, form: str, damping: float, cg_iters: int) -> Tensor:
     """(G + damping·I)⁻¹ g for a metric with ``dense()``, ``diag()`` and ``mvp(v)``: by
-    ``"dense"`` eigendecomposition, ``"diag"`` (the diagonal of G only) or matrix-free ``"cg"``."""
+    ``"dense"`` eigendecomposition, ``"diag"`` (the diagonal of G only) or matrix-free ``"cg"``,
+    preconditioned by the metric's ``preconditioner(damping)`` where it has one and
+    damping > 0."""
     if form == "cg":
-        return conjugate_gradient(metric.mvp, g, damping, cg_iters)
+        make = getattr(metric, "preconditioner", None)
+        inverse = make(damping) if make is not None and damping > 0 else None
+        return conjugate_gradient(metric.mvp, g, damping, cg_iters, preconditioner=inverse)
     if form == "diag":
         return g / (metric.diag() + damping)
     return solve_psd(metric.dense(), g, damping)

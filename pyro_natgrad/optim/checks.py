@@ -11,7 +11,7 @@ from pyro.distributions.constraints import unit_lower_cholesky
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
-from ..guides import GuideReader
+from ..guides import GuideReader, is_real
 from .proposal import Candidate
 
 __all__ = ["all_finite", "finite", "in_support", "rebuild"]
@@ -88,6 +88,4 @@ def rebuild(candidate: Candidate, leaves: dict[str, Tensor], reader: GuideReader
 def _total(constraint: constraints.Constraint) -> bool:
     """The constraint's transform maps every finite value to a finite point of its support:
     the identity of the reals, or x ↦ tril(x, −1) + I (Pyro's ``unit_lower_cholesky``)."""
-    while isinstance(constraint, constraints.independent):
-        constraint = constraint.base_constraint
-    return constraint is constraints.real or constraint is unit_lower_cholesky
+    return is_real(constraint) or constraint is unit_lower_cholesky

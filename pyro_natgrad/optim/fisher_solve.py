@@ -16,8 +16,9 @@ from torch import Tensor
 from ..families import unwrap
 from ..fisher.closed_form import PulledBackFisher
 from ..fisher.linalg import flat, solve_metric
+from ..fisher.low_rank import ScaledLowRankFisher
 from ..fisher.monte_carlo import MonteCarloFisher
-from ..guides import Group
+from ..guides import Group, ScaledLowRank, is_real
 from .mirror import exact_kl
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
@@ -130,12 +131,15 @@ class FisherSolve:
             metric = MonteCarloFisher([(s.name, s.fn, s.scale) for s in group.sites], theta,
                                       draws)
             measure = _sampled_kl(group, metric) if self.sampled_kl else None
+            structured = None
         else:
-            metric = PulledBackFisher([(s.family, s.family.args(s.base), s.multiplicity)
-                                       for s in group.sites], theta)
+            structured = (_low_rank_fisher(group, leaves, self.gauge is not None)
+                          if self.form in (None, "cg") else None)
+            metric = structured or PulledBackFisher(
+                [(s.family, s.family.args(s.base), s.multiplicity) for s in group.sites], theta)
             measure = _exact_kl(group)
-        form = self.form or _default_form(g.numel(), self.dense_max,
-                                          monte_carlo and draws * len(group.sites) < g.numel())
+        form = self.form or ("cg" if structured is not None else _default_form(
+            g.numel(), self.dense_max, monte_carlo and draws * len(group.sites) < g.numel()))
         if monte_carlo and form != "cg":
             metric.scores()  # formed for the solve anyway: the trace below is then exact
         if self.average is not None and form != "cg":
@@ -205,6 +209,24 @@ def _exact_kl(group: Group) -> Callable[[poutine.Trace], float]:
         return total
 
     return kl
+
+
+def _low_rank_fisher(group: Group, leaves: dict[str, Tensor],
+                     gauge_free: bool) -> ScaledLowRankFisher | None:
+    """The closed-form Fisher of a one-site group of AutoLowRankMultivariateNormal (unbatched,
+    loc and factor unconstrained), solved by preconditioned conjugate gradients; else None.
+    ``gauge_free``: the gradient's rotation component was removed."""
+    site = group.sites[0]
+    param = site.parameterization
+    if len(group.sites) != 1 or not isinstance(param, ScaledLowRank):
+        return None
+    loc_constraint, scale_constraint, factor_constraint = param.constraints
+    values = {n: leaves[n].detach() for n in group.param_names}
+    if not (is_real(loc_constraint) and is_real(factor_constraint)
+            and ScaledLowRankFisher.applies(values, param.param_names, scale_constraint)):
+        return None
+    return ScaledLowRankFisher(group.param_names, param.param_names, values, scale_constraint,
+                               site.multiplicity, gauge_free)
 
 
 def _default_form(n: int, dense_max: int, rank_deficient: bool) -> Form:
