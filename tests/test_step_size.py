@@ -1,5 +1,5 @@
 """The step-size pieces without SVI: the trapezoidal judgement, the bold driver and Pflug's
-ceiling, on a quadratic loss L(θ) = ½|θ|² with exact and with noisy gradients."""
+ceiling, on quadratic losses L(θ) = ½θᵀdiag(a)θ with exact and with noisy gradients."""
 
 from __future__ import annotations
 
@@ -8,21 +8,22 @@ import math
 import pytest
 import torch
 
-from pyro_natgrad.optim import BoldDriver, Judgement, PflugCeiling, judge
+from pyro_natgrad.optim import BoldDriver, Judgement, PflugCeiling, Step, judge
 
 
 def _run(bold: BoldDriver | None, pflug: PflugCeiling | None, noise: float, steps: int,
-         lr: float = 0.5, seed: int = 0) -> list[float]:
-    """Preconditioned gradient descent θ ← θ − ρ ĝ with ĝ = θ + noise·ε, judged as the optimizer
-    judges it (a rejected step is undone); returns the ceiling after each step."""
+         lr: float = 0.5, seed: int = 0, curvature: torch.Tensor | None = None) -> list[float]:
+    """Gradient descent θ ← θ − ρ ĝ with ĝ = aθ + noise·ε (a = 1 unless ``curvature``), judged as
+    the optimizer judges it (a rejected step is undone); returns the ceiling after each step."""
     g = torch.Generator().manual_seed(seed)
-    theta = torch.full((5,), 10.0, dtype=torch.float64)
+    a = torch.ones(5, dtype=torch.float64) if curvature is None else curvature
+    theta = torch.full(a.shape, 10.0, dtype=torch.float64)
     for piece in (bold, pflug):
         if piece is not None:
             piece.start(lr)
 
     def grad(t):
-        return t + noise * torch.randn(t.shape, generator=g, dtype=torch.float64)
+        return a * t + noise * torch.randn(t.shape, generator=g, dtype=torch.float64)
 
     g0 = grad(theta)
     ceilings = []
@@ -32,7 +33,7 @@ def _run(bold: BoldDriver | None, pflug: PflugCeiling | None, noise: float, step
         g1 = grad(theta1)
         judgement = judge({"t": theta}, {"t": theta1}, {"t": g0}, {"t": g1})
         if pflug is not None:
-            pflug.update(judgement, lr)
+            pflug.update(judgement, lr, Step({"t": theta}, {"t": theta1}, {"t": g0}, {"t": g1}))
         if bold is not None:
             bold.update(judgement, lr, pflug.ceiling if pflug is not None else lr)
         if judgement.accepted or bold is None:
@@ -58,15 +59,54 @@ def test_pflug_ceiling_stays_at_lr_with_exact_gradients():
     assert _run(BoldDriver(), PflugCeiling(), noise=0.0, steps=200) == [0.5] * 200
 
 
-def test_pflug_ceiling_falls_polynomially_once_noise_dominates():
-    """At stationarity E[r] ≈ ρ/2 > 0: the ceiling falls, not before the iterate has travelled
-    from θ = 10 to the noise floor (~20 steps), and polynomially rather than geometrically: each
-    window lasts 10·(lr/ceiling)^½ steps, so after 200 steps it has halved 4 to 7 times, not ~20
-    times down to the floor."""
-    ceilings = _run(BoldDriver(), PflugCeiling(), noise=1.0, steps=200)
+@pytest.mark.parametrize("lag", [1, 2])
+def test_pflug_ceiling_falls_polynomially_once_noise_dominates(lag):
+    """At stationarity E[r] ≈ ρ/2 (lag 1) or ρ (lag 2) > 0: the ceiling falls, not within the
+    first window while the iterate travels from θ = 10 to the noise floor, and polynomially
+    rather than geometrically: each window lasts 10·(lr/ceiling)^½ steps, so after 200 steps it
+    has halved 4 to 7 times, not ~20 times down to the floor."""
+    ceilings = _run(BoldDriver(), PflugCeiling(lag=lag), noise=1.0, steps=200)
     assert ceilings[9] == 0.5
     assert 0.5 * 2**-7 <= ceilings[-1] <= 0.5 * 2**-4
-    assert all(c >= min(0.5, 100 / (t + 1) ** 2) for t, c in enumerate(ceilings))  # ρ_t ≳ 1/t²
+    assert all(c >= min(0.5, 25 / (t + 1) ** 2) for t, c in enumerate(ceilings))  # ρ_t ≳ 1/t²
+
+
+def test_pflug_ceiling_with_growth_one_falls_like_one_over_t():
+    """growth = 1: windows of 10·lr/ceiling steps, so the ceiling stays ≳ 10·lr/t (Σρₜ = ∞)."""
+    ceilings = _run(BoldDriver(), PflugCeiling(growth=1.0), noise=1.0, steps=400)
+    assert ceilings[-1] < 0.5 * 2**-2
+    assert all(c >= min(0.5, 2.5 / (t + 1)) for t, c in enumerate(ceilings))
+
+
+def test_two_step_test_is_not_fooled_by_deterministic_overshoot():
+    """A Jacobi-like step on an ill-conditioned quadratic (curvatures 0.01–3.9, rate 0.5: the
+    stiff directions overshoot with c = 1 − ρa down to −0.95 while the flat ones travel), exact
+    gradients: the one-step ratio reads the zig-zag as noise and lowers the ceiling; the two-step
+    ratio, Σ a c²(c² − 1)x² ≤ 0, does not."""
+    a = torch.tensor([0.01, 0.03, 0.3, 2.0, 3.9], dtype=torch.float64)
+    one = _run(None, PflugCeiling(lag=1), noise=0.0, steps=200, curvature=a)
+    two = _run(None, PflugCeiling(lag=2), noise=0.0, steps=200, curvature=a)
+    assert one[-1] < 0.5
+    assert two == [0.5] * 200
+
+
+def test_two_step_test_keeps_its_anchor_across_a_rejected_step_and_forgets_stale_params():
+    pflug = PflugCeiling(lag=2)
+    pflug.start(1.0)
+    t = {name: torch.tensor([v]) for name, v in (("a", 4.0), ("b", 2.0), ("c", 1.0))}
+    accepted = Judgement(descent=True, change=-1.0, ratio=-0.5, accepted=True)
+    pflug.update(accepted, 1.0, Step({"x": t["a"]}, {"x": t["b"]}, {"x": t["a"]}, {"x": t["b"]}))
+    assert pflug.count == 0 and pflug.anchor is not None  # the first step has no anchor yet
+    rejected = Judgement(descent=True, change=1.0, ratio=2.0, accepted=False)
+    pflug.update(rejected, 1.0, Step({"x": t["b"]}, {"x": -t["b"]}, {"x": t["b"]}, {"x": -t["b"]}))
+    assert pflug.count == 0 and torch.equal(pflug.anchor[0]["x"], t["a"])
+    pflug.update(accepted, 1.0, Step({"x": t["b"]}, {"x": t["c"]}, {"x": t["b"]}, {"x": t["c"]}))
+    # the two-step move 4 → 1 with gradients 4 and 1: r = 1·(−3) / (−4·(−3)) = −0.25
+    assert pflug.count == 1 and pflug.drift == -0.25
+    pflug.forget(("y",))
+    assert pflug.anchor is not None
+    pflug.forget(("x", "y"))
+    assert pflug.anchor is None
 
 
 def test_pflug_ceiling_works_without_the_bold_driver():
@@ -93,13 +133,16 @@ def test_bold_driver_shrinks_on_a_rejected_step_and_grows_back_to_the_ceiling():
 
 @pytest.mark.parametrize("piece", [BoldDriver, PflugCeiling])
 def test_step_size_state_round_trip(piece):
-    bold, pflug = BoldDriver(), PflugCeiling()
+    bold, pflug = BoldDriver(), PflugCeiling(lag=2)
     _run(bold, pflug, noise=1.0, steps=37)
     original = bold if piece is BoldDriver else pflug
-    copy = piece()
+    copy = piece(lag=2) if piece is PflugCeiling else piece()
     copy.start(0.5)
     copy.load_state_dict(original.state_dict())
     assert copy == original
+    if piece is PflugCeiling:
+        assert all(torch.equal(x[n], y[n]) for x, y in zip(copy.anchor, original.anchor,
+                                                          strict=True) for n in x)
 
 
 @pytest.mark.parametrize("bad", [dict(grow=0.5), dict(shrink=1.0), dict(min_lr=0.0),
@@ -110,7 +153,7 @@ def test_bold_driver_rejects_bad_options(bad):
 
 
 @pytest.mark.parametrize("bad", [dict(window=0), dict(window=2.5), dict(shrink=0.0),
-                                 dict(min_lr=-1.0)])
+                                 dict(min_lr=-1.0), dict(lag=3), dict(growth=0.0)])
 def test_pflug_ceiling_rejects_bad_options(bad):
     with pytest.raises(ValueError, match="PflugCeiling"):
         PflugCeiling(**bad)

@@ -306,21 +306,21 @@ def test_diagonal_guide_converges_to_mean_field_optimum():
 @pytest.mark.parametrize("make", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
                                   AutoLowRankMultivariateNormal], ids=lambda m: m.__name__)
 def test_autoguides_fit_with_trace_elbo(make):
-    """Monte Carlo gradients (32 vectorized particles), defaults: means within 0.35 posterior sd
-    after 200 steps. Mean-field guides run without Pflug's ceiling: their elementwise step is not
-    affine invariant, the test reads its zig-zag as noise and the ceiling stalls the mean (measured
-    with it: 0.50 at 200 steps, 0.45 at 400; without: 0.13–0.2 at 200)."""
+    """Monte Carlo gradients (32 vectorized particles), defaults, 400 steps: max |Δmean|/sd
+    below 0.15 for full-covariance and low-rank guides and 0.45 for mean-field ones (measured over
+    seeds 0–2: 0.007–0.016, 0.036–0.086, and 0.27–0.36: the stationarity test lowers the rate on
+    noise while the elementwise step still travels slowly along the posterior's correlations)."""
     X, y, mean, cov = _data()
     pyro.set_rng_seed(0)
     guide = make(_model())
-    mean_field = make in (AutoNormal, AutoDiagonalNormal)
-    opt = WassersteinGradient(guide, **({"stationarity": None} if mean_field else {}))
+    opt = WassersteinGradient(guide)
     svi = SVI(_model(), guide, opt, Trace_ELBO(num_particles=32, vectorize_particles=True))
-    for _ in range(200):
+    for _ in range(400):
         svi.step(X, y)
     assert set(opt.summary().split()) & {"bures", "bures_metric"}
     error = ((guide.median(X, y)["w"].detach() - mean) / cov.diagonal().sqrt()).abs().max()
-    assert error < 0.35, f"max |Δmean|/sd = {float(error):.3f}"
+    bound = 0.45 if make in (AutoNormal, AutoDiagonalNormal) else 0.15
+    assert error < bound, f"max |Δmean|/sd = {float(error):.3f}"
 
 
 # ----- the default step: forward–backward with h = ρ / curvature (issue 16) --------------------
@@ -408,13 +408,13 @@ def test_advancedvi_target_converges_at_defaults_and_stays():
 
 def test_dense_target_converges_at_defaults():
     """A dense target (eigenvalues 0.1–10), 3 seeds, max over steps 100–300 of the relative
-    errors. Measured: mean 0.045–0.051, covariance 0.077, 0.089 and 0.157: one seed's covariance
-    misses 0.1× (16-particle noise of Ĥ along the stiff direction), so the covariance bound is on
-    the median over seeds, with 0.2× for each."""
+    errors. Measured: mean 0.029–0.062, covariance 0.073, 0.100 and 0.104 (16-particle noise of Ĥ
+    along the stiff direction: the maximum of a noisy error over 200 steps), so the covariance
+    bound is on the mean over seeds, with 0.125× for each."""
     late = torch.stack([_errors_at_defaults(*_dense_target(), seed)[99:].max(0).values
                         for seed in range(3)])
     assert late[:, 0].le(0.1).all(), late
-    assert late[:, 1].median() <= 0.1 and late[:, 1].le(0.2).all(), late
+    assert late[:, 1].mean() <= 0.1 and late[:, 1].le(0.125).all(), late
 
 
 def test_narrow_far_case_converges_at_defaults():

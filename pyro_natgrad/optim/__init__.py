@@ -14,7 +14,7 @@ from .geometric import GeometricOptim, StepRefusedWarning
 from .mirror import Mirror
 from .natural import NaturalGradient
 from .proposal import Candidate, Proposal
-from .step_size import BoldDriver, Judgement, PflugCeiling, judge
+from .step_size import BoldDriver, Judgement, PflugCeiling, Step, judge
 from .transforms import GaugeProjection, HeavyBall, PrecisionShortening, Retraction
 from .trust_region import KLTrustRegion
 from .wasserstein import WassersteinGradient
@@ -23,5 +23,5 @@ __all__ = [
     "NaturalGradient", "WassersteinGradient", "GeometricOptim", "StepRefusedWarning",
     "Mirror", "FisherSolve", "FisherAverage", "Bures", "MetricSolve", "Candidate", "Proposal",
     "HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection", "KLTrustRegion",
-    "BoldDriver", "PflugCeiling", "Judgement", "judge",
+    "BoldDriver", "PflugCeiling", "Judgement", "Step", "judge",
 ]

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..guides import Group, GuideReader
 from .checks import all_finite, finite, in_support, rebuild
 from .proposal import Candidate, Proposal
-from .step_size import BoldDriver, Judgement, PflugCeiling, judge
+from .step_size import BoldDriver, Judgement, PflugCeiling, Step, judge
 from .transforms import HeavyBall
 from .trust_region import KLTrustRegion, rate_for_kl
 
@@ -233,15 +233,17 @@ class GeometricOptim(PyroOptim):
         judgement = judge(pending["theta"], theta1, pending["grad"], grads, tolerance)
         if self.step_size is None:  # nothing is undone: the judgement only informs the ceiling
             judgement = Judgement(judgement.descent, judgement.change, judgement.ratio, True)
-        self._update(judgement, pending, leaves)
+        self._update(judgement, pending, leaves,
+                     Step(pending["theta"], theta1, pending["grad"], grads))
         if judgement.accepted:
             return False
         self._restore(pending["theta"], leaves)
         return True
 
-    def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor]) -> None:
+    def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor],
+                step: Step | None = None) -> None:
         if self.stationarity is not None:
-            self.stationarity.update(judgement, self._lr)
+            self.stationarity.update(judgement, self._lr, step)
         if self.trust_region is not None:
             for key, kl in pending["kl"].items():
                 self.trust_region.update(key, _count(key, leaves), kl, judgement)
@@ -367,8 +369,10 @@ class GeometricOptim(PyroOptim):
             notes.append(
                 f"the step size was lowered to {self.stationarity.ceiling:.3g} "
                 f"({100 * self.stationarity.ceiling / self._lr:.2g}% of lr = {self._lr:g}) by "
-                "the stationarity test: successive gradients disagree, so Monte Carlo noise now "
-                "limits progress; more particles (Trace_ELBO(num_particles=...)) or a smaller lr "
+                "the stationarity test: successive moves disagree, so Monte Carlo noise now "
+                "dominates the step (a factorized guide on a correlated posterior may still be "
+                "travelling slowly); more particles (Trace_ELBO(num_particles=...)), a "
+                "full-covariance guide, or stationarity=PflugCeiling(growth=1.0) for a long fit "
                 "would fit closer")
         if self.step_size is not None and self.step_size.rate <= self.step_size.min_lr * self._lr:
             notes.append(

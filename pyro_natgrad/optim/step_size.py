@@ -20,12 +20,13 @@ stationary). Either can be left out.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Judgement", "judge", "BoldDriver", "PflugCeiling"]
+__all__ = ["Judgement", "judge", "Step", "BoldDriver", "PflugCeiling"]
 
 
 @dataclass(frozen=True)
@@ -96,52 +97,106 @@ class BoldDriver:
         self.rate = state["rate"]
 
 
+class Step(NamedTuple):
+    """A step θ₀ → θ₁ with the gradients g₀, g₁ at its ends (tensors by param name)."""
+
+    theta0: dict[str, Tensor]
+    theta1: dict[str, Tensor]
+    g0: dict[str, Tensor]
+    g1: dict[str, Tensor]
+
+
 @dataclass
 class PflugCeiling:
     """The largest rate, lowered by Pflug's stationarity test.
 
-    Each descent step adds r clipped to [−1, 1] (one wild step cannot decide) to a running sum;
+    Each judged step adds r clipped to [−1, 1] (one wild step cannot decide) to a running sum;
     a window that ends with a positive sum multiplies the ceiling by ``shrink``, so the stationary
-    spread of the iterate (∝ rate) shrinks too. A window lasts ``window``·(lr/ceiling)^½ steps:
-    at a lower rate the iterate needs more steps to settle before the test can judge it (Chee &
-    Toulis restart the test after each decrease), so the ceiling falls like 1/t² rather than
-    geometrically. For a natural step of size ρ on a quadratic, E[r] ≈ −(1 − ρ) while travelling
-    and ≈ ρ/2 at stationarity; with exact gradients r ≤ 0 and the ceiling stays at lr. The test
-    presumes an affine-invariant step: a Euclidean step zig-zags across a stiff direction while
-    still travelling along a flat one, which it would mistake for noise.
+    spread of the iterate (∝ rate) shrinks too. A window lasts ``window``·(lr/ceiling)^``growth``
+    steps: at a lower rate the iterate needs more steps to settle before the test can judge it
+    (Chee & Toulis restart the test after each decrease). Under persistent noise the ceiling then
+    falls like t^(−1/growth): ``growth=0.5`` (1/t²) settles fast but Σρₜ < ∞, so it can stop
+    short of an optimum that is still far along a direction the test cannot see; ``growth=1``
+    (1/t) keeps Σρₜ = ∞ (Robbins & Monro 1951) at the price of a larger late rate.
+
+    ``lag=2`` judges the two-step move θₜ₋₂ → θₜ of the accepted iterates with g(θₜ₋₂) and
+    g(θₜ). With a fixed preconditioner P on a quadratic, each eigen-direction of P½HP½
+    (curvature a) moves by c = 1 − ρa per step, and the two-step ratio is
+    Σ a c²(c² − 1)x² / (…) ≤ 0 whenever every |c| < 1: a step that overshoots a stiff direction
+    (c < 0: a mean-field or Euclidean step on a correlated posterior) while it travels along a
+    flat one is not mistaken for noise, whatever the conditioning. In Monte Carlo noise at
+    stationarity E[r] ≈ ρa > 0 (the AR(1) iterate x ← cx − ρε). ``lag=1`` judges single steps:
+    E[r] ≈ ρa/2 at stationarity, but also r = ρa − 1 > 0 for every deterministic overshoot, so it
+    presumes an affine-invariant step (c = 1 − ρ ≥ 0). With exact gradients and a stable rate the
+    ceiling stays at lr. Noise in stiff directions outweighs slow travel in flat ones in either
+    ratio: the test judges the step as a whole.
+
+    State: the ceiling, the window's sum and count, and (``lag=2``) the start of the last
+    accepted step, its params and gradient.
     """
 
     window: int = 10
     shrink: float = 0.5
     min_lr: float = 1e-4
+    lag: int = 1
+    growth: float = 0.5
     ceiling: float | None = None  # None until the optimizer sets it to its lr
     drift: float = 0.0
     count: int = 0
+    anchor: tuple[dict[str, Tensor], dict[str, Tensor]] | None = field(default=None,
+                                                                       compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window, int) and self.window > 0 and 0 < self.shrink < 1
-                and 0 < self.min_lr <= 1):
-            raise ValueError(f"PflugCeiling needs an integer window > 0, 0 < shrink < 1 and "
-                             f"0 < min_lr <= 1, got {self!r}")
+                and 0 < self.min_lr <= 1 and self.lag in (1, 2) and 0 < self.growth <= 2):
+            raise ValueError(f"PflugCeiling needs an integer window > 0, 0 < shrink < 1, "
+                             f"0 < min_lr <= 1, lag 1 or 2 and 0 < growth <= 2, got {self!r}")
 
     def start(self, lr: float) -> None:
         self.ceiling = lr if self.ceiling is None else self.ceiling
 
-    def update(self, judgement: Judgement, lr: float) -> None:
-        if not judgement.descent:
+    def update(self, judgement: Judgement, lr: float, step: Step | None = None) -> None:
+        """Counts the judged ``step`` (lag 1: ``judgement`` itself; lag 2: the move from the
+        start of the previous accepted step to the end of this one, when this one is accepted)."""
+        if self.lag == 2:
+            judgement = self._lagged(judgement, step)
+        if judgement is None or not judgement.descent:
             return
         self.drift += min(1.0, max(-1.0, judgement.ratio))
         self.count += 1
-        if self.count >= self.window * math.sqrt(lr / self.ceiling):
+        if self.count >= self.window * (lr / self.ceiling) ** self.growth:
             if self.drift > 0:
                 self.ceiling = max(self.min_lr * lr, self.ceiling * self.shrink)
             self.drift, self.count = 0.0, 0
+
+    def _lagged(self, judgement: Judgement, step: Step | None) -> Judgement | None:
+        if step is None or not judgement.accepted:
+            return None  # a rejected step is undone: the anchor stays
+        anchor, self.anchor = self.anchor, (step.theta0, step.g0)
+        if anchor is None:
+            return None
+        names = anchor[0].keys() & step.theta1.keys()
+        if not names or any(anchor[0][n].shape != step.theta1[n].shape for n in names):
+            return None
+        return judge({n: anchor[0][n] for n in names}, {n: step.theta1[n] for n in names},
+                     {n: anchor[1][n] for n in names}, {n: step.g1[n] for n in names})
+
+    def forget(self, key: tuple[str, ...]) -> None:
+        """Drops the anchor when it holds any of ``key``'s params (they changed elsewhere)."""
+        if self.anchor is not None and set(key) & self.anchor[0].keys():
+            self.anchor = None
 
     def rescale(self, factor: float) -> None:
         self.ceiling *= factor
 
     def state_dict(self) -> dict:
-        return {"ceiling": self.ceiling, "drift": self.drift, "count": self.count}
+        anchor = None if self.anchor is None else tuple(
+            {n: t.detach().clone() for n, t in part.items()} for part in self.anchor)
+        return {"ceiling": self.ceiling, "drift": self.drift, "count": self.count,
+                "anchor": anchor}
 
     def load_state_dict(self, state: dict) -> None:
         self.ceiling, self.drift, self.count = state["ceiling"], state["drift"], state["count"]
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else tuple(
+            {n: t.detach().clone() for n, t in part.items()} for part in anchor)

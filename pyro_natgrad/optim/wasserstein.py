@@ -46,7 +46,8 @@ class WassersteinGradient(GeometricOptim):
     :param trust_region: ``"auto"`` (no bound on Bures steps; ½ρ²δᵀGδ ≤ ½·dim θ, half a squared
         W₂ length, on linear steps), a :class:`~.trust_region.KLTrustRegion`, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`), a BoldDriver, or None.
-    :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5), a
+    :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5 and the
+        two-step test, which a Bures step that overshoots a stiff direction does not fool), a
         PflugCeiling, or None.
     :param bures: ``"auto"`` or a :class:`~.bures.Bures` (scheme, Lanczos steps).
     :param solve: ``"auto"`` or a :class:`~.bures.MetricSolve` (form, damping, draws).
@@ -73,10 +74,10 @@ class WassersteinGradient(GeometricOptim):
         bures = Bures() if bures == "auto" else bures
         if not isinstance(bures, Bures):
             raise TypeError(f"bures must be 'auto' or a Bures, got {bures!r}")
-        if stationarity == "auto":
-            stationarity = PflugCeiling(window=5)
         if trust_region == "auto":  # a squared W₂ length has the problem's units: no KL radius
             trust_region = KLTrustRegion(start=math.inf, trust_clean=False, adaptive=False)
+        if stationarity == "auto":
+            stationarity = PflugCeiling(window=5, lag=2)
         super().__init__(guide, lr, trust_region=trust_region,
                          step_size=BoldDriver() if step_size == "auto" else step_size,
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,
