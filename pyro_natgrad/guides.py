@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,13 @@ class ScaledUnitCholesky(Parameterization):
     constraints: tuple[constraints.Constraint, ...]
 
     def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        if self.constraints[2] is constraints.unit_lower_cholesky:  # U = tril(u, −1) + I:
+            loc, scale = (transform_to(c)(values[n])  # L = s·tril(u, −1) + diag(s), one pass
+                          for n, c in zip(self.param_names[:2], self.constraints[:2],
+                                          strict=True))
+            tril = values[self.param_names[2]].tril(-1) * scale[..., None]
+            tril.diagonal(dim1=-2, dim2=-1).copy_(scale)
+            return loc, tril
         loc, scale, unit = (transform_to(c)(values[n])
                             for n, c in zip(self.param_names, self.constraints, strict=True))
         return loc, scale[..., None] * unit
@@ -228,11 +236,16 @@ class GuideReader:
     def trace(self, replay: poutine.Trace | None = None) -> poutine.Trace:
         """Runs the guide on its last arguments; the global RNG state is left as it was.
         With ``replay``, every sample site takes its value from that trace (so a site that
-        depends on an earlier site's sample is built at the same value)."""
+        depends on an earlier site's sample is built at the same value); without, Pyro's
+        validation of distribution arguments is off (the params are the ones SVI just ran)."""
         recorded = self._recorded()
         args, kwargs = recorded if recorded is not None else ((), {})
         guide = self.guide if replay is None else poutine.replay(self.guide, trace=replay)
-        with torch.random.fork_rng(devices=_devices()), torch.enable_grad():
+        # the current params' distributions were validated by the ELBO pass that gave the
+        # gradients: their read skips Pyro's argument checks (a d×d pass or more per site);
+        # a replay builds the guide at a candidate, which is checked
+        validation = pyro.validation_enabled(False) if replay is None else nullcontext()
+        with torch.random.fork_rng(devices=_devices()), torch.enable_grad(), validation:
             try:
                 trace = poutine.trace(guide).get_trace(*args, **kwargs)
             except TypeError as e:

@@ -83,7 +83,7 @@ class OpCounter(TorchFunctionMode):
 
     def _kind(self, name: str, args: tuple, kwargs: dict) -> str | None:
         tensors = [a for a in args if isinstance(a, Tensor)] + [
-            v for v in kwargs.values() if isinstance(v, Tensor)]
+            v for k, v in kwargs.items() if isinstance(v, Tensor) and k != "out"]
         if name in FACTORIZATIONS:
             return "factorization" if tensors and self._big(tensors[0]) else None
         if name in INVERSES:
@@ -107,7 +107,8 @@ def _multiply_adds(name: str, args: tuple, kwargs: dict) -> float:
     """Multiply–adds of one call: m·k·n per product, n³/3 per Cholesky or LU, n²k/2 per
     triangular solve with k right-hand sides, n²k per Cholesky or LU solve, 2n³/3 per
     ``cholesky_inverse``, n³ for any other factorization; times the batch."""
-    mats = [t for t in list(args) + list(kwargs.values())
+    operands = list(args) + [v for k, v in kwargs.items() if k != "out"]
+    mats = [t for t in operands
             if isinstance(t, Tensor) and t.dim() >= 2 and t.is_floating_point()]
     if not mats:
         return 0.0

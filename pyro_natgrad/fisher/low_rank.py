@@ -115,8 +115,10 @@ class ScaledLowRankFisher:
 
     def preconditioner(self, damping: float) -> Callable[[Tensor], Tensor]:
         """An approximate inverse v ↦ (m·F_θ + λI)⁻¹v, λ = ``damping`` > 0, symmetric positive
-        definite (module docstring; with ``gauge_free``, Π M⁻¹ Π with Π the projection off P's
-        rotations, positive definite on their complement)."""
+        definite (module docstring). With ``gauge_free``, ΠM⁻¹ with Π the projection off P's
+        rotations: the residuals it is applied to lie off them already (the right-hand side
+        does, and F_θ maps into its range, which is orthogonal to its null space), so this is
+        ΠM⁻¹Π, symmetric and positive definite on their complement, to rounding."""
         if not damping > 0:
             raise ValueError(f"ScaledLowRankFisher.preconditioner: damping must be > 0, got "
                              f"{damping!r}")
@@ -141,8 +143,6 @@ class ScaledLowRankFisher:
 
         def apply(v: Tensor) -> Tensor:
             v_loc, v_u, v_p = self._split(v)
-            if self.gauge_free:
-                v_p = without_rotations(p, v_p, (gamma, basis))
             a = inv_e * v_loc
             t = torch.cholesky_solve((w.mT @ a).unsqueeze(-1), loc_capacitance).squeeze(-1)
             x_loc = operator.cov((a - inv_e * (w @ t)).unsqueeze(-1)).squeeze(-1)

@@ -19,7 +19,7 @@ from ..fisher.linalg import flat, solve_metric
 from ..fisher.low_rank import ScaledLowRankFisher
 from ..fisher.monte_carlo import MonteCarloFisher
 from ..guides import Group, ScaledLowRank, is_real
-from .mirror import exact_kl
+from .mirror import float64, kl64
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
 
@@ -195,17 +195,16 @@ def _exact_kl(group: Group) -> Callable[[poutine.Trace], float]:
     second grows with a q' much wider than q, whose draws the next ELBO evaluates; the Fisher's
     quadratic model misses both where the parameterization is degenerate, e.g. the ΔWΔWᵀ term of
     a low-rank factor near W = 0)."""
-    with torch.no_grad():
-        current = [(s.name, s.family, s.family.distribution(
-            *(a.detach().clone() for a in s.family.args(s.base))), s.multiplicity)
-            for s in group.sites]
+    with torch.no_grad():  # q in float64, built once for every candidate's two KLs
+        current = [(s.name, s.family, float64(s.family, s.base), s.multiplicity)
+                   for s in group.sites]
 
     def kl(trace: poutine.Trace) -> float:
         total = 0.0
         with torch.no_grad():
             for name, family, q, multiplicity in current:
-                new = family.distribution(*family.args(unwrap(trace.nodes[name]["fn"])[0]))
-                total += max(exact_kl(family, q, new), exact_kl(family, new, q)) * multiplicity
+                new = float64(family, unwrap(trace.nodes[name]["fn"])[0])
+                total += max(kl64(family, q, new), kl64(family, new, q)) * multiplicity
         return total
 
     return kl

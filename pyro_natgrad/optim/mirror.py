@@ -29,7 +29,7 @@ from ..guides import Site, args_gradient
 from .proposal import Candidate, Deferred, Proposal
 from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction
 
-__all__ = ["Mirror", "exact_kl"]
+__all__ = ["Mirror", "exact_kl", "float64", "kl64"]
 
 # a group's step at (rate, the momentum's shift of the mean): (new args, formed when called;
 # KL(q ‖ q'); note), or None when it cannot stay in the family's domain
@@ -169,8 +169,21 @@ def exact_kl(family: ExponentialFamily, p: torch.distributions.Distribution,
     the family's Bregman divergence A(η_q) − A(η_p) − <η_q − η_p, μ_p>. In float32 the terms of
     either form cancel catastrophically for a small step of a large or narrow q (a KL of 0.015
     came out as −6,272), so the arguments are promoted first."""
-    p64 = family.distribution(*(a.double() for a in family.args(p)))
-    q64 = family.distribution(*(a.double() for a in family.args(q)))
+    return kl64(family, float64(family, p), float64(family, q))
+
+
+def float64(family: ExponentialFamily, d: torch.distributions.Distribution
+            ) -> torch.distributions.Distribution:
+    """``d`` rebuilt from copies of its arguments in float64 (for :func:`kl64`): it does not
+    follow later in-place changes of the params its arguments may be."""
+    return family.distribution(*(a.detach().to(torch.float64, copy=True)
+                                 for a in family.args(d)))
+
+
+def kl64(family: ExponentialFamily, p64: torch.distributions.Distribution,
+         q64: torch.distributions.Distribution) -> float:
+    """:func:`exact_kl` of distributions already in float64 (:func:`float64`), so that one
+    built once serves many KLs."""
     try:
         value = kl_divergence(p64, q64)
     except NotImplementedError:
