@@ -15,7 +15,7 @@ from torch.distributions import transform_to
 
 from pyro_natgrad import NaturalGradient
 from pyro_natgrad.demo import logistic_model
-from pyro_natgrad.families.gaussian_step import lower_product
+from pyro_natgrad.families.gaussian_step import lower_product, lower_solve
 from pyro_natgrad.guides import ScaledUnitCholesky, coordinate_gradient
 from pyro_natgrad.optim import Candidate
 from pyro_natgrad.optim.checks import all_finite, in_support
@@ -48,6 +48,30 @@ def test_lower_product_takes_a_third_of_the_product():
     with count_ops(d) as ops:
         upper @ lower
     assert ops.work == 1.0 and ops.cubic == 1
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("d", [10, 300])
+def test_lower_solve_is_the_triangular_solve(d, dtype, tol):
+    g = torch.Generator().manual_seed(d)
+    factor = torch.randn(2, d, d, generator=g, dtype=F64).tril() / d ** 0.5
+    factor.diagonal(dim1=-2, dim2=-1).copy_(1 + torch.rand(2, d, generator=g, dtype=F64))
+    lower = torch.randn(d, d, generator=g, dtype=F64).tril()
+    expected = torch.linalg.solve_triangular(factor, lower, upper=False, left=False)
+    got = lower_solve(lower.to(dtype), factor.to(dtype))
+    assert got.dtype == dtype and got.shape == (2, d, d)
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * d)
+    assert bool((got.triu(1) == 0).all())
+
+
+def test_lower_solve_takes_a_third_of_the_solve():
+    """d = 512 in blocks of 128: Σ_I 128·(128(I + 1))²/2 = 0.234·d³ multiply–adds (a triangular
+    solve with a d×d right-hand side: 0.5·d³)."""
+    d = 512
+    factor = torch.eye(d, dtype=F64)
+    with count_ops(d) as ops:
+        lower_solve(torch.ones(d, d, dtype=F64).tril(), factor)
+    assert ops.work == pytest.approx(30 / 128), ops.work
 
 
 @pytest.mark.parametrize("scale_constraint", [constraints.softplus_positive, constraints.positive],
@@ -132,9 +156,9 @@ def test_deferred_values_are_formed_once_on_first_access():
 
 def test_optimizer_step_work_on_a_full_covariance_guide():
     """d = 256, 8 particles: per optimizer call the O(d³) work is the lower triangle of LᵀḠ
-    (0.31·d³ multiply–adds in blocks), one Cholesky (d³/3) per factorization and one triangular
-    solve (d³/2) for the accepted candidate's factor, all else O(d²): at most
-    0.95·d³ + factorizations·d³/3. (Before: a full d×d product and a triangular solve per
+    (0.31·d³ multiply–adds in row blocks), one Cholesky (d³/3) per factorization and the accepted
+    candidate's factor L U⁻ᵀ (0.31·d³ in row blocks), all else O(d²): at most
+    0.7·d³ + factorizations·d³/3. (Before: a full d×d product and a full triangular solve per
     factorization, 1.5·d³ + factorizations·0.83·d³.)"""
     d = 256
     g = torch.Generator().manual_seed(0)
@@ -162,7 +186,6 @@ def test_optimizer_step_work_on_a_full_covariance_guide():
     stepped = [c for c in counted if c[0] == "natural"]
     assert len(stepped) >= 4, counted
     for _, factorizations, names, work in stepped:
-        assert names["linalg_solve_triangular"] == 1, counted
         assert factorizations == names["linalg_cholesky_ex"] >= 1, counted
-        assert work <= 0.95 + factorizations / 3, counted
+        assert work <= 0.7 + factorizations / 3, counted
     pyro.clear_param_store()
