@@ -8,16 +8,19 @@ one Adam fit run side by side in one process with one torch thread, their steps 
 order alternating every step), so that both see the same machine load; each ``svi.step`` is timed
 whole (ELBO and optimizer), and the optimizer call alone too. Reported: the median step times, the
 ratio of the medians, the optimizer's share of NaturalGradient's step, its halvings (backtracks)
-and undone steps per step, its O(d³) linear-algebra calls per optimizer step (counted on extra
-untimed steps by ``tests/op_count.py``), and per guide the exponent b of a least-squares fit
-time ∝ d^b over the dims. Writes ``benchmarks/results/scaling.md``; ``--quick`` (two small dims,
-few steps, one seed) writes ``benchmarks/results/quick/scaling.md``.
+and undone steps per step, its O(d³) linear-algebra calls and their multiply–adds (in units of
+d³) per optimizer step (counted on extra untimed steps by ``tests/op_count.py``), and per guide
+the exponent b of a least-squares fit time ∝ d^b over the dims. ``--note`` adds a line to the
+protocol (e.g. that the machine was shared); the load average is recorded at start and end.
+Writes ``benchmarks/results/scaling.md``; ``--quick`` (two small dims, few steps, one seed)
+writes ``benchmarks/results/quick/scaling.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import time
@@ -55,7 +58,8 @@ COUNTED = 3  # untimed NaturalGradient steps after the timed ones, with the O(d�
 
 class _Timed:
     """Wraps an optimizer so that ``svi.step`` calls are timed for the optimizer alone, or, with
-    ``count`` set to d, have their O(d³) calls counted (not timed) as (calls, factorizations)."""
+    ``count`` set to d, have their O(d³) calls counted (not timed) as (calls, factorizations,
+    multiply–adds / d³)."""
 
     def __init__(self, optim):
         self.optim, self.seconds, self.counts = optim, [], []
@@ -65,7 +69,7 @@ class _Timed:
         if self.count is not None:
             with count_ops(self.count) as ops:
                 out = self.optim(*args, **kwargs)
-            self.counts.append((ops.cubic, ops.factorizations))
+            self.counts.append((ops.cubic, ops.factorizations, ops.work))
             return out
         start = time.perf_counter()
         out = self.optim(*args, **kwargs)
@@ -87,6 +91,7 @@ class Row:
     undone: list[float] = field(default_factory=list)
     cubic: list[float] = field(default_factory=list)  # O(d³) calls per optimizer step
     factorizations: list[float] = field(default_factory=list)
+    work: list[float] = field(default_factory=list)  # multiply–adds / d³ per optimizer step
     refused: int = 0
 
     def ratio(self) -> float:
@@ -139,8 +144,9 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
     row.ng_optim.append(statistics.median(ng_optim))
     row.halvings.append(halvings / steps)
     row.undone.append(undone / steps)
-    row.cubic.append(statistics.fmean(c for c, _ in counts))
-    row.factorizations.append(statistics.fmean(f for _, f in counts))
+    row.cubic.append(statistics.fmean(c for c, _, _ in counts))
+    row.factorizations.append(statistics.fmean(f for _, f, _ in counts))
+    row.work.append(statistics.fmean(w for _, _, w in counts))
 
 
 def exponent(dims: list[int], values: list[float]) -> float:
@@ -169,17 +175,22 @@ def describe(args: argparse.Namespace) -> list[str]:
         "those; NG optimizer share = optimizer call / whole step; halvings and undone steps "
         f"per step (NaturalGradient's `last_step`); O(d³) calls per optimizer step (and the "
         f"factorizations among them) counted over {COUNTED} extra untimed steps by "
-        "`tests/op_count.py`; b = least-squares exponent of time ∝ d^b over the dims.",
-        f"* Machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{torch.get_num_threads()} torch thread, Python {platform.python_version()}, "
+        "`tests/op_count.py`, with their multiply–adds in units of d³ (a d×d product 1, a "
+        "Cholesky ⅓; it also sees work done in blocks smaller than d); b = least-squares "
+        "exponent of time ∝ d^b over the dims.",
+        f"* Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} "
+        f"cores, {torch.get_num_threads()} torch thread, Python {platform.python_version()}, "
         f"torch {torch.__version__}, pyro {pyro.__version__}; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}.", ""]
+        f"{time.strftime('%Y-%m-%d %H:%M')}; load average at the start "
+        f"{os.getloadavg()[0]:.1f}.",
+        *([f"* {args.note}"] if args.note else []), ""]
 
 
 def table(rows: dict[tuple[int, str], Row], dims: list[int]) -> list[str]:
     out = ["| guide | d | NG step ms | Adam step ms | ratio | NG optimizer share | "
-           "halvings / step | undone / step | O(d³) calls / optimizer step (factorizations) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "halvings / step | undone / step | O(d³) calls / optimizer step (factorizations) | "
+           "d³ multiply–adds / optimizer step |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in GUIDES:
         for d in dims:
             row = rows.get((d, label))
@@ -190,7 +201,8 @@ def table(rows: dict[tuple[int, str], Row], dims: list[int]) -> list[str]:
             out.append(f"| {label} | {d} | {1e3 * ng:.1f} | {1e3 * adam:.1f} | "
                        f"{row.ratio():.2f} | {share:.0%} | {statistics.fmean(row.halvings):.1f} | "
                        f"{statistics.fmean(row.undone):.2f} | {statistics.fmean(row.cubic):.1f} "
-                       f"({statistics.fmean(row.factorizations):.1f}) |")
+                       f"({statistics.fmean(row.factorizations):.1f}) | "
+                       f"{statistics.fmean(row.work):.2f} |")
     out += ["", "| guide | b (NG step) | b (Adam step) | b (ratio) |", "|---|---:|---:|---:|"]
     for label in GUIDES:
         have = [d for d in dims if (d, label) in rows]
@@ -214,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--note", default="", help="a line added to the protocol")
     args = parser.parse_args(argv)
     args.dims = args.dims or list(QUICK_DIMS if args.quick else DIMS)
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -237,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     lines = ["# Step-cost scaling: NaturalGradient vs Adam", "",
              f"`python -m benchmarks.scaling{' --quick' if args.quick else ''}` "
-             f"({(time.perf_counter() - start) / 60:.1f} min)", "", *protocol,
+             f"({(time.perf_counter() - start) / 60:.1f} min; load average at the end "
+             f"{os.getloadavg()[0]:.1f})", "", *protocol,
              "## Step cost", "", *table(rows, args.dims), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

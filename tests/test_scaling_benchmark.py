@@ -13,9 +13,11 @@ def test_exponent_of_a_power_law():
 def test_tiny_run_writes_the_tables(tmp_path):
     out = tmp_path / "scaling.md"
     scaling.main(["--dims", "4,6", "--steps", "2", "--seeds", "1", "--guides",
-                  "AutoMultivariateNormal,AutoDiagonalNormal", "--out", str(out)])
+                  "AutoMultivariateNormal,AutoDiagonalNormal", "--out", str(out),
+                  "--note", "The machine was shared."])
     text = out.read_text()
-    assert "## Protocol" in text
+    assert "## Protocol" in text and "* The machine was shared." in text
+    assert "load average at the start" in text and "d³ multiply–adds / optimizer step" in text
     for row in ("| AutoMultivariateNormal | 4 |", "| AutoMultivariateNormal | 6 |",
                 "| AutoDiagonalNormal | 6 |"):
         assert row in text
