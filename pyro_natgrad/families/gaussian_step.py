@@ -217,22 +217,24 @@ def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple
     alpha, beta = matrix.new_zeros(matrix.shape[:-2] + (k,)), matrix.new_zeros(matrix.shape[:-2]
                                                                                + (k,))
     threshold = torch.finfo(matrix.dtype).eps ** 0.5
+    tiny = torch.finfo(matrix.dtype).tiny
     for j in range(k):
-        q = basis[..., j:j + 1, :]  # (…, 1, d)
-        w = q @ matrix  # qᵀS = (Sq)ᵀ, S symmetric
-        alpha[..., j] = (w * q).sum((-2, -1))
-        scale = w.square().sum((-2, -1)).sqrt()
+        w = basis[..., j:j + 1, :] @ matrix  # qᵀS = (Sq)ᵀ, S symmetric; (…, 1, d)
         done = basis[..., :j + 1, :]
-        for _ in range(2):  # full reorthogonalization, two Gram–Schmidt passes ("twice is
-            w = w - (w @ done.mT) @ done  # enough"): one leaves the next q off the basis
-        norm = w.square().sum((-2, -1)).sqrt()
+        scale = torch.linalg.vector_norm(w, dim=(-2, -1))
+        # full reorthogonalization, two Gram–Schmidt passes ("twice is enough": one leaves the
+        # next q off the basis); the first pass's coefficient on q_j is α_j = q_jᵀSq_j
+        coefficients = w @ done.mT
+        alpha[..., j] = coefficients[..., 0, j]
+        w = w - coefficients @ done
+        w = w - (w @ done.mT) @ done
+        norm = torch.linalg.vector_norm(w, dim=(-2, -1))
         # an invariant subspace (β ≤ √eps·|Sq|): β = 0 and a zero vector next, so T gets zeros
         closed = norm <= threshold * scale
         beta[..., j] = torch.where(closed, 0.0, norm)
         if j + 1 < k:
-            basis[..., j + 1, :] = torch.where(closed[..., None], 0.0, w.squeeze(-2)
-                                               / norm.clamp_min(torch.finfo(norm.dtype).tiny
-                                                                )[..., None])
+            basis[..., j + 1, :] = torch.where(closed[..., None], 0.0,
+                                               w.squeeze(-2) / norm.clamp_min(tiny)[..., None])
     tridiagonal = (torch.diag_embed(alpha) + torch.diag_embed(beta[..., :-1], 1)
                    + torch.diag_embed(beta[..., :-1], -1))
     theta, y = torch.linalg.eigh(tridiagonal)
