@@ -65,7 +65,10 @@ class FisherSolve:
 
     :param form: ``"dense"``, ``"diag"`` or ``"cg"`` (matrix-free conjugate gradient); default:
         dense up to ``dense_max`` params, else CG, except that a Monte Carlo F̂ with fewer draws
-        than params (rank ≤ S per site) is solved by its diagonal, which every draw informs.
+        than params (rank ≤ S per site) is solved by its diagonal, which every draw informs, and
+        that an AutoLowRankMultivariateNormal group (``None`` or ``"cg"``) is solved by CG
+        preconditioned in closed form, with its products and exact trace in O(d r²)
+        (:class:`~pyro_natgrad.fisher.low_rank.ScaledLowRankFisher`).
     :param damping: λ added to the metric, (F + λI)⁻¹.
     :param relative_damping: λ also includes ``relative_damping``·tr F / dim θ
         (Levenberg–Marquardt damping scaled to the metric; Martens & Grosse 2015, K-FAC, §6): a
