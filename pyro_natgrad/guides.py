@@ -4,8 +4,9 @@ The reader runs the guide once under :func:`pyro.poutine.trace` (on the argument
 with the global RNG state restored afterwards), and for every latent sample site finds the
 unconstrained param-store leaves its distribution depends on (by autograd), the exponential family
 of its distribution (if any), and, where the map is invertible, a :class:`Parameterization`: how to
-write a new value of the distribution's arguments back into the guide's own params. Nothing here
-knows about optimizers.
+write a new value of the distribution's arguments back into the guide's own params, and which
+param's rotations leave it unchanged. Nothing here knows about optimizers or the chain rule
+(:mod:`pyro_natgrad.pullback`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from torch.distributions import Distribution, transform_to
 from .families import ExponentialFamily, family_of, unwrap
 from .fisher.monte_carlo import draw
 
-__all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args",
-           "coordinate_gradient"]
+__all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args"]
 
 
 def record_args(guide: Callable) -> Callable:
@@ -63,30 +63,12 @@ class Parameterization:
         """The unconstrained param values that produce ``args`` (differentiable)."""
         raise NotImplementedError
 
-    def args_gradient(self, args: Sequence[Tensor], grads: Sequence[Tensor]
-                      ) -> tuple[Tensor, ...]:
-        """∂L/∂args from the params' gradients ``grads`` (in ``param_names`` order): one
-        vector-Jacobian product through :meth:`unconstrained` (:func:`coordinate_gradient`)."""
-        return coordinate_gradient(self, lambda *a: a, args, grads)
-
-
-def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence[Tensor]],
-                        coords: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """∂L/∂c from the params' gradients ∂L/∂θ, for coordinates c ↦ args = ``to_args(c)`` ↦ θ:
-    one vector-Jacobian product (∂θ/∂c)ᵀ ∂L/∂θ, no Jacobian formed (GPflow's natgrad trick)."""
-    with torch.enable_grad():
-        leaves = [c.detach().requires_grad_() for c in coords]
-        values = param.unconstrained(to_args(*leaves))
-        outs = [values[n] for n in param.param_names]
-        got = torch.autograd.grad(outs, leaves, list(grads), allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves,
-                                                                       strict=True))
-
-
-def args_gradient(param: Parameterization, args: Sequence[Tensor],
-                  grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """∂L/∂args, the distribution's own arguments, from the params' gradients."""
-    return param.args_gradient(args, grads)
+    def rotation_gauge(self, family: ExponentialFamily) -> str | None:
+        """The name of the param P whose rotations P ↦ PR (R orthogonal) leave the distribution
+        unchanged, because they rotate the family's low-rank factor W ↦ WR
+        (:attr:`~pyro_natgrad.families.ExponentialFamily.rotation_gauge`); None when there is
+        none."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -103,6 +85,13 @@ class Direct(Parameterization):
     def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
         return {n: transform_to(c).inv(a)
                 for n, c, a in zip(self.param_names, self.constraints, args, strict=True)}
+
+    def rotation_gauge(self, family: ExponentialFamily) -> str | None:
+        """The param that is the family's factor, where its constraint is the real line."""
+        index = family.rotation_gauge
+        if index is None or not is_real(self.constraints[index]):
+            return None
+        return self.param_names[index]
 
 
 @dataclass
@@ -135,23 +124,8 @@ class ScaledUnitCholesky(Parameterization):
                 for n, c, v in zip(self.param_names, self.constraints, (loc, scale, unit),
                                    strict=True)}
 
-    def args_gradient(self, args: Sequence[Tensor], grads: Sequence[Tensor]
-                      ) -> tuple[Tensor, ...]:
-        """In closed form where loc is unconstrained and the unit factor is Pyro's
-        ``unit_lower_cholesky`` (its inverse transform the identity): with s = diag L and
-        U = L/s (rows), ∂L/∂Lᵢⱼ = g_Uᵢⱼ/sᵢ + δᵢⱼ(∂L/∂sᵢ − Σₖ g_Uᵢₖ Lᵢₖ/sᵢ²), ∂L/∂s through the
-        scale's transform by autograd (a vector); two d×d passes instead of autograd's graph."""
-        loc_constraint, scale_constraint, unit_constraint = self.constraints
-        if not (is_real(loc_constraint) and unit_constraint is constraints.unit_lower_cholesky):
-            return super().args_gradient(args, grads)
-        (_, tril), (g_loc, g_scale, g_unit) = args, grads
-        scale = tril.diagonal(dim1=-2, dim2=-1).detach()
-        with torch.enable_grad():
-            leaf = scale.clone().requires_grad_()
-            (g_s,) = torch.autograd.grad(transform_to(scale_constraint).inv(leaf), leaf, g_scale)
-        d_tril = g_unit / scale[..., None]
-        d_tril.diagonal(dim1=-2, dim2=-1).add_(g_s - (d_tril * tril).sum(-1) / scale)
-        return g_loc, d_tril
+    def rotation_gauge(self, family: ExponentialFamily) -> str | None:
+        return None  # L = diag(scale)·U is determined by Σ = LLᵀ
 
 
 @dataclass
@@ -176,6 +150,10 @@ class ScaledLowRank(Parameterization):
         return {n: transform_to(c).inv(v)
                 for n, c, v in zip(self.param_names, self.constraints,
                                    (loc, scale, cov_factor / scale.unsqueeze(-1)), strict=True)}
+
+    def rotation_gauge(self, family: ExponentialFamily) -> str | None:
+        """P, where unconstrained: diag(s)·PR = WR."""
+        return self.param_names[2] if is_real(self.constraints[2]) else None
 
 
 @dataclass
@@ -328,11 +306,8 @@ class GuideReader:
         deps, param = self._structure[key]
         if not deps or copies * scale == 0:  # no params, or fully masked out: nothing to step
             return None
-        if family is not None and param is None and isinstance(self.guide, AutoMultivariateNormal):
-            param = self._auto_mvn_parameterization(family, deps)
-        if (family is not None and param is None
-                and isinstance(self.guide, AutoLowRankMultivariateNormal)):
-            param = self._auto_low_rank_parameterization(family, deps)
+        if family is not None and param is None:
+            param = self._auto_parameterization(family, deps)
         return Site(name, fn, base, family, copies * scale, scale, deps, param)
 
     def _dependencies(self, name: str, fn: Distribution, base: Distribution,
@@ -385,24 +360,28 @@ class GuideReader:
         names_, constraints_ = zip(*direct, strict=True)
         return deps, Direct(tuple(names_), tuple(constraints_))
 
-    def _auto_mvn_parameterization(self, family: ExponentialFamily,
-                                   deps: tuple[str, ...]) -> Parameterization | None:
-        guide = self.guide
-        names = tuple(guide._pyro_get_fullname(n) for n in ("loc", "scale", "scale_tril"))
-        if family.name != "MultivariateNormal" or set(names) != set(deps):
-            return None
-        store = pyro.get_param_store()
-        return ScaledUnitCholesky(names, tuple(store._constraints[n] for n in names))
+    def _auto_parameterization(self, family: ExponentialFamily,
+                               deps: tuple[str, ...]) -> Parameterization | None:
+        """The parameterization of an AutoGuide whose map from params to arguments is known
+        (:data:`_AUTO_GUIDES`), when the site's family and params are the guide's own."""
+        for guide_class, (family_name, roles, kind) in _AUTO_GUIDES.items():
+            if not isinstance(self.guide, guide_class):
+                continue
+            names = tuple(self.guide._pyro_get_fullname(n) for n in roles)
+            if family.name != family_name or set(names) != set(deps):
+                return None
+            store = pyro.get_param_store()
+            return kind(names, tuple(store._constraints[n] for n in names))
+        return None
 
-    def _auto_low_rank_parameterization(self, family: ExponentialFamily,
-                                        deps: tuple[str, ...]) -> Parameterization | None:
-        guide = self.guide
-        names = tuple(guide._pyro_get_fullname(n) for n in ("loc", "scale", "cov_factor"))
-        if family.name != "LowRankMultivariateNormal" or set(names) != set(deps):
-            return None
-        store = pyro.get_param_store()
-        return ScaledLowRank(names, tuple(store._constraints[n] for n in names))
 
+# AutoGuides read with their own parameterization: (family, the params' roles, the map)
+_AUTO_GUIDES: dict[type, tuple[str, tuple[str, ...], type[Parameterization]]] = {
+    AutoMultivariateNormal: ("MultivariateNormal", ("loc", "scale", "scale_tril"),
+                             ScaledUnitCholesky),
+    AutoLowRankMultivariateNormal: ("LowRankMultivariateNormal", ("loc", "scale", "cov_factor"),
+                                    ScaledLowRank),
+}
 
 _LAST_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

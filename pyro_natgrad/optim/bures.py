@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
-from ..guides import Group, Site, args_gradient
+from ..guides import Group, Site
+from ..pullback import args_gradient
 from ..wasserstein import (
     BuresMetric,
     PushforwardMetric,

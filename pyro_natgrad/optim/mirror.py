@@ -25,7 +25,8 @@ from ..families.gaussian_step import (
     gaussian_direction,
     natural_step,
 )
-from ..guides import Site, args_gradient
+from ..guides import Site
+from ..pullback import args_gradient
 from .proposal import Candidate, Deferred, Proposal
 from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction
 

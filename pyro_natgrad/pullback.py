@@ -1,0 +1,71 @@
+"""The chain rule between a guide's params and its distributions: the loss's gradient in the
+params θ, pulled back to a distribution's arguments (or to other coordinates of its family)
+through the invertible map of a :class:`~pyro_natgrad.guides.Parameterization`.
+
+With args = a(θ) invertible, θ = a⁻¹(args), the gradient in the arguments is
+∂L/∂args = (∂θ/∂args)ᵀ ∂L/∂θ: one vector-Jacobian product through the inverse map
+(:meth:`~pyro_natgrad.guides.Parameterization.unconstrained`), no Jacobian formed (the trick of
+GPflow's natural gradient: Salimbeni, Eleftheriadis & Hensman 2018, "Natural gradients in
+practice", §3), or a closed form where the map is known (AutoMultivariateNormal's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from pyro.distributions import constraints
+from torch import Tensor
+from torch.distributions import transform_to
+
+from .guides import Parameterization, ScaledUnitCholesky, is_real
+
+__all__ = ["args_gradient", "coordinate_gradient"]
+
+
+def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence[Tensor]],
+                        coords: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """∂L/∂c from the params' gradients ∂L/∂θ (``grads``, in ``param.param_names`` order), for
+    coordinates c ↦ args = ``to_args(c)`` ↦ θ: one vector-Jacobian product (∂θ/∂c)ᵀ ∂L/∂θ."""
+    with torch.enable_grad():
+        leaves = [c.detach().requires_grad_() for c in coords]
+        values = param.unconstrained(to_args(*leaves))
+        outs = [values[n] for n in param.param_names]
+        got = torch.autograd.grad(outs, leaves, list(grads), allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves,
+                                                                       strict=True))
+
+
+def args_gradient(param: Parameterization, args: Sequence[Tensor],
+                  grads: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """∂L/∂args, the distribution's own arguments, from the params' gradients ``grads`` (in
+    ``param.param_names`` order): in closed form for :class:`ScaledUnitCholesky` with a real loc
+    and Pyro's ``unit_lower_cholesky`` factor, else by :func:`coordinate_gradient`."""
+    if isinstance(param, ScaledUnitCholesky):
+        closed = _scaled_unit_cholesky(param, args, grads)
+        if closed is not None:
+            return closed
+    return coordinate_gradient(param, _identity, args, grads)
+
+
+def _scaled_unit_cholesky(param: ScaledUnitCholesky, args: Sequence[Tensor],
+                          grads: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """AutoMultivariateNormal's ∂L/∂(loc, L) where loc is unconstrained and the unit factor's
+    inverse transform is the identity (``unit_lower_cholesky``), else None: with s = diag L and
+    U = L/s (rows), ∂L/∂Lᵢⱼ = g_Uᵢⱼ/sᵢ + δᵢⱼ(∂L/∂sᵢ − Σₖ g_Uᵢₖ Lᵢₖ/sᵢ²), ∂L/∂s through the
+    scale's transform by autograd (a vector); two d×d passes instead of autograd's graph."""
+    loc_constraint, scale_constraint, unit_constraint = param.constraints
+    if not (is_real(loc_constraint) and unit_constraint is constraints.unit_lower_cholesky):
+        return None
+    (_, tril), (g_loc, g_scale, g_unit) = args, grads
+    scale = tril.diagonal(dim1=-2, dim2=-1).detach()
+    with torch.enable_grad():
+        leaf = scale.clone().requires_grad_()
+        (g_s,) = torch.autograd.grad(transform_to(scale_constraint).inv(leaf), leaf, g_scale)
+    d_tril = g_unit / scale[..., None]
+    d_tril.diagonal(dim1=-2, dim2=-1).add_(g_s - (d_tril * tril).sum(-1) / scale)
+    return g_loc, d_tril
+
+
+def _identity(*args: Tensor) -> tuple[Tensor, ...]:
+    return args
