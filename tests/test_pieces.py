@@ -10,6 +10,7 @@ import pytest
 import torch
 from pyro.distributions import constraints
 
+import pyro_natgrad
 from pyro_natgrad.families import MultivariateNormal, Normal
 from pyro_natgrad.optim import (
     Candidate,
@@ -154,3 +155,93 @@ def test_mirror_domain_none_means_no_repair_and_bad_pieces_are_named():
     assert isinstance(Mirror().domain, PrecisionShortening)
     with pytest.raises(TypeError, match="Mirror domain"):
         Mirror(domain="retract")
+
+
+def _read_low_rank(guide_kind: str, dtype: torch.dtype):
+    """A low-rank Gaussian site (d = 6, rank 3) read from a guide: Pyro's
+    AutoLowRankMultivariateNormal (ScaledLowRank), a custom guide whose args are its params
+    (Direct), or one whose factor is 2P (no known parameterization), with random gradients."""
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    from pyro_natgrad.guides import GuideReader
+
+    pyro.clear_param_store()
+    d, r = 6, 3
+    g = torch.Generator().manual_seed(5)
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(d, dtype=dtype), 1.0).to_event(1))
+
+    def custom():
+        loc = pyro.param("loc", torch.randn(d, generator=g, dtype=dtype))
+        factor = pyro.param("factor", torch.randn(d, r, generator=g, dtype=dtype))
+        diag = pyro.param("diag", torch.rand(d, generator=g, dtype=dtype) + 0.5,
+                          constraint=constraints.positive)
+        cov_factor = factor if guide_kind == "direct" else 2 * factor
+        pyro.sample("z", dist.LowRankMultivariateNormal(loc, cov_factor, diag))
+
+    guide = (AutoLowRankMultivariateNormal(model, rank=r) if guide_kind == "auto"
+             else pyro_natgrad.record_args(custom))
+    guide()
+    if guide_kind == "auto":  # away from Pyro's init (loc 0, factor 1e-2·N(0, 1))
+        with torch.no_grad():
+            guide.cov_factor.copy_(torch.randn(d, r, generator=g, dtype=dtype))
+    store = pyro.get_param_store()
+    leaves = {n: store.get_param(n).unconstrained() for n in store.keys()}
+    (group,) = GuideReader(guide).read(leaves)
+    grads = {n: torch.randn(p.shape, generator=g, dtype=dtype) for n, p in leaves.items()}
+    return group, leaves, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("guide_kind", ["auto", "direct", "unknown"])
+def test_gauge_projection_declared_by_the_parameterization_equals_the_probe(guide_kind, dtype):
+    """GaugeProjection removes the rotation directions of the param its site's parameterization
+    declares (AutoLowRankMultivariateNormal's P, a custom guide's own factor), without a probe;
+    the same output, bitwise, as the probe, which a site of unknown parameterization uses (there:
+    a factor 2P, so P is found by the probe alone)."""
+    from dataclasses import replace
+
+    from pyro_natgrad.fisher.linalg import without_rotations
+    from pyro_natgrad.optim import GaugeProjection, transforms
+
+    group, leaves, grads = _read_low_rank(guide_kind, dtype)
+    (site,) = group.sites
+    factor = next(n for n in group.param_names if leaves[n].dim() == 2)
+    assert transforms._probe_rotation_gauge(site, group.param_names, leaves) == (factor,)
+    if guide_kind == "unknown":
+        assert site.parameterization is None
+    else:
+        assert site.parameterization.rotation_gauge(site.family) == factor
+    probed = replace(group, sites=[replace(site, parameterization=None)])
+    expected = GaugeProjection().apply(probed, leaves, grads)
+    got = GaugeProjection().apply(group, leaves, grads)
+    for name, a, b in zip(group.param_names, got, expected, strict=True):
+        assert torch.equal(a, b)
+        if name != factor:
+            assert torch.equal(a, grads[name])
+    i = group.param_names.index(factor)
+    p = leaves[factor].detach()
+    torch.testing.assert_close(got[i], without_rotations(p, grads[factor]))
+    assert not torch.allclose(got[i], grads[factor])  # the projection did remove something
+    pyro.clear_param_store()
+
+
+def test_gauge_projection_runs_no_probe_where_the_gauge_is_declared(monkeypatch):
+    """With a declared gauge (AutoLowRankMultivariateNormal) the projection takes no forward
+    product through autograd; a full-covariance site declares none and is left unchanged."""
+    from pyro_natgrad.guides import ScaledUnitCholesky
+    from pyro_natgrad.optim import GaugeProjection, transforms
+
+    group, leaves, grads = _read_low_rank("auto", torch.float64)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a probe ran")
+
+    monkeypatch.setattr(transforms, "jvp", refuse)
+    GaugeProjection().apply(group, leaves, grads)
+    unit = ScaledUnitCholesky(("loc", "scale", "unit"), (
+        constraints.real, constraints.softplus_positive, constraints.unit_lower_cholesky))
+    assert unit.rotation_gauge(MultivariateNormal()) is None
+    pyro.clear_param_store()

@@ -18,7 +18,7 @@ from ..families.gaussian_step import (
     smallest_eigenvalue,
 )
 from ..fisher.linalg import jvp, without_rotations
-from ..guides import Group
+from ..guides import Group, Site
 from .proposal import Candidate
 
 __all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection"]
@@ -250,27 +250,45 @@ class GaugeProjection:
     """Removes a gradient's component along directions that move no distribution. A low-rank
     Gaussian's factor W enters only through WWᵀ, so the exact gradient is orthogonal to every
     rotation direction WA (A antisymmetric); a Monte Carlo estimate is not, and a damped solve
-    steps along that noise as 1/λ. A param P of a one-site group is projected when rotating it
-    rotates the factor, ∂W/∂P·(PA) = WA (Pyro's W = P diag(s) passes)."""
+    steps along that noise as 1/λ. The param P of a one-site group that its parameterization
+    declares (:meth:`~pyro_natgrad.guides.Parameterization.rotation_gauge`) is projected; for a
+    site without a known parameterization (a custom guide), each param P found by a probe:
+    rotating it rotates the factor, ∂W/∂P·(PA) = WA for one random antisymmetric A."""
 
     def apply(self, group: Group, leaves: dict[str, Tensor], grads: dict[str, Tensor]
               ) -> list[Tensor]:
         out = [grads[n] for n in group.param_names]
         site = group.sites[0]
-        index = site.family.rotation_gauge if site.family is not None else None
-        if len(group.sites) != 1 or index is None:
+        if len(group.sites) != 1 or site.family is None or site.family.rotation_gauge is None:
             return out
-        factor = site.family.args(site.base)[index]
+        if site.parameterization is not None:
+            gauged = site.parameterization.rotation_gauge(site.family)
+            factors = () if gauged is None else (gauged,)
+        else:
+            factors = _probe_rotation_gauge(site, group.param_names, leaves)
         for i, name in enumerate(group.param_names):
-            param = leaves[name]
-            if param.shape != factor.shape or not factor.requires_grad:
-                continue
-            r = param.shape[-1]
-            a = torch.randn(r, r, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
-            a = (a - a.T).to(param.device)
-            moved = jvp(factor, [param], (param.detach() @ a).reshape(-1))
-            expected = factor.detach() @ a
-            if torch.allclose(moved, expected, rtol=1e-4,
-                              atol=1e-6 * float(expected.abs().max())):
-                out[i] = without_rotations(param.detach(), out[i])
+            if name in factors:
+                out[i] = without_rotations(leaves[name].detach(), out[i])
         return out
+
+
+def _probe_rotation_gauge(site: Site, names: tuple[str, ...], leaves: dict[str, Tensor]
+                          ) -> tuple[str, ...]:
+    """The params P among ``names`` shaped like the site's low-rank factor W for which
+    ∂W/∂P·(PA) = WA, one forward product each (A random antisymmetric, seeded)."""
+    factor = site.family.args(site.base)[site.family.rotation_gauge]
+    if not factor.requires_grad:
+        return ()
+    found = []
+    for name in names:
+        param = leaves[name]
+        if param.shape != factor.shape:
+            continue
+        r = param.shape[-1]
+        a = torch.randn(r, r, generator=torch.Generator().manual_seed(0), dtype=param.dtype)
+        a = (a - a.T).to(param.device)
+        moved = jvp(factor, [param], (param.detach() @ a).reshape(-1))
+        expected = factor.detach() @ a
+        if torch.allclose(moved, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())):
+            found.append(name)
+    return tuple(found)
