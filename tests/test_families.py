@@ -418,7 +418,8 @@ def test_low_rank_fisher_product_equals_the_pullback(dtype):
     from the dense η and μ, for a batch of two low-rank Gaussians (d = 6, rank 2), and so does the
     dense matrix PulledBackFisher builds from it (all argument directions as one batch)."""
     from pyro_natgrad.fisher import PulledBackFisher
-    from pyro_natgrad.fisher.linalg import flat, jacobian
+    from pyro_natgrad.fisher.autodiff import jacobian
+    from pyro_natgrad.fisher.linalg import flat
 
     family = BY_NAME["LowRankMultivariateNormal"]
     g = torch.Generator().manual_seed(0)

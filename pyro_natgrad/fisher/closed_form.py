@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..families import ExponentialFamily
 from ..families.base import Params
-from .linalg import conjugate_gradient, flat, hutchinson_trace, jacobian, jvp, unflat, vjp
+from .autodiff import jacobian, jvp, vjp
+from .linalg import flat, hutchinson_trace, solve_metric, unflat
 
 
 class PulledBackFisher:
@@ -97,18 +98,24 @@ def solve_args_fisher(operator: Callable[[Params], Params], b: Params, damping: 
     is F_θ⁻¹g_θ = J⁻¹(F + λI)⁻¹J⁻ᵀg_θ for the metric Jᵀ(F + λI)J, J⁻ᵀg_θ the gradient in the
     arguments: one solve here and two products through the inverse map."""
     like = list(b)
-    make = getattr(operator, "preconditioner", None)
-    inverse = None if make is None or not damping > 0 else make(damping)
-
-    def mvp(v: Tensor) -> Tensor:
-        return flat(operator(tuple(unflat(v, like))))
-
-    def precondition(v: Tensor) -> Tensor:
-        return flat(inverse(tuple(unflat(v, like))))
-
-    x = conjugate_gradient(mvp, flat(like), damping, max_iter, rtol,
-                           None if inverse is None else precondition)
+    x = solve_metric(_FlatOperator(operator, like), flat(like), "cg", damping, max_iter, rtol)
     return tuple(unflat(x, like))
+
+
+class _FlatOperator:
+    """A family's operator on argument tuples shaped like ``like``, as a
+    :class:`~pyro_natgrad.fisher.linalg.Metric` on flat vectors (its products, and its
+    preconditioner where it has one)."""
+
+    def __init__(self, operator: Callable[[Params], Params], like: Sequence[Tensor]):
+        self.like = list(like)
+        self.mvp = self._flat(operator)
+        make = getattr(operator, "preconditioner", None)
+        if make is not None:
+            self.preconditioner = lambda damping: self._flat(make(damping))
+
+    def _flat(self, operator: Callable[[Params], Params]) -> Callable[[Tensor], Tensor]:
+        return lambda v: flat(operator(tuple(unflat(v, self.like))))
 
 
 def _detached(args: Sequence[Tensor]) -> tuple[Tensor, ...]:

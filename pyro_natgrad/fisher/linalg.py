@@ -1,8 +1,12 @@
-"""Flat-vector helpers and solvers for metric tensors given as matrix-vector products."""
+"""Linear algebra on flat vectors: flattening, metric tensors given as products (the
+:class:`Metric` protocol) and their solves (dense, diagonal, conjugate gradients), Hutchinson's
+trace, and the least-squares removal of a low-rank factor's rotations. Derivatives of autograd
+graphs are in :mod:`~pyro_natgrad.fisher.autodiff`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,26 +27,6 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-def vjp(output: Tensor, inputs: Sequence[Tensor], cotangent: Tensor,
-        create_graph: bool = False) -> Tensor:
-    """Flat (∂output/∂inputs)ᵀ·cotangent, zeros for inputs the output does not depend on."""
-    grads = torch.autograd.grad(output, inputs, cotangent, retain_graph=True,
-                                create_graph=create_graph, allow_unused=True)
-    return flat([torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs,
-                                                                       strict=True)])
-
-
-def jvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
-    """(∂output/∂inputs)·v by the double-backward trick: J v = ∂/∂w [Jᵀw]·v (no forward mode
-    needed, so it works on any live graph)."""
-    w = torch.zeros_like(output, requires_grad=True)
-    jt_w = vjp(output, inputs, w, create_graph=True)
-    if not jt_w.requires_grad:  # no double backward (e.g. implicit reparameterization): J·v
-        return (jacobian(output, inputs) @ v).reshape(output.shape)
-    (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(output) if jv is None else jv
-
-
 def without_rotations(w: Tensor, g: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """g minus its least-squares projection onto the rotation directions {wA : Aᵀ = −A} of a
     factor w (… × d × r). The normal equations of min_A ‖g − wA‖ over antisymmetric A are the
@@ -56,20 +40,30 @@ def without_rotations(w: Tensor, g: Tensor, eig: tuple[Tensor, Tensor] | None = 
     return g - w @ a
 
 
-def gram_mvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
-    """Jᵀ(J v) for J = ∂output/∂inputs, in memory O(output + inputs) (Schraudolph 2002)."""
-    return vjp(output, inputs, jvp(output, inputs, v))
+class Metric(Protocol):
+    """A metric tensor G (symmetric positive semidefinite) on flat vectors, given as products:
+    ``mvp(v)`` = G·v (leading dimensions of v a batch where the metric allows), and, for the
+    solves that need them, ``dense()`` (the matrix) and ``diag()`` (its diagonal). A metric may
+    also have ``preconditioner(damping)``, an approximate inverse v ↦ (G + damping·I)⁻¹v
+    (symmetric positive definite), which :func:`solve_metric` uses for ``"cg"``."""
+
+    def mvp(self, v: Tensor) -> Tensor: ...
+
+    def dense(self) -> Tensor: ...
+
+    def diag(self) -> Tensor: ...
 
 
-def solve_metric(metric, g: Tensor, form: str, damping: float, cg_iters: int) -> Tensor:
-    """(G + damping·I)⁻¹ g for a metric with ``dense()``, ``diag()`` and ``mvp(v)``: by
-    ``"dense"`` eigendecomposition, ``"diag"`` (the diagonal of G only) or matrix-free ``"cg"``,
-    preconditioned by the metric's ``preconditioner(damping)`` where it has one and
-    damping > 0."""
+def solve_metric(metric: Metric, g: Tensor, form: str, damping: float, cg_iters: int,
+                 rtol: float = 1e-6) -> Tensor:
+    """(G + damping·I)⁻¹ g: by ``"dense"`` eigendecomposition (:func:`solve_psd`), ``"diag"``
+    (the diagonal of G only) or matrix-free ``"cg"`` (:func:`conjugate_gradient` to ``rtol``,
+    at most ``cg_iters`` products), preconditioned by the metric's ``preconditioner(damping)``
+    where it has one and damping > 0."""
     if form == "cg":
         make = getattr(metric, "preconditioner", None)
         inverse = make(damping) if make is not None and damping > 0 else None
-        return conjugate_gradient(metric.mvp, g, damping, cg_iters, preconditioner=inverse)
+        return conjugate_gradient(metric.mvp, g, damping, cg_iters, rtol, inverse)
     if form == "diag":
         return g / (metric.diag() + damping)
     return solve_psd(metric.dense(), g, damping)
@@ -85,48 +79,6 @@ def hutchinson_trace(mvp: Callable[[Tensor], Tensor], like: Tensor, probes: int 
         v = v.to(like.dtype) * 2 - 1
         total = total + v.dot(mvp(v))
     return total / probes
-
-
-def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """Dense Jacobian ∂output/∂inputs (n × d) of a live graph: reverse mode (n backward rows)
-    when n ≤ d, else forward mode (d columns J e_i by the double-backward trick of :func:`jvp`),
-    so that the batched pass never holds an n × n or d × d identity larger than it has to (a
-    metric estimated from many draws of few params)."""
-    n, d = output.numel(), sum(x.numel() for x in inputs)
-    if n <= d:
-        return _reverse_jacobian(output, inputs)
-    w = torch.zeros_like(output, requires_grad=True)
-    jt_w = vjp(output, inputs, w, create_graph=True)
-    if not jt_w.requires_grad:  # no double backward: fall back to reverse mode
-        return _reverse_jacobian(output, inputs)
-    eye = torch.eye(d, dtype=output.dtype, device=output.device)
-    try:
-        (columns,) = torch.autograd.grad(jt_w, w, eye, retain_graph=True, allow_unused=True,
-                                         is_grads_batched=True)
-    except RuntimeError:  # an op without a batching rule: one pass per column
-        columns = torch.stack([jvp(output, inputs, e) for e in eye])
-    if columns is None:
-        return torch.zeros(n, d, dtype=output.dtype, device=output.device)
-    return columns.T
-
-
-def _reverse_jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """∂output/∂inputs by one batched backward pass per output row."""
-    out = output.reshape(-1)
-    eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
-    try:
-        rows = torch.autograd.grad(out, inputs, eye, retain_graph=True, allow_unused=True,
-                                   is_grads_batched=True)
-        rows = [torch.zeros((out.numel(),) + x.shape, dtype=x.dtype, device=x.device)
-                if r is None else r for r, x in zip(rows, inputs, strict=True)]
-        return torch.cat([r.reshape(out.numel(), -1) for r in rows], dim=1)
-    except RuntimeError:  # an op without a batching rule: one backward pass per row
-        rows = []
-        for i in range(out.numel()):
-            g = torch.autograd.grad(out[i], inputs, retain_graph=True, allow_unused=True)
-            rows.append(flat([torch.zeros_like(x) if gi is None else gi
-                              for gi, x in zip(g, inputs, strict=True)]))
-        return torch.stack(rows)
 
 
 def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: float = 0.0,

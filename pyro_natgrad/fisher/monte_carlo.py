@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .linalg import flat, gram_mvp, hutchinson_trace, jacobian
+from .autodiff import gram_mvp, jacobian
+from .linalg import flat, hutchinson_trace
 
 __all__ = ["MonteCarloFisher", "draw"]
 

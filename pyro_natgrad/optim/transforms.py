@@ -17,7 +17,8 @@ from ..families.gaussian_step import (
     natural_step,
     smallest_eigenvalue,
 )
-from ..fisher.linalg import jvp, without_rotations
+from ..fisher.autodiff import jvp
+from ..fisher.linalg import without_rotations
 from ..guides import Group, Site
 from .proposal import Candidate
 

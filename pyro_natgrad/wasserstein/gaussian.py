@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ..fisher.linalg import jacobian, jvp, vjp
+from ..fisher.autodiff import jacobian, jvp, vjp
 
 
 def bures_step(loc: Tensor, scale_tril: Tensor, grad_loc: Tensor, grad_cov: Tensor,

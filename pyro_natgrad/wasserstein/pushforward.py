@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from ..fisher.linalg import gram_mvp, jacobian
+from ..fisher.autodiff import gram_mvp, jacobian
 
 
 class PushforwardMetric:
