@@ -24,6 +24,7 @@ from pyro.infer.autoguide import (
 from pyro_natgrad import NaturalGradient, record_args
 from pyro_natgrad.demo import breast_cancer, logistic_model
 from pyro_natgrad.gp import ExpectedBernoulli, ExpectedGaussian
+from pyro_natgrad.optim import FisherSolve
 from tests import conjugate
 
 from .models import MODELS, Moments, load_posterior
@@ -168,7 +169,8 @@ def bnn_model(hidden: int) -> Callable:
 
 def bnn_diabetes() -> Problem:
     mc_diag = {"NaturalGradient(fisher=monte_carlo, form=diag)":
-               lambda guide: NaturalGradient(guide, fisher="monte_carlo", form="diag")}
+               lambda guide: NaturalGradient(guide, fisher="monte_carlo",
+                                             solve=FisherSolve(form="diag"))}
     return Problem("bnn_diabetes", "5 BNN", bnn_model(50), diabetes(),
                    {"AutoNormal": AutoNormal}, steps=200, particles=16, eval_particles=500,
                    extra=mc_diag, long_run_reference=False)

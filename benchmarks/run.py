@@ -20,6 +20,7 @@ import torch
 from pyro.optim import Adam
 
 from pyro_natgrad import NaturalGradient
+from pyro_natgrad.optim import FisherSolve
 
 from . import protocol
 from .problems import PROBLEMS, Problem, network
@@ -151,14 +152,17 @@ def plot(c: Comparison, folder: Path) -> str:
     return path.name
 
 
+MEMORY_OPTIMIZERS = {
+    "NaturalGradient(fisher=monte_carlo, form=cg)":
+        lambda guide: NaturalGradient(guide, fisher="monte_carlo", solve=FisherSolve(form="cg")),
+    "NaturalGradient(fisher=monte_carlo, form=dense)":
+        lambda guide: NaturalGradient(guide, fisher="monte_carlo", solve=FisherSolve(form="dense")),
+    "Adam(lr=0.01)": lambda guide: Adam({"lr": 0.01})}
+
+
 def memory(widths: tuple[int, ...]) -> list[str]:
     """Peak allocation of one step on the diabetes BNN's AutoNormal guide, by hidden width."""
-    optimizers = {
-        "NaturalGradient(fisher=monte_carlo, form=cg)":
-            lambda guide: NaturalGradient(guide, fisher="monte_carlo", form="cg"),
-        "NaturalGradient(fisher=monte_carlo, form=dense)":
-            lambda guide: NaturalGradient(guide, fisher="monte_carlo", form="dense"),
-        "Adam(lr=0.01)": lambda guide: Adam({"lr": 0.01})}
+    optimizers = MEMORY_OPTIMIZERS
     lines = ["## Peak memory of one step (problem 6)", "",
              "Diabetes BNN of problem 5 with wider hidden layers, AutoNormal guide, 16 particles. "
              "Peak of torch's CPU allocations (torch profiler memory events) during the "

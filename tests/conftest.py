@@ -34,6 +34,7 @@ except ImportError:
 TIERS = ("unit", "integration", "notebooks", "distributed")
 UNIT_MODULES = {
     "test_arviz_compat",
+    "test_benchmark_protocol",
     "test_diagnostics",
     "test_empirical_fisher",
     "test_families",
