@@ -6,6 +6,7 @@ optimizer contract (state, refusals, options)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pyro
@@ -632,3 +633,30 @@ def test_bad_flow_options_are_rejected(kwargs):
     args = dict(h=0.1, num_steps=1) | kwargs
     with pytest.raises(ValueError):
         gaussian_vi_flow(lambda z: -z.square().sum(-1), torch.zeros(2), torch.eye(2), **args)
+
+
+def test_pushforward_step_is_bounded_by_its_measured_length():
+    """A Student-t guide (pushforward metric) on the benchmark's robust regression, defaults, 16
+    particles: the metric's quadratic model of a log-scale step is ~σ²Δu², its real length along
+    the reparameterization coupling ~σ²(e^Δu − 1)², so a step the model allows once sent a scale
+    from 0.012 to 1e53 (−ELBO +∞ at the next step). With the measured length every loss stays
+    finite, the scales sane, and the fit ends within 1 nat of NaturalGradient's (measured: 111.70
+    vs 111.63 over 200 steps)."""
+    from benchmarks.problems import PROBLEMS
+
+    problem = PROBLEMS["robust_regression"]()
+    ends = {}
+    for name, make in (("w2", WassersteinGradient), ("ng", NaturalGradient)):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = problem.guides["StudentT"](problem.model)
+        svi = SVI(problem.model, guide, make(guide),
+                  Trace_ELBO(num_particles=16, vectorize_particles=True))
+        for _ in range(200):
+            assert math.isfinite(svi.step(*problem.data))
+            scale = pyro.param("scale").detach()
+            assert bool(((scale > 1e-4) & (scale < 10)).all()), scale
+        with torch.no_grad():
+            ends[name] = Trace_ELBO(num_particles=2000, vectorize_particles=True).loss(
+                problem.model, guide, *problem.data)
+    assert ends["w2"] <= ends["ng"] + 1.0, ends

@@ -17,6 +17,8 @@
   back to them, the exact Bures metric of Gaussians
   (:class:`~pyro_natgrad.wasserstein.BuresMetric`) or the pushforward metric E[JᵀJ] of a
   reparameterized site's sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`).
+  A pushforward step's length is measured, not only modelled: ½E|T_θ'(ε) − T_θ(ε)|² along the
+  reparameterization coupling (:func:`_coupled_length`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pyro import poutine
 from torch import Tensor
 from torch.distributions import kl_divergence
 
@@ -164,8 +167,40 @@ class MetricSolve:
                                       self.num_samples)
         form = self.form or ("dense" if g.numel() <= self.dense_max else "cg")
         direction = solve_metric(built, g, form, self.damping, self.cg_iters)
-        return linear_proposal(f"{metric}_metric" if metric == "bures" else metric, key, theta,
+        step = linear_proposal(f"{metric}_metric" if metric == "bures" else metric, key, theta,
                                direction, float(direction @ built.mvp(direction)))
+        if metric == "bures":
+            return step
+        length = _coupled_length(group, self.num_samples)
+
+        def candidate(rate: float) -> Candidate:
+            c = step.candidate(rate)
+            c.measure = lambda trace, model=c.kl: max(model, length(trace))  # never below it
+            return c
+
+        return Proposal(step.method, candidate, exact=False)
+
+
+def _coupled_length(group: Group, num_samples: int,
+                    seed: int = 0) -> Callable[[poutine.Trace], float]:
+    """½ Σ_sites scale·E|T_θ'(ε) − T_θ(ε)|² with the same draws ε for q and the re-built q'
+    (``rsample`` under one fixed seed, the global RNG state restored): the squared length of a
+    step along the reparameterization coupling, an upper bound on ½W₂²(q, q') whose quadratic
+    model is ½ρ²dᵀGd with the pushforward metric G = E[JᵀJ]. Unlike the model it sees a scale
+    written through exp grow exponentially with its unconstrained step."""
+    def draws(fn) -> Tensor:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            return fn.rsample((num_samples,))
+
+    current = [(s.name, s.scale, draws(s.fn)) for s in group.sites]
+
+    def length(trace: poutine.Trace) -> float:
+        total = sum(scale * float((draws(trace.nodes[name]["fn"]) - z).square().sum())
+                    for name, scale, z in current)
+        return 0.5 * total / num_samples
+
+    return length
 
 
 def _loc_cov(site: Site) -> tuple[Tensor, Tensor]:
