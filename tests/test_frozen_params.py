@@ -71,9 +71,14 @@ def test_custom_guide_frozen_scale(make_optim, dtype):
 
 
 def test_autonormal_frozen_scale():
+    """AutoNormal's scale of ``a`` frozen at its init 0.1 while the posterior sd is 0.30: the
+    natural step of the loc, preconditioned by 1/0.1², is ~9× shorter than the loss's curvature
+    asks, so the loc converges slowly (measured over seeds 0–3: 0.051–0.058 from m after 60
+    steps, 0.014–0.020 after 150)."""
     y = data(torch.float64)
+    pyro.set_rng_seed(0)
     guide = AutoNormal(model)
-    optim = fit(guide, "AutoNormal.scales.a", NaturalGradient, y)
+    optim = fit(guide, "AutoNormal.scales.a", NaturalGradient, y, steps=150)
     store = pyro.get_param_store()
     assert abs(float(store["AutoNormal.locs.a"]) - float(y.sum() / (N + 1))) < 0.05
     assert optim.last_step["b_unconstrained"]["method"] == "natural"
