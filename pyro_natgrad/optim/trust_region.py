@@ -41,12 +41,17 @@ class KLTrustRegion:
     :param shrink: a rejected step sets the radius to ``shrink`` × its KL, floored at
         ``min_radius``·√n (a rejected unbounded step: at most the start radius). While a group's
         clean steps are trusted, its radius stays at its start.
+    :param probation: a group's first ``probation`` judged steps are a cautious phase in which
+        trust must be earned: its radius does not grow, and a clean exact step is unbounded only
+        as the group's first step (the one that makes a conjugate model exact); later clean
+        steps are held to the radius until the phase ends, and stay unbounded after it only if
+        no step of the group was rejected or repaired. 0: no cautious phase.
     :param adaptive: False keeps every radius at its start (a fixed bound).
     :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
         False: they are nats.
 
-    State: the radius of each group, the groups whose steps are unbounded now, and those no
-    longer trusted.
+    State: the radius of each group, the groups whose steps are unbounded now, those no longer
+    trusted, and each group's count of judged steps.
     """
 
     start: float = 0.5
@@ -55,17 +60,21 @@ class KLTrustRegion:
     grow: float = 2.0
     shrink: float = 0.5
     min_radius: float = 0.5e-4
+    probation: int = 0
     adaptive: bool = True
     sized: bool = True
     radius: dict[Key, float] = field(default_factory=dict)
     trusted: set[Key] = field(default_factory=set)
     distrusted: set[Key] = field(default_factory=set)
+    judged: dict[Key, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (self.start > 0 and self.linear_cap > 0 and self.grow >= 1
                 and 0 < self.shrink < 1 and self.min_radius > 0):
             raise ValueError(f"KLTrustRegion needs start, linear_cap, min_radius > 0, "
                              f"grow >= 1 and 0 < shrink < 1, got {self!r}")
+        if not (isinstance(self.probation, int) and self.probation >= 0):
+            raise ValueError(f"KLTrustRegion needs an integer probation >= 0, got {self!r}")
 
     @classmethod
     def fixed(cls, max_kl: float) -> KLTrustRegion:
@@ -77,10 +86,13 @@ class KLTrustRegion:
         """The largest KL a step of the group may take now."""
         radius = self.radius.setdefault(key, self.start * self._root(n))
         if exact and self.trust_clean and key not in self.distrusted:
-            if clean:
+            if not clean:
+                self._distrust(key)
+            elif 0 < self.judged.get(key, 0) < self.probation:  # on probation: bounded
+                self.trusted.discard(key)
+            else:
                 self.trusted.add(key)
                 return math.inf
-            self._distrust(key)
         if exact:
             return radius
         return min(radius, self.linear_cap * (n if self.sized else 1))
@@ -90,13 +102,15 @@ class KLTrustRegion:
         an accepted one that did not overshoot."""
         if key not in self.radius or not self.adaptive:
             return
+        self.judged[key] = self.judged.get(key, 0) + 1
         trusted = key in self.trusted
         if not judgement.accepted:
             radius = max(self.min_radius * self._root(n), self.shrink * kl)
             # a rejected unbounded step falls back to the start radius at most
             self.radius[key] = min(radius, self.start * self._root(n)) if trusted else radius
             self._distrust(key)
-        elif judgement.ratio <= 0 and not trusted:  # a trusted step was not bounded by it
+        elif judgement.ratio <= 0 and not trusted and self.judged[key] > self.probation:
+            # a trusted step was not bounded by the radius; on probation it does not grow
             self.radius[key] = max(self.radius[key], self.grow * kl)
 
     def _distrust(self, key: Key) -> None:
@@ -110,15 +124,17 @@ class KLTrustRegion:
         self.radius.pop(key, None)
         self.trusted.discard(key)
         self.distrusted.discard(key)
+        self.judged.pop(key, None)
 
     def state_dict(self) -> dict:
         return {"radius": dict(self.radius), "trusted": sorted(self.trusted),
-                "distrusted": sorted(self.distrusted)}
+                "distrusted": sorted(self.distrusted), "judged": dict(self.judged)}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = {tuple(k): v for k, v in state["radius"].items()}
         self.trusted = {tuple(k) for k in state["trusted"]}
         self.distrusted = {tuple(k) for k in state["distrusted"]}
+        self.judged = {tuple(k): v for k, v in state.get("judged", {}).items()}
 
 
 def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool) -> float:
