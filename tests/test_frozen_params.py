@@ -99,3 +99,12 @@ def test_every_guide_param_frozen_is_named():
     svi = SVI(model_with_param, guide, NaturalGradient(guide), Trace_ELBO())
     with pytest.raises(ValueError, match="frozen"):
         svi.step(y)
+
+
+def test_summary_lists_a_frozen_param_as_not_stepped():
+    y = data(torch.float64)
+    guide = AutoNormal(model)
+    optim = fit(guide, "AutoNormal.scales.a", NaturalGradient, y, steps=2)
+    rows = {line.split()[0]: line for line in optim.summary().splitlines()[1:]}
+    assert "frozen (requires_grad=False): not stepped" in rows["AutoNormal.scales.a"]
+    assert "base:" not in rows["AutoNormal.scales.a"]

@@ -105,6 +105,7 @@ class GeometricOptim(PyroOptim):
         self.num_steps = 0
         self.last_step: dict[str, dict] = {}
         self._groups: list[Group] = []
+        self._frozen: list[str] = []
         self._pending: dict | None = None
         self._after: dict[str, Tensor] = {}
         self._nonfinite_streak = 0
@@ -156,7 +157,8 @@ class GeometricOptim(PyroOptim):
         if self._refuse_nonfinite(groups, leaves, grads):
             return
         rejected = self._judge_pending(leaves, grads)
-        others = [p for n, p in leaves.items() if n not in owned]
+        self._frozen = sorted(n for n, p in leaves.items() if not p.requires_grad)
+        others = [p for n, p in leaves.items() if n not in owned and p.requires_grad]
         if others:
             super().__call__(others, *args, **kwargs)
         if rejected:
@@ -387,7 +389,7 @@ class GeometricOptim(PyroOptim):
     # ----- what it does ---------------------------------------------------------------------------
     def summary(self) -> str:
         """Every param the optimizer has seen: the guide site it feeds and the method of its step
-        (as of the latest step), or the base optimizer that steps it."""
+        (as of the latest step), the base optimizer that steps it, or that it is frozen."""
         rows = [("param", "site", "distribution", "method")]
         owned = set()
         for group in self._groups:
@@ -402,6 +404,8 @@ class GeometricOptim(PyroOptim):
             name = store.param_name(p)
             if name is not None and name not in owned:
                 rows.append((name, "-", "-", base))
+        rows += [(name, "-", "-", "frozen (requires_grad=False): not stepped")
+                 for name in self._frozen]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                          for r in rows)
