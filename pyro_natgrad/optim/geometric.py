@@ -360,7 +360,7 @@ class GeometricOptim(PyroOptim):
             return True
         leaves = _stored_leaves(pending["theta"])
         grads = {n: p.grad for n, p in leaves.items()}
-        if any(g is None or not torch.isfinite(g).all() for g in grads.values()):
+        if any(g is None for g in grads.values()) or not all_finite(grads.values()):
             return not self.undo("it could not be judged (no finite gradient at its end)")
         return not self._judge_pending(leaves, {n: g.detach() for n, g in grads.items()})
 

@@ -190,13 +190,15 @@ class PflugCeiling:
         self.ceiling *= factor
 
     def state_dict(self) -> dict:
-        anchor = None if self.anchor is None else tuple(
-            {n: t.detach().clone() for n, t in part.items()} for part in self.anchor)
         return {"ceiling": self.ceiling, "drift": self.drift, "count": self.count,
-                "anchor": anchor}
+                "anchor": _copy_anchor(self.anchor)}
 
     def load_state_dict(self, state: dict) -> None:
         self.ceiling, self.drift, self.count = state["ceiling"], state["drift"], state["count"]
-        anchor = state.get("anchor")
-        self.anchor = None if anchor is None else tuple(
-            {n: t.detach().clone() for n, t in part.items()} for part in anchor)
+        self.anchor = _copy_anchor(state.get("anchor"))
+
+
+def _copy_anchor(anchor: tuple[dict[str, Tensor], ...] | None) -> tuple | None:
+    """A detached copy of a two-step anchor (params, gradient), or None."""
+    return None if anchor is None else tuple(
+        {n: t.detach().clone() for n, t in part.items()} for part in anchor)
