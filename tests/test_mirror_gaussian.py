@@ -112,9 +112,10 @@ def test_factor_step_equals_the_natural_parameter_step(domain, lowest, with_mome
     if lowest is not LEAVING:
         assert notes == ["", ""]
     elif multiplicity == 1.0 and domain is PrecisionShortening:
-        # rate 0.9: 2⁻⁶ at element 2, and element 1 shortened too; rate 0.3: 2⁻⁴ at element 2
-        assert notes == ["precision step shortened to 0.0156 of the mean's at 2 of 3 elements",
-                         "precision step shortened to 0.0625 of the mean's at 1 of 3 elements"]
+        # rate 0.9: 2⁻⁶ at element 2, and element 1 shortened too; rate 0.3: 2⁻⁴ at element 2;
+        # each then times 2⁻² (the default margin)
+        assert notes == ["precision step shortened to 0.00391 of the mean's at 2 of 3 elements",
+                         "precision step shortened to 0.0156 of the mean's at 1 of 3 elements"]
     elif multiplicity == 1.0:
         assert notes == ["retraction at 2 of 3 elements", "retraction at 1 of 3 elements"]
 
@@ -152,17 +153,18 @@ def test_precision_shortening_names_bad_options():
         PrecisionShortening(max_halvings=-1)
     with pytest.raises(ValueError, match="lanczos_iters must be an integer >= 1, got 2.5"):
         PrecisionShortening(lanczos_iters=2.5)
+    with pytest.raises(ValueError, match="factorized_margin must be an integer >= 0, got -1"):
+        PrecisionShortening(factorized_margin=-1)
 
 
-@pytest.mark.parametrize("spread, factorizations", [(False, 1), (True, 2)],
-                         ids=["diagonal-bound", "lanczos-bound"])
-def test_halvings_excluded_by_the_bound_take_no_factorization(spread, factorizations):
+@pytest.mark.parametrize("spread", [False, True], ids=["diagonal-bound", "lanczos-bound"])
+def test_halvings_excluded_by_the_bound_take_no_factorization(spread):
     """S = −10 vvᵀ (λ_min = −10): at rate 0.9 the precision rate must be halved 4 times
-    (0.9·2⁻⁴·10 < 1). With v = e₀ the diagonal S₀₀ = −10 proves the first levels indefinite:
-    one Cholesky, at the level found. With v spread over 40 coordinates (|Sᵢᵢ| < 1/0.9) the
-    plain step's Cholesky fails, Lanczos finds λ_min, and the next Cholesky is at the level:
-    two. Halving by factorizations would take five. The candidate's values then take one
-    triangular solve."""
+    (0.9·2⁻⁴·10 < 1). With v = e₀ the diagonal S₀₀ = −10 proves the first levels indefinite;
+    with v spread over 40 coordinates (|Sᵢᵢ| < 1/0.9) the Ritz value of the Lanczos steps run
+    before the first factorization does: one Cholesky either way, at the level found (halving
+    by factorizations would take five; without the Lanczos bound the plain step's would fail
+    first). The candidate's values then take one triangular solve."""
     d = 40
     v = torch.zeros(d, dtype=F64)
     v[0] = 1.0
@@ -175,15 +177,53 @@ def test_halvings_excluded_by_the_bound_take_no_factorization(spread, factorizat
     args = param.args(leaves)
     base = family.distribution(*args)
     site = Site("z", base, base, family, 1.0, 1.0, KEY, param)
-    proposal = Mirror().propose(KEY, site, leaves, grads, None)
+    mirror = Mirror(PrecisionShortening(margin=0))
+    proposal = mirror.propose(KEY, site, leaves, grads, None)
     with count_ops(d) as ops:
         factor = proposal.candidate(0.9)
-    assert ops.factorizations == factorizations and ops.cubic == factorizations, ops.calls
+    assert ops.factorizations == 1 and ops.cubic == 1, ops.calls
     with count_ops(d) as ops:
         dict(factor.values)
     assert ops.by_name() == {"linalg_solve_triangular": 1}, ops.calls
     assert "shortened to 0.0625" in factor.note
-    _assert_same(factor, _candidate(_NaturalParameters(), param, leaves, grads, 0.9))
+    _assert_same(factor, _candidate(_NaturalParameters(), param, leaves, grads, 0.9, mirror))
+
+
+def _widening(param, leaves, candidate) -> torch.Tensor:
+    """Per batch element, the smallest eigenvalue of Λ'Λ⁻¹ (Λ' = the candidate's precision):
+    1 / the largest factor by which the step widens q along a direction."""
+    tril = param.args(leaves)[1]
+    new_tril = param.args(candidate.values)[1]
+    whitened = torch.linalg.solve_triangular(new_tril, tril, upper=False)  # L'⁻¹L
+    return torch.linalg.eigvalsh(whitened.mT @ whitened).amin(-1)
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2, 3])
+def test_the_margin_bounds_how_far_a_shortened_step_widens_q(margin):
+    """After a shortening, Λ' ⪰ (1 − 2⁻ᵐ)Λ: element 2 of LEAVING needs 6 halvings at rate
+    0.9, and its first positive-definite point leaves Λ'Λ⁻¹ with λ_min = 1 − 0.9·2⁻⁶·50 ≈ 0.30
+    (q widens 3.4× along S's bottom eigenvector); the margin's halvings lift it to
+    1 − 2⁻ᵐ·0.70. Element 0 stays in the domain and steps at the full rate whatever the margin.
+    Both paths agree, and the margin costs the factor path no Cholesky (Lanczos aims at it)."""
+    param, leaves, grads, _ = _problem(_spectrum(LEAVING, 12))
+    mirror = Mirror(PrecisionShortening(margin=margin))
+    args = param.args(leaves)
+    base = MultivariateNormal().distribution(*args)
+    site = Site("z", base, base, MultivariateNormal(), 1.0, 1.0, KEY, param)
+    with count_ops(12) as ops:
+        factor = mirror.propose(KEY, site, leaves, grads, None).candidate(0.9)
+    plain = Mirror(PrecisionShortening(margin=0)).propose(KEY, site, leaves, grads, None)
+    with count_ops(12) as base_ops:
+        plain.candidate(0.9)
+    assert ops.factorizations == base_ops.factorizations
+    _assert_same(factor, _candidate(_NaturalParameters(), param, leaves, grads, 0.9, mirror))
+    lowest = _widening(param, leaves, factor)
+    expected = 1 - 0.5 ** margin * 0.9 * 2.0 ** -6 * 50
+    assert float(lowest[2]) == pytest.approx(expected, rel=1e-9)
+    assert float(lowest[2]) >= 1 - 0.5 ** margin
+    full = _candidate(MultivariateNormal(), param, leaves, grads, 0.9,
+                      Mirror(PrecisionShortening(margin=0)))
+    torch.testing.assert_close(param.args(factor.values)[1][0], param.args(full.values)[1][0])
 
 
 @pytest.mark.parametrize("d", [10, 60])
@@ -279,7 +319,7 @@ def test_a_clean_full_covariance_step_takes_one_factorization():
 def test_a_repaired_full_covariance_step_takes_one_factorization_per_candidate():
     """d = 30, A with an eigenvalue −20: the precision rate is halved once. Per optimizer step
     the O(d³) calls are the product forming S, the factorizations, at most one per tried
-    candidate and one more for the plain step the diagonal bound could not exclude (halving by
+    candidate, one more for the plain step the diagonal bound could not exclude (halving by
     factorizations took one per halving: 5 here), and one triangular solve for the accepted
     candidate's factor."""
     d = 30
@@ -288,8 +328,8 @@ def test_a_repaired_full_covariance_step_takes_one_factorization_per_candidate()
     for _ in range(3):
         svi.step()
     # S = LᵀAL − I = 0.01A − I at Pyro's initial L = 0.1·I: λ_min(S) = −1.2006, so
-    # I + ρ_Λ S is positive definite first at ρ_Λ = ½ (as the η-path finds)
-    assert svi.optim.notes[0] == ("precision step shortened to 0.5 of the mean's at 1 of 1 "
+    # I + ρ_Λ S is positive definite first at ρ_Λ = ½ (as the η-path finds), then ×¼ (margin)
+    assert svi.optim.notes[0] == ("precision step shortened to 0.125 of the mean's at 1 of 1 "
                                   "elements"), svi.optim.notes
     for cubic, factorizations, candidates in svi.optim.counts:
         assert cubic == 2 + factorizations, svi.optim.counts

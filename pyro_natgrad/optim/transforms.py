@@ -89,27 +89,41 @@ class HeavyBall:
 class PrecisionShortening:
     """Repairs a Gaussian natural step whose precision left the domain at some batch elements:
     there the precision's rate ρ_Λ is halved (at most ``max_halvings`` times) until
-    Λ' = Λ + 2ρ_Λ ∂L/∂Σ is positive definite, while the mean keeps its rate ρ,
-    m' = m − ρ Λ'⁻¹ ∂L/∂m (the natural step written in (m, Λ); Khan & Rue 2023, "The Bayesian
-    learning rule", §4.1): in η, δ₁ = −ρ_Λ ∂L/∂μ₁ − (ρ − ρ_Λ) ∂L/∂m, δ₂ = −ρ_Λ ∂L/∂μ₂. Each batch
-    element (each coordinate of a mean-field Normal) is shortened on its own. Far from the
-    optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is not held back by it.
-    Limit: the first positive-definite point leaves Λ' with eigenvalues in [0, ½) of Λ's along
-    the noise, so with very noisy ∂L/∂Σ the covariance can drift up. Families without a
-    location (not Gaussian) are not repaired.
+    Λ' = Λ + 2ρ_Λ ∂L/∂Σ is positive definite, and then ``margin`` times more, while the mean
+    keeps its rate ρ, m' = m − ρ Λ'⁻¹ ∂L/∂m (the natural step written in (m, Λ); Khan & Rue
+    2023, "The Bayesian learning rule", §4.1): in η, δ₁ = −ρ_Λ ∂L/∂μ₁ − (ρ − ρ_Λ) ∂L/∂m,
+    δ₂ = −ρ_Λ ∂L/∂μ₂. Each batch element (each coordinate of a mean-field Normal) is shortened on
+    its own. Far from the optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is
+    not held back by it. Families without a location (not Gaussian) are not repaired.
+
+    The margin bounds how far a shortened step widens q. Λ' is affine in ρ_Λ, so if Λ'(f) ≻ 0 at
+    the first fraction f found, Λ'(2⁻ᵐf) = (1 − 2⁻ᵐ)Λ + 2⁻ᵐΛ'(f) ⪰ (1 − 2⁻ᵐ)Λ: the covariance
+    grows by at most 1/(1 − 2⁻ᵐ) along any direction (m = 2: 4/3), where at f alone Λ' may be
+    nearly singular along the estimate's noise. KL(q ‖ q'), which the trust region bounds, barely
+    sees that widening: an eigenvalue b of Λ'Λ⁻¹ adds ½(b − 1 − log b), 1.8 nats at b = 0.01.
+    ``margin`` applies to full-covariance steps, where one fraction shortens the whole matrix;
+    ``factorized_margin`` to scalar families (a mean-field Normal's coordinates). A step that
+    stays in the domain at the full rate is not shortened: a conjugate model's exact step is
+    kept.
 
     A full-covariance Gaussian (:meth:`gaussian`) is stepped in its Cholesky factor, where
     Λ' = L⁻ᵀ(I + ρ_Λ S)L⁻¹ (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which
     I + ρ_Λ S is indefinite by an upper bound θ ≥ λ_min(S) (ρ_Λ θ < −1) are skipped without a
-    factorization; θ is min Sᵢᵢ, and once a halving is needed also the smallest Ritz value of
+    factorization; θ is the smaller of min Sᵢᵢ and the smallest Ritz value of
     ``lanczos_iters`` Lanczos steps (Ritz values never lie below λ_min; Golub & Van Loan 2013,
-    §10.1). A Cholesky decides every rate it tries, so the fraction found is the same."""
+    §10.1). A Cholesky decides every rate it tries, so the fraction found is the same. There the
+    margin's fraction is aimed at with the Lanczos estimate θ − r of λ_min(S) (r: the Ritz
+    pair's residual norm), so it costs no factorization; Λ' ⪰ (1 − 2⁻ᵐ)Λ then holds as far as
+    that estimate does (it is exact once the Ritz pair has converged)."""
 
     max_halvings: int = 20
     lanczos_iters: int = 10
+    margin: int = 2
+    factorized_margin: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_halvings", 0), ("lanczos_iters", 1)):
+        for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0),
+                          ("factorized_margin", 0)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
                 raise ValueError(f"PrecisionShortening: {name} must be an integer >= {low}, "
@@ -131,6 +145,8 @@ class PrecisionShortening:
         fraction = self._search(inside, torch.where(valid, 1.0, 0.5).to(eta[1].dtype))
         if fraction is None:
             return None
+        fraction = _inset(fraction, self.margin if family.event_rank() else
+                          self.factorized_margin)
         f1, f2 = expand(fraction, k1), expand(fraction, k2)
         new_eta = (eta[0] - rate * (f1 * dmu[0] + (1 - f1) * d_loc),
                    eta[1] - rate * f2 * dmu[1])
@@ -138,27 +154,34 @@ class PrecisionShortening:
 
     def gaussian(self, direction: GaussianDirection) -> GaussianRepair:
         """The step of N(m, LLᵀ) along ``direction`` at each rate, shortened where it leaves the
-        domain: per rate, one Cholesky when the step stays in the domain or the bound on λ_min(S)
-        is tight."""
+        domain: per rate, one Cholesky when the step stays in the domain or the bounds on
+        λ_min(S) are tight (Lanczos runs once per direction, O(d²) per iteration). The margin's
+        fraction is aimed at by the Lanczos estimate θ − r of λ_min(S) (no factorization of its
+        own); the Cholesky still decides the domain."""
         s = direction.whitened_cov
         bounds = [s.diagonal(dim1=-2, dim2=-1).amin(-1)]  # eᵢᵀSeᵢ ≥ λ_min(S)
+        estimates: list[Tensor] = []  # θ − r, once Lanczos ran
         limit = -(1 + torch.finfo(s.dtype).eps ** 0.5)
         floor = 0.5 ** self.max_halvings
+        widen = 2.0 ** self.margin
 
         def descend(fraction: Tensor, rate: float) -> Tensor:
-            while True:  # halve while I + rate·fraction·S is indefinite by the bound
-                out = (rate * fraction * bounds[-1] < limit) & (fraction >= floor)
+            while True:  # halve while I + rate·fraction·S is indefinite by the bound, or
+                # I + widen·rate·fraction·S by the estimate (the margin)
+                out = rate * fraction * bounds[-1] < limit
+                if estimates and self.margin:
+                    out = out | ((fraction < 1) & (widen * rate * fraction * estimates[0] < limit))
+                out = out & (fraction >= floor)
                 if not bool(out.any()):
                     return fraction
                 fraction = torch.where(out, 0.5 * fraction, fraction)
 
         def skip(fraction: Tensor, rate: float) -> Tensor:
-            fraction = descend(fraction, rate)
-            if len(bounds) == 1 and bool((fraction < 1).any()):  # a halving: worth Lanczos
-                ritz = smallest_eigenvalue(s, self.lanczos_iters)[0]
+            if not estimates:  # once per direction, before its first factorization
+                ritz, residual = smallest_eigenvalue(s, self.lanczos_iters)
                 bounds.append(torch.minimum(bounds[0], ritz))
-                fraction = descend(fraction, rate)
-            return fraction
+                estimates.append(torch.minimum(bounds[0], ritz - residual))
+            return descend(fraction, rate)
 
         def step(rate: float) -> tuple[GaussianStep, str] | None:
             steps = []
@@ -188,6 +211,11 @@ class PrecisionShortening:
                 return fraction
             fraction = torch.where(ok, fraction, skip(0.5 * fraction))
         return None
+
+
+def _inset(fraction: Tensor, margin: int) -> Tensor:
+    """``margin`` more halvings where the step was shortened."""
+    return torch.where(fraction < 1, fraction * 0.5 ** margin, fraction)
 
 
 def _shortened(fraction: Tensor) -> str:

@@ -1,0 +1,57 @@
+"""A full-covariance fit with few particles in many dimensions, at NaturalGradient's defaults:
+the Monte Carlo estimate of the precision target is indefinite at every step (its noise grows
+like √(d/particles)), so every natural step is shortened (PrecisionShortening), and q must not
+widen along that noise.
+
+Gaussian VI's optimum satisfies Σ*⁻¹ = E_q*[−∇² log p(w, y)] = I + Xᵀ E_q*[diag σ'(Xw)] X for a
+logistic regression with an N(0, I) prior, so Σ* ⪯ I: a q wider than the prior along any
+direction is moving away from the optimum, whatever the data."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal
+from pyro.optim import Adam, ClippedAdam
+
+from benchmarks.problems import correlated_logistic
+from pyro_natgrad import NaturalGradient
+from pyro_natgrad.demo import logistic_model
+
+D, ROWS, PARTICLES, STEPS = 100, 300, 8, 30
+
+
+def _fit(make_optim, seed: int, data) -> tuple[float, float]:
+    """(largest eigenvalue of q's covariance over the run, final −ELBO by 200 draws)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = AutoMultivariateNormal(logistic_model)
+    svi = SVI(logistic_model, guide, make_optim(guide),
+              Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True))
+    widest = 0.0
+    for _ in range(STEPS):
+        svi.step(*data)
+        cov = guide.get_posterior().covariance_matrix.detach()
+        widest = max(widest, float(torch.linalg.eigvalsh(cov)[-1]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = Trace_ELBO(num_particles=200, vectorize_particles=True).loss(
+            logistic_model, guide, *data)
+    return widest, loss
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_noisy_full_covariance_fit_stays_inside_the_prior_and_beats_adam(seed):
+    """d = 100, 300 rows, 8 particles, 30 steps. At the defaults q's covariance never exceeds
+    the prior's along any direction (measured largest eigenvalue 0.021–0.024, from Pyro's
+    initial 0.01; with ``PrecisionShortening(margin=0)`` 0.54–1.87, wider than the prior) and
+    the final −ELBO is below Adam's and ClippedAdam's at lr 0.03 (measured 277–281 vs 296–318;
+    margin 0: 355–395)."""
+    data = correlated_logistic(D, ROWS)
+    widest, loss = _fit(lambda g: NaturalGradient(g), seed, data)
+    assert widest <= 1.0, f"q wider than the prior: largest covariance eigenvalue {widest:.3g}"
+    baselines = {name: _fit(lambda g, o=optim: o({"lr": 0.03}), seed, data)[1]
+                 for name, optim in (("Adam", Adam), ("ClippedAdam", ClippedAdam))}
+    assert all(loss < value for value in baselines.values()), (loss, baselines)
