@@ -18,9 +18,10 @@ from pyro.distributions import constraints
 from torch import Tensor
 from torch.distributions import transform_to
 
+from .fisher.linalg import unflat
 from .guides import Parameterization, ScaledUnitCholesky, is_real
 
-__all__ = ["args_gradient", "coordinate_gradient"]
+__all__ = ["args_gradient", "coordinate_gradient", "ScaledLowRankCoordinates"]
 
 
 def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence[Tensor]],
@@ -69,3 +70,57 @@ def _scaled_unit_cholesky(param: ScaledUnitCholesky, args: Sequence[Tensor],
 
 def _identity(*args: Tensor) -> tuple[Tensor, ...]:
     return args
+
+
+class ScaledLowRankCoordinates:
+    """The params θ = (loc, u, P) of one unbatched AutoLowRankMultivariateNormal site
+    (:class:`~pyro_natgrad.guides.ScaledLowRank`) at fixed values, and their flat vectors:
+    s = t(u) (the scale's elementwise transform), s' = dt/du, W = diag(s)P, D = s², so that
+    q = N(loc, WWᵀ + diag D) = N(loc, diag(s)(I + PPᵀ)diag(s)). The metrics in θ
+    (:class:`~pyro_natgrad.fisher.low_rank.ScaledLowRankFisher`,
+    :class:`~pyro_natgrad.wasserstein.ScaledLowRankBures`) are pulled back through this map by the
+    chain rule in closed form.
+
+    :param names: the group's param names, the flat vector's order.
+    :param roles: the names of (loc, scale, cov_factor).
+    :param values: unconstrained param values by name.
+    :param scale_constraint: the scale's constraint (an elementwise transform).
+    """
+
+    def __init__(self, names: Sequence[str], roles: Sequence[str], values: dict[str, Tensor],
+                 scale_constraint: constraints.Constraint):
+        self.names = tuple(names)
+        self.like = [values[n].detach() for n in self.names]
+        self._order = [self.names.index(n) for n in roles]  # loc, scale, factor positions
+        loc, u, p = (values[n].detach() for n in roles)
+        with torch.enable_grad():
+            leaf = u.clone().requires_grad_()
+            s = transform_to(scale_constraint)(leaf)
+            (ds,) = torch.autograd.grad(s, leaf, torch.ones_like(s))
+        self.loc, self.s, self.ds, self.p = loc, s.detach(), ds, p
+
+    @staticmethod
+    def applies(values: dict[str, Tensor], roles: Sequence[str],
+                scale_constraint: constraints.Constraint) -> bool:
+        """Unbatched (loc (d,), scale (d,), P (d, r)) with an elementwise scale transform."""
+        loc, u, p = (values[n] for n in roles)
+        return (loc.dim() == 1 and u.shape == loc.shape and p.dim() == 2
+                and p.shape[0] == loc.shape[0]
+                and transform_to(scale_constraint).event_dim == 0)
+
+    def args(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(loc, W, D)."""
+        return self.loc, self.p * self.s.unsqueeze(-1), self.s.square()
+
+    def split(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(v_loc, v_u, v_P) of a flat vector (leading dimensions of ``v`` are a batch)."""
+        parts = unflat(v, self.like)
+        return tuple(parts[i] for i in self._order)
+
+    def join(self, loc: Tensor, u: Tensor, p: Tensor) -> Tensor:
+        """The flat vector (with the batch dimensions of ``loc`` beyond (d,))."""
+        parts = [None] * 3
+        for i, x in zip(self._order, (loc, u, p), strict=True):
+            parts[i] = x
+        batch = loc.shape[:-1]
+        return torch.cat([x.reshape(batch + (-1,)) for x in parts], -1)

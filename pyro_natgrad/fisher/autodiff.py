@@ -56,7 +56,7 @@ def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
         columns = torch.stack([jvp(output, inputs, e) for e in eye])
     if columns is None:
         return torch.zeros(n, d, dtype=output.dtype, device=output.device)
-    return columns.T
+    return columns.reshape(d, n).T
 
 
 def _reverse_jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:

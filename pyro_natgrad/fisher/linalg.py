@@ -86,7 +86,8 @@ def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: floa
                        preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Solves (A + damping·I) x = b for symmetric positive (semi-)definite A given as ``mvp``
     (Hestenes & Stiefel 1952; Martens 2010 for its use with Fisher-vector products), until the
-    residual is below ``rtol``·|b| or after ``max_iter`` products. With ``preconditioner``
+    residual is below ``rtol``·|b|, after ``max_iter`` products, or where the curvature or the
+    preconditioned residual rᵀM⁻¹r is no longer positive (zero to rounding). With ``preconditioner``
     M⁻¹ (symmetric positive definite, an approximate inverse of A + damping·I), the
     preconditioned iteration (Golub & Van Loan 2013, *Matrix Computations*, Alg. 11.5.1): the
     same solution in as many products as the spectrum of M⁻¹(A + damping·I) needs."""
@@ -109,6 +110,8 @@ def conjugate_gradient(mvp: Callable[[Tensor], Tensor], b: Tensor, damping: floa
         rs = r.dot(r)
         z = r if preconditioner is None else preconditioner(r)
         rz_new = r.dot(z)
+        if not rz_new > 0:  # the preconditioned residual is zero to rounding (or not finite)
+            break
         p = z + (rz_new / rz) * p
         rz = rz_new
     return x

@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.distributions import constraints, transform_to
+from torch.distributions import constraints
 
 from ..families.multivariate_normal import LowRankFisher
-from .linalg import unflat, without_rotations
+from ..pullback import ScaledLowRankCoordinates
+from .linalg import without_rotations
 
 __all__ = ["ScaledLowRankFisher"]
 
@@ -53,47 +54,22 @@ class ScaledLowRankFisher:
     def __init__(self, names: Sequence[str], roles: Sequence[str], values: dict[str, Tensor],
                  scale_constraint: constraints.Constraint, multiplicity: float = 1.0,
                  gauge_free: bool = False):
-        self.names, self.multiplicity = tuple(names), float(multiplicity)
-        self.gauge_free = gauge_free
-        self.like = [values[n].detach() for n in self.names]
-        self._order = [self.names.index(n) for n in roles]  # loc, scale, factor positions
-        loc, u, p = (values[n].detach() for n in roles)
-        with torch.enable_grad():
-            leaf = u.clone().requires_grad_()
-            s = transform_to(scale_constraint)(leaf)
-            (ds,) = torch.autograd.grad(s, leaf, torch.ones_like(s))
-        self.s, self.ds, self.p = s.detach(), ds, p
-        self.operator = LowRankFisher((loc, p * self.s.unsqueeze(-1), self.s.square()))
+        self.coords = ScaledLowRankCoordinates(names, roles, values, scale_constraint)
+        self.multiplicity, self.gauge_free = float(multiplicity), gauge_free
+        self.s, self.ds, self.p = self.coords.s, self.coords.ds, self.coords.p
+        self.operator = LowRankFisher(self.coords.args())
 
-    @classmethod
-    def applies(cls, values: dict[str, Tensor], roles: Sequence[str],
-                scale_constraint: constraints.Constraint) -> bool:
-        """Unbatched (loc (d,), scale (d,), P (d, r)) with an elementwise scale transform."""
-        loc, u, p = (values[n] for n in roles)
-        return (loc.dim() == 1 and u.shape == loc.shape and p.dim() == 2
-                and p.shape[0] == loc.shape[0]
-                and transform_to(scale_constraint).event_dim == 0)
-
-    def _split(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        parts = unflat(v, self.like)
-        return tuple(parts[i] for i in self._order)
-
-    def _join(self, loc: Tensor, u: Tensor, p: Tensor) -> Tensor:
-        """The flat vector (with the batch dimensions of ``loc`` beyond (d,))."""
-        parts = [None] * 3
-        for i, x in zip(self._order, (loc, u, p), strict=True):
-            parts[i] = x
-        batch = loc.shape[:-1]
-        return torch.cat([x.reshape(batch + (-1,)) for x in parts], -1)
+    applies = staticmethod(ScaledLowRankCoordinates.applies)
 
     def mvp(self, v: Tensor) -> Tensor:
         """m·Jᵀ F J v (leading dimensions of ``v`` are a batch)."""
-        v_loc, v_u, v_p = self._split(v)
+        v_loc, v_u, v_p = self.coords.split(v)
         s, ds, p = self.s, self.ds, self.p
         dsv = ds * v_u
         f_loc, f_w, f_d = self.operator((v_loc, s.unsqueeze(-1) * v_p + p * dsv.unsqueeze(-1),
                                          2 * s * dsv))
-        out = self._join(f_loc, ds * ((f_w * p).sum(-1) + 2 * s * f_d), s.unsqueeze(-1) * f_w)
+        out = self.coords.join(f_loc, ds * ((f_w * p).sum(-1) + 2 * s * f_d),
+                               s.unsqueeze(-1) * f_w)
         return self.multiplicity * out
 
     def trace(self) -> Tensor:
@@ -142,7 +118,7 @@ class ScaledLowRankFisher:
         u_diag = (ds / s).square() * (1 + c_ii * c_inv_ii) + mu  # (m·F_uu + λ)/m
 
         def apply(v: Tensor) -> Tensor:
-            v_loc, v_u, v_p = self._split(v)
+            v_loc, v_u, v_p = self.coords.split(v)
             a = inv_e * v_loc
             t = torch.cholesky_solve((w.mT @ a).unsqueeze(-1), loc_capacitance).squeeze(-1)
             x_loc = operator.cov((a - inv_e * (w @ t)).unsqueeze(-1)).squeeze(-1)
@@ -153,6 +129,6 @@ class ScaledLowRankFisher:
             x_p = (z + b @ (b.mT @ z)) @ basis.mT
             if self.gauge_free:
                 x_p = without_rotations(p, x_p, (gamma, basis))
-            return self._join(x_loc, v_u / u_diag, x_p) / m
+            return self.coords.join(x_loc, v_u / u_diag, x_p) / m
 
         return apply

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -34,11 +34,12 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
-from ..guides import Group, Site
-from ..pullback import args_gradient
+from ..guides import Group, ScaledLowRank, Site, is_real
+from ..pullback import ScaledLowRankCoordinates, args_gradient
 from ..wasserstein import (
     BuresMetric,
     PushforwardMetric,
+    ScaledLowRankBures,
     bures_step,
     cholesky_to_cov_gradient,
     curvature_step,
@@ -49,6 +50,7 @@ from ..wasserstein import (
     forward_backward_step_diag,
 )
 from .proposal import Candidate, Proposal, linear_proposal
+from .transforms import GaugeProjection
 
 __all__ = ["Bures", "MetricSolve"]
 
@@ -136,8 +138,13 @@ class MetricSolve:
 
     :param metric: ``"bures"`` (Gaussian sites) or ``"pushforward"`` (any reparameterized site,
         estimated with ``num_samples`` draws).
-    :param form: ``"dense"``, ``"diag"`` or ``"cg"``; default dense up to ``dense_max`` params.
+    :param form: ``"dense"``, ``"diag"`` or ``"cg"``; default dense up to ``dense_max`` params,
+        except that an AutoLowRankMultivariateNormal group (``None`` or ``"cg"``) is solved by CG
+        with its Bures metric in closed form and a preconditioner
+        (:class:`~pyro_natgrad.wasserstein.ScaledLowRankBures`).
     :param damping: λ.
+    :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
+        before a Bures solve (the metric is blind to a low-rank factor's rotations), or None.
     """
 
     form: Literal["dense", "diag", "cg"] | None = None
@@ -145,6 +152,7 @@ class MetricSolve:
     num_samples: int = 64
     dense_max: int = 2000
     cg_iters: int = 50
+    gauge: GaugeProjection | None = field(default_factory=GaugeProjection)
 
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in _FORMS:
@@ -159,13 +167,21 @@ class MetricSolve:
     def propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor], metric: Literal["bures", "pushforward"]) -> Proposal:
         theta = [leaves[n] for n in key]
-        g = flat([grads[n] for n in key])
+        structured = None
         if metric == "bures":
-            built = BuresMetric([(*_loc_cov(s), s.multiplicity) for s in group.sites], theta)
+            gauged = self.gauge is not None
+            g = flat(self.gauge.apply(group, leaves, grads) if gauged
+                     else [grads[n] for n in key])
+            if self.form in (None, "cg"):
+                structured = _low_rank_bures(group, leaves, gauged)
+            built = structured or BuresMetric(
+                [(*_loc_cov(s), s.multiplicity) for s in group.sites], theta)
         else:
+            g = flat([grads[n] for n in key])
             built = PushforwardMetric([(s.fn, s.scale) for s in group.sites], theta,
                                       self.num_samples)
-        form = self.form or ("dense" if g.numel() <= self.dense_max else "cg")
+        form = self.form or ("cg" if structured is not None
+                             else "dense" if g.numel() <= self.dense_max else "cg")
         direction = solve_metric(built, g, form, self.damping, self.cg_iters)
         step = linear_proposal(f"{metric}_metric" if metric == "bures" else metric, key, theta,
                                direction, float(direction @ built.mvp(direction)))
@@ -210,3 +226,29 @@ def _loc_cov(site: Site) -> tuple[Tensor, Tensor]:
     if site.family.name == "Normal":
         return base.loc[..., None], base.variance[..., None, None]
     return base.loc, base.covariance_matrix
+
+
+def _low_rank_bures(group: Group, leaves: dict[str, Tensor],
+                    gauge_free: bool) -> ScaledLowRankBures | None:
+    """The closed-form Bures metric of a one-site group of AutoLowRankMultivariateNormal
+    (unbatched, loc and factor unconstrained), for a preconditioned conjugate-gradient solve;
+    else None. Also None where (d − r)² < d + r (Ledermann's bound of factor analysis: the
+    params (s, P) outnumber what Σ = diag(s)(I + PPᵀ)diag(s) determines up to P's rotations, so
+    the metric is blind to more than the rotations the gauge projection removes, and a damped
+    CG solve would step along that noise as 1/λ; the dense solve drops every null direction).
+    ``gauge_free``: the gradient's rotation component was removed."""
+    site = group.sites[0]
+    param = site.parameterization
+    if len(group.sites) != 1 or not isinstance(param, ScaledLowRank):
+        return None
+    loc_constraint, scale_constraint, factor_constraint = param.constraints
+    values = {n: leaves[n].detach() for n in group.param_names}
+    if not (is_real(loc_constraint) and is_real(factor_constraint)
+            and ScaledLowRankCoordinates.applies(values, param.param_names, scale_constraint)):
+        return None
+    d, r = values[param.param_names[2]].shape
+    if (d - r) ** 2 < d + r:
+        return None
+    coords = ScaledLowRankCoordinates(group.param_names, param.param_names, values,
+                                      scale_constraint)
+    return ScaledLowRankBures(coords, site.multiplicity, gauge_free)

@@ -13,6 +13,7 @@ from .forward_backward import (
 from .gaussian import (
     BuresMetric,
     LowRankBures,
+    ScaledLowRankBures,
     bures_step,
     gaussian_vi_flow,
     lyapunov_solve,
@@ -24,4 +25,5 @@ from .step_size import curvature_step, curvature_step_diag, spectral_radius
 __all__ = ["BuresMetric", "bures_step", "cholesky_to_cov_gradient", "curvature_step",
            "curvature_step_diag", "energy_hessian", "energy_hessian_diag", "entropy_prox",
            "forward_backward_step", "forward_backward_step_diag", "gaussian_vi_flow",
-           "LowRankBures", "lyapunov_solve", "PushforwardMetric", "spectral_radius", "tril_of_root"]
+           "LowRankBures", "lyapunov_solve", "PushforwardMetric", "ScaledLowRankBures",
+           "spectral_radius", "tril_of_root"]

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from ..fisher.autodiff import jacobian, jvp, vjp
+from ..fisher.linalg import without_rotations
+from ..pullback import ScaledLowRankCoordinates
 
 
 def bures_step(loc: Tensor, scale_tril: Tensor, grad_loc: Tensor, grad_cov: Tensor,
@@ -182,11 +184,121 @@ class LowRankBures:
         self.w, self.w_eig = w, self.evecs.mT @ w  # W and UᵀW
         self.inv_sum = (self.evals[..., :, None] + self.evals[..., None, :]).reciprocal()
 
+    def _factor_part(self, v_w: Tensor) -> Tensor:
+        """Uᵀ(VWᵀ + WVᵀ)U in O(d²r)."""
+        low = (self.evecs.mT @ v_w) @ self.w_eig.mT
+        return low + low.mT
+
+    def factor_product(self, v_w: Tensor) -> Tensor:
+        """S W for δΣ = VWᵀ + WVᵀ alone, in O(d²r): G·(0, V, 0)'s W part."""
+        return self.evecs @ ((self._factor_part(v_w) * self.inv_sum) @ self.w_eig)
+
+    def diagonal_block_diagonal(self) -> Tensor:
+        """The diagonal of G's D-block, ½(L_Σ⁻¹Eᵢ)ᵢᵢ = ½Σⱼₗ Uᵢⱼ²Uᵢₗ²/(λⱼ + λₗ): one d × d × d
+        product."""
+        squares = self.evecs.square()
+        return 0.5 * ((squares @ self.inv_sum) * squares).sum(-1)
+
     def __call__(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         v_loc, v_w, v_d = v
         u = self.evecs
-        low = (u.mT @ v_w) @ self.w_eig.mT  # Uᵀ V Wᵀ U
         diagonal = u.mT @ (v_d.unsqueeze(-1) * u)  # Uᵀ diag(v_D) U
-        inner = (low + low.mT + diagonal) * self.inv_sum  # UᵀSU
+        inner = (self._factor_part(v_w) + diagonal) * self.inv_sum  # UᵀSU
         return (v_loc, u @ (inner @ self.w_eig),
                 0.5 * ((u @ inner) * u).sum(-1))
+
+
+class ScaledLowRankBures:
+    """m·G_θ, the Bures–Wasserstein metric of one unbatched AutoLowRankMultivariateNormal site
+    pulled back to the guide's own params θ = (loc, u, P) (:class:`BuresMetric` of this site,
+    without autograd), on flat vectors in the coordinates' order, with a preconditioner.
+
+    With Σ = diag(s) C diag(s), C = I + PPᵀ (:class:`~pyro_natgrad.pullback.
+    ScaledLowRankCoordinates`), a change v_u of the scale's params is a congruence,
+    δΣ_u = diag(a)Σ + Σdiag(a) with a = (s'/s)∘v_u, so its Lyapunov solution is S_u = diag(a) in
+    closed form; a change v_P of the factor gives δΣ_P = ṼWᵀ + WṼᵀ, Ṽ = diag(s)v_P, solved by
+    :class:`LowRankBures` in Σ's eigenbasis (O(d²r)). By the chain rule and vᵀGv = ½⟨S, δΣ⟩ with
+    S = S_u + S_P (Takatsu 2011; Bhatia, Jain & Lim 2019):
+
+        (G v)_loc = v_loc,   (G v)_P = diag(s)(S_P W) + diag(s s' v_u) P,
+        (G v)_u = ½ (s'/s) ∘ diag δΣ = s'²(1 + |Pᵢ|²) v_u + s s' ∘ rowsum(v_P ∘ P)
+
+    (the u-row of G is ½⟨S_u(eᵢ), δΣ⟩ by symmetry, so diag S, a d × d × d product in (W, D)
+    coordinates, is never needed). Set-up: one eigh of Σ, O(d³); each product O(d²r).
+
+    :param gauge_free: right-hand sides carry no component along P's rotations (the metric's null
+        space, removed by :class:`~pyro_natgrad.optim.transforms.GaugeProjection`); the
+        preconditioner then projects them out of its output too.
+    """
+
+    def __init__(self, coords: ScaledLowRankCoordinates, multiplicity: float = 1.0,
+                 gauge_free: bool = False):
+        self.coords, self.multiplicity = coords, float(multiplicity)
+        self.gauge_free = gauge_free
+        loc, self.w, self.cov_diag = coords.args()
+        self.operator = LowRankBures((loc, self.w, self.cov_diag))
+        self.u_diag = coords.ds.square() * (1 + coords.p.square().sum(-1))  # G_uu / m
+
+    def mvp(self, v: Tensor) -> Tensor:
+        """m·G_θ v (class docstring; leading dimensions of ``v`` are a batch)."""
+        v_loc, v_u, v_p = self.coords.split(v)
+        s, ds, p = self.coords.s, self.coords.ds, self.coords.p
+        s_w = self.operator.factor_product(s.unsqueeze(-1) * v_p)
+        out_p = s.unsqueeze(-1) * s_w + (s * ds * v_u).unsqueeze(-1) * p
+        out_u = self.u_diag * v_u + s * ds * (v_p * p).sum(-1)
+        return self.multiplicity * self.coords.join(v_loc, out_u, out_p)
+
+    def preconditioner(self, damping: float) -> Callable[[Tensor], Tensor]:
+        """An approximate inverse v ↦ (m·G_θ + λI)⁻¹v, λ = ``damping`` > 0, symmetric positive
+        definite, T M⁻¹ Tᵀ (μ = λ/m throughout). A change of the scale moves W's row too, nearly
+        along P's row where |Pᵢ|² ≫ 1 (Dᵢ ≪ |Wᵢ|²); the change of coordinates
+        T(v_loc, ν, v_P) = (v_loc, ν, v_P − diag((s'/s)∘ν)P) makes ν move D alone, by 2ss'ν, and
+        M is block-diagonal in the new coordinates: on loc exact, 1 + μ; on ν the diagonal
+        (2sᵢs'ᵢ)²·½(L_Σ⁻¹Eᵢ)ᵢᵢ (:meth:`LowRankBures.diagonal_block_diagonal`) + μ; on P (the
+        same block as in θ), in W = diag(s)P's coordinates, the exact inverse of the W-block
+        for an isotropic diagonal D = cI, where Σ's eigenbasis follows from W's thin SVD
+        W = Q diag(σ) Rᵀ (eigenvalues c + σ², and c on Q's complement): with X = diag(s)⁻¹v_P
+        and XR = QỸ + Z (Z ⟂ Q), Z's row i and column b is divided by σ_b²/(Dᵢ + λ_b) + μ/sᵢ²
+        (D's own value on row i), and each pair (Ỹ_ab, Ỹ_ba) by the 2 × 2 block
+        (σ_b, σ_a)(σ_b, σ_a)ᵀ/(λ_a + λ_b) + μ̄, whose null vector (σ_a, −σ_b) is a rotation of
+        W; λ_a = c_a + σ_a² with c_a = q_aᵀDq_a, μ̄ = μ·mean(1/s²). Set-up one d × d × d
+        product and O(d r²); each application O(d r²)."""
+        if not damping > 0:
+            raise ValueError(f"ScaledLowRankBures.preconditioner: damping must be > 0, got "
+                             f"{damping!r}")
+        m = self.multiplicity
+        mu = damping / m
+        s, ds, p, cov_diag = self.coords.s, self.coords.ds, self.coords.p, self.cov_diag
+        ratio = (ds / s).unsqueeze(-1)  # (s'/s) per row
+        nu_scale = ((2 * s * ds).square() * self.operator.diagonal_block_diagonal()
+                    + mu).reciprocal()
+        q, sigma, rt = torch.linalg.svd(self.w, full_matrices=False)  # W = Q diag(σ) Rᵀ
+        gamma = sigma.square()
+        lam = (q.square() * cov_diag.unsqueeze(-1)).sum(-2) + gamma  # λ_a = q_aᵀDq_a + σ_a²
+        mu_s = mu / s.square()
+        z_scale = (gamma / (cov_diag.unsqueeze(-1) + lam) + mu_s.unsqueeze(-1)).reciprocal()
+        mu_y = mu_s.mean()
+        norm = gamma.unsqueeze(-1) + gamma  # |(σ_b, σ_a)|²
+        seen = norm > 0
+        y_scale = (norm / (lam.unsqueeze(-1) + lam) + mu_y).reciprocal()
+        keep_null = 0.0 if self.gauge_free else 1.0
+
+        def factor_block(v_p: Tensor) -> Tensor:
+            xr = (v_p / s.unsqueeze(-1)) @ rt.mT
+            y = q.mT @ xr
+            z = z_scale * (xr - q @ y)
+            z = z - q @ (q.mT @ z)
+            coefficient = (y * sigma + y.mT * sigma.unsqueeze(-1)) / torch.where(seen, norm, 1)
+            along = torch.where(seen, coefficient * sigma, 0)  # the pair's part on (σ_b, σ_a)
+            y = along * y_scale + keep_null * torch.where(seen, y - along, y) / mu_y
+            return ((q @ y + z) @ rt) / s.unsqueeze(-1)
+
+        def apply(v: Tensor) -> Tensor:
+            v_loc, v_u, v_p = self.coords.split(v)
+            x_nu = nu_scale * (v_u - ratio.squeeze(-1) * (v_p * p).sum(-1))  # Tᵀ, then M⁻¹
+            x_p = factor_block(v_p) - ratio * x_nu.unsqueeze(-1) * p  # then T
+            if self.gauge_free:
+                x_p = without_rotations(p, x_p)
+            return self.coords.join(v_loc / (1 + mu), x_nu, x_p) / m
+
+        return apply
