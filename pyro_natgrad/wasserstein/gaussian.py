@@ -193,12 +193,6 @@ class LowRankBures:
         """S W for δΣ = VWᵀ + WVᵀ alone, in O(d²r): G·(0, V, 0)'s W part."""
         return self.evecs @ ((self._factor_part(v_w) * self.inv_sum) @ self.w_eig)
 
-    def diagonal_block_diagonal(self) -> Tensor:
-        """The diagonal of G's D-block, ½(L_Σ⁻¹Eᵢ)ᵢᵢ = ½Σⱼₗ Uᵢⱼ²Uᵢₗ²/(λⱼ + λₗ): one d × d × d
-        product."""
-        squares = self.evecs.square()
-        return 0.5 * ((squares @ self.inv_sum) * squares).sum(-1)
-
     def __call__(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         v_loc, v_w, v_d = v
         u = self.evecs
@@ -253,16 +247,16 @@ class ScaledLowRankBures:
         definite, T M⁻¹ Tᵀ (μ = λ/m throughout). A change of the scale moves W's row too, nearly
         along P's row where |Pᵢ|² ≫ 1 (Dᵢ ≪ |Wᵢ|²); the change of coordinates
         T(v_loc, ν, v_P) = (v_loc, ν, v_P − diag((s'/s)∘ν)P) makes ν move D alone, by 2ss'ν, and
-        M is block-diagonal in the new coordinates: on loc exact, 1 + μ; on ν the diagonal
-        (2sᵢs'ᵢ)²·½(L_Σ⁻¹Eᵢ)ᵢᵢ (:meth:`LowRankBures.diagonal_block_diagonal`) + μ; on P (the
-        same block as in θ), in W = diag(s)P's coordinates, the exact inverse of the W-block
-        for an isotropic diagonal D = cI, where Σ's eigenbasis follows from W's thin SVD
-        W = Q diag(σ) Rᵀ (eigenvalues c + σ², and c on Q's complement): with X = diag(s)⁻¹v_P
-        and XR = QỸ + Z (Z ⟂ Q), Z's row i and column b is divided by σ_b²/(Dᵢ + λ_b) + μ/sᵢ²
-        (D's own value on row i), and each pair (Ỹ_ab, Ỹ_ba) by the 2 × 2 block
-        (σ_b, σ_a)(σ_b, σ_a)ᵀ/(λ_a + λ_b) + μ̄, whose null vector (σ_a, −σ_b) is a rotation of
-        W; λ_a = c_a + σ_a² with c_a = q_aᵀDq_a, μ̄ = μ·mean(1/s²). Set-up one d × d × d
-        product and O(d r²); each application O(d r²)."""
+        M is block-diagonal in the new coordinates. Each block is exact for an isotropic
+        diagonal D = cI, where Σ's eigenbasis follows from W's thin SVD W = Q diag(σ) Rᵀ
+        (eigenvalues c + σ² on Q, c on its complement), here with λ_a = c_a + σ_a²,
+        c_a = q_aᵀDq_a, and Dᵢ for c on row i: on loc 1 + μ (exact for any D); on ν the diagonal
+        (2sᵢs'ᵢ)²·½(L_Σ⁻¹Eᵢ)ᵢᵢ + μ, with ½(L_Σ⁻¹Eᵢ)ᵢᵢ = ½[Σ_ab qᵢₐ²qᵢ_b²/(λ_a + λ_b)
+        + 2ρᵢΣ_a qᵢₐ²/(λ_a + Dᵢ) + ρᵢ²/(2Dᵢ)], ρᵢ = 1 − |qᵢ|²; on P (the same block as in θ),
+        in W = diag(s)P's coordinates, with X = diag(s)⁻¹v_P and XR = QỸ + Z (Z ⟂ Q), Z's row i
+        and column b divided by σ_b²/(Dᵢ + λ_b) + μ/sᵢ², and each pair (Ỹ_ab, Ỹ_ba) by the
+        2 × 2 block (σ_b, σ_a)(σ_b, σ_a)ᵀ/(λ_a + λ_b) + μ̄, μ̄ = μ·mean(1/s²), whose null vector
+        (σ_a, −σ_b) is a rotation of W. Set-up and each application O(d r²)."""
         if not damping > 0:
             raise ValueError(f"ScaledLowRankBures.preconditioner: damping must be > 0, got "
                              f"{damping!r}")
@@ -270,11 +264,16 @@ class ScaledLowRankBures:
         mu = damping / m
         s, ds, p, cov_diag = self.coords.s, self.coords.ds, self.coords.p, self.cov_diag
         ratio = (ds / s).unsqueeze(-1)  # (s'/s) per row
-        nu_scale = ((2 * s * ds).square() * self.operator.diagonal_block_diagonal()
-                    + mu).reciprocal()
         q, sigma, rt = torch.linalg.svd(self.w, full_matrices=False)  # W = Q diag(σ) Rᵀ
         gamma = sigma.square()
         lam = (q.square() * cov_diag.unsqueeze(-1)).sum(-2) + gamma  # λ_a = q_aᵀDq_a + σ_a²
+        q2 = q.square()
+        rest = 1 - q2.sum(-1)  # |eᵢ|² off Q's span
+        half_lyapunov_diagonal = 0.5 * (  # ½(L_Σ̄ᵢ⁻¹Eᵢ)ᵢᵢ, Σ̄ᵢ: eigenvalues λ on Q, Dᵢ off it
+            ((q2 @ (lam.unsqueeze(-1) + lam).reciprocal()) * q2).sum(-1)
+            + 2 * rest * (q2 / (lam + cov_diag.unsqueeze(-1))).sum(-1)
+            + rest.square() / (2 * cov_diag))
+        nu_scale = ((2 * s * ds).square() * half_lyapunov_diagonal + mu).reciprocal()
         mu_s = mu / s.square()
         z_scale = (gamma / (cov_diag.unsqueeze(-1) + lam) + mu_s.unsqueeze(-1)).reciprocal()
         mu_y = mu_s.mean()
