@@ -167,10 +167,10 @@ class PrecisionShortening:
 
         def descend(fraction: Tensor, rate: float) -> Tensor:
             while True:  # halve while I + rate·fraction·S is indefinite by the bound, or
-                # I + widen·rate·fraction·S by the estimate (the margin)
+                # I + widen·rate·fraction·S is not positive definite by the estimate (the margin)
                 out = rate * fraction * bounds[-1] < limit
                 if estimates and self.margin:
-                    out = out | ((fraction < 1) & (widen * rate * fraction * estimates[0] < limit))
+                    out = out | ((fraction < 1) & (widen * rate * fraction * estimates[0] <= -1))
                 out = out & (fraction >= floor)
                 if not bool(out.any()):
                     return fraction
