@@ -112,10 +112,9 @@ def test_factor_step_equals_the_natural_parameter_step(domain, lowest, with_mome
     if lowest is not LEAVING:
         assert notes == ["", ""]
     elif multiplicity == 1.0 and domain is PrecisionShortening:
-        # rate 0.9: 2⁻⁶ at element 2, and element 1 shortened too; rate 0.3: 2⁻⁴ at element 2;
-        # each then times 2⁻² (the default margin)
-        assert notes == ["precision step shortened to 0.00391 of the mean's at 2 of 3 elements",
-                         "precision step shortened to 0.0156 of the mean's at 1 of 3 elements"]
+        # rate 0.9: 2⁻⁶ at element 2, and element 1 shortened too; rate 0.3: 2⁻⁴ at element 2
+        assert notes == ["precision step shortened to 0.0156 of the mean's at 2 of 3 elements",
+                         "precision step shortened to 0.0625 of the mean's at 1 of 3 elements"]
     elif multiplicity == 1.0:
         assert notes == ["retraction at 2 of 3 elements", "retraction at 1 of 3 elements"]
 
@@ -328,8 +327,8 @@ def test_a_repaired_full_covariance_step_takes_one_factorization_per_candidate()
     for _ in range(3):
         svi.step()
     # S = LᵀAL − I = 0.01A − I at Pyro's initial L = 0.1·I: λ_min(S) = −1.2006, so
-    # I + ρ_Λ S is positive definite first at ρ_Λ = ½ (as the η-path finds), then ×¼ (margin)
-    assert svi.optim.notes[0] == ("precision step shortened to 0.125 of the mean's at 1 of 1 "
+    # I + ρ_Λ S is positive definite first at ρ_Λ = ½ (as the η-path finds)
+    assert svi.optim.notes[0] == ("precision step shortened to 0.5 of the mean's at 1 of 1 "
                                   "elements"), svi.optim.notes
     for cubic, factorizations, candidates in svi.optim.counts:
         assert cubic == 2 + factorizations, svi.optim.counts

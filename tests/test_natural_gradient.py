@@ -342,8 +342,7 @@ def _indefinite_quadratic(a: torch.Tensor):
 
 def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
     """Λ' = (1 − ρ_Λ)Λ + ρ_Λ A with Λ = I, A = diag(1, −3) is positive definite only for
-    ρ_Λ < 1/4, so the halvings 1/2, 1/4 fail and 1/8 is the first in the domain; the default
-    margin halves twice more, ρ_Λ = 1/32 (Λ' ⪰ ¾Λ), while the mean keeps the full step
+    ρ_Λ < 1/4, so the halvings 1/2, 1/4 fail and ρ_Λ = 1/8, while the mean keeps the full step
     m' = m − ρ Λ'⁻¹ ∂L/∂m with ρ = 1 (the natural step in (m, Λ) with two rates)."""
     a = torch.diag(torch.tensor([1.0, -3.0], dtype=torch.float64))
     guide, loss = _indefinite_quadratic(a)
@@ -352,12 +351,12 @@ def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
     opt = NaturalGradient(guide, lr=1.0, trust_region=None)  # the repair alone
     SVI(lambda: None, guide, opt, loss).step()
     precision = torch.cholesky_inverse(pyro.param("tril").detach())
-    rho = 1 / 32
+    rho = 1 / 8
     expected = (1 - rho) * torch.eye(2, dtype=a.dtype) + rho * a
     torch.testing.assert_close(precision, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pyro.param("loc").detach(),
                                m0 - torch.linalg.solve(expected, a @ m0), rtol=1e-10, atol=1e-12)
-    assert "precision step shortened to 0.0312" in opt.last_step["z"]["note"]
+    assert "precision step shortened to 0.125" in opt.last_step["z"]["note"]
 
 
 def test_mean_field_precision_is_shortened_per_coordinate():

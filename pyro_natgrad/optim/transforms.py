@@ -118,7 +118,7 @@ class PrecisionShortening:
 
     max_halvings: int = 20
     lanczos_iters: int = 10
-    margin: int = 2
+    margin: int = 0
     factorized_margin: int = 0
 
     def __post_init__(self) -> None:
