@@ -104,7 +104,9 @@ def test_factor_step_equals_the_natural_parameter_step(domain, lowest, with_mome
     notes = []
     for rate in (0.9, 0.3):
         momentum = _momentum(leaves, d_loc, param) if with_momentum else None
-        factor, generic = (_candidate(family, param, leaves, grads, rate, Mirror(domain()),
+        # the floor lifts Ritz directions only on the factor path: compared without it
+        repair = domain(floor=0.0) if domain is PrecisionShortening else domain()
+        factor, generic = (_candidate(family, param, leaves, grads, rate, Mirror(repair),
                                       momentum, multiplicity)
                            for family in (MultivariateNormal(), _NaturalParameters()))
         _assert_same(factor, generic)
@@ -152,8 +154,10 @@ def test_precision_shortening_names_bad_options():
         PrecisionShortening(max_halvings=-1)
     with pytest.raises(ValueError, match="lanczos_iters must be an integer >= 1, got 2.5"):
         PrecisionShortening(lanczos_iters=2.5)
-    with pytest.raises(ValueError, match="factorized_margin must be an integer >= 0, got -1"):
-        PrecisionShortening(factorized_margin=-1)
+    with pytest.raises(ValueError, match="margin must be an integer >= 0, got -1"):
+        PrecisionShortening(margin=-1)
+    with pytest.raises(ValueError, match=r"floor must be in \[0, 1\), got 1.5"):
+        PrecisionShortening(floor=1.5)
 
 
 @pytest.mark.parametrize("spread", [False, True], ids=["diagonal-bound", "lanczos-bound"])
@@ -176,7 +180,7 @@ def test_halvings_excluded_by_the_bound_take_no_factorization(spread):
     args = param.args(leaves)
     base = family.distribution(*args)
     site = Site("z", base, base, family, 1.0, 1.0, KEY, param)
-    mirror = Mirror(PrecisionShortening(margin=0))
+    mirror = Mirror(PrecisionShortening(floor=0.0))
     proposal = mirror.propose(KEY, site, leaves, grads, None)
     with count_ops(d) as ops:
         factor = proposal.candidate(0.9)
@@ -188,41 +192,58 @@ def test_halvings_excluded_by_the_bound_take_no_factorization(spread):
     _assert_same(factor, _candidate(_NaturalParameters(), param, leaves, grads, 0.9, mirror))
 
 
-def _widening(param, leaves, candidate) -> torch.Tensor:
-    """Per batch element, the smallest eigenvalue of Λ'Λ⁻¹ (Λ' = the candidate's precision):
-    1 / the largest factor by which the step widens q along a direction."""
+def _whitened_precision(param, leaves, candidate) -> torch.Tensor:
+    """Per batch element, the eigenvalues of Λ'Λ⁻¹ (Λ' = the candidate's precision), ascending:
+    1 / the factors by which the step widens q along its eigen-directions."""
     tril = param.args(leaves)[1]
     new_tril = param.args(candidate.values)[1]
     whitened = torch.linalg.solve_triangular(new_tril, tril, upper=False)  # L'⁻¹L
-    return torch.linalg.eigvalsh(whitened.mT @ whitened).amin(-1)
+    return torch.linalg.eigvalsh(whitened.mT @ whitened)
 
 
-@pytest.mark.parametrize("margin", [0, 1, 2, 3])
-def test_the_margin_bounds_how_far_a_shortened_step_widens_q(margin):
-    """After a shortening, Λ' ⪰ (1 − 2⁻ᵐ)Λ: element 2 of LEAVING needs 6 halvings at rate
-    0.9, and its first positive-definite point leaves Λ'Λ⁻¹ with λ_min = 1 − 0.9·2⁻⁶·50 ≈ 0.30
-    (q widens 3.4× along S's bottom eigenvector); the margin's halvings lift it to
-    1 − 2⁻ᵐ·0.70. Element 0 stays in the domain and steps at the full rate whatever the margin.
-    Both paths agree, and the margin costs the factor path no Cholesky (Lanczos aims at it)."""
+@pytest.mark.parametrize("floor", [0.3, 0.6, 0.9])
+def test_the_floor_lifts_only_the_directions_a_shortened_step_widens_too_far(floor):
+    """Element 2 of LEAVING (S's spectrum −50 … 1) needs 6 halvings at rate 0.9; its first
+    positive-definite point leaves Λ'Λ⁻¹ with eigenvalues 1 + 0.9·2⁻⁶·λᵢ, the smallest 0.30 (q
+    widens 3.4× along S's bottom eigenvector). With the floor the eigenvalues are
+    max(1 + 0.9·2⁻⁶·λᵢ, floor) once the Ritz pairs are exact (12 Lanczos steps in d = 12): the
+    ones below it are lifted to it, every other direction keeps the shortened step, and element
+    0, which stays in the domain, steps at the full rate. No factorization is added. With the
+    default 10 Lanczos steps (interior Ritz pairs of this evenly spread spectrum not converged)
+    the lift is still positive semidefinite: no eigenvalue falls, the smallest rises."""
     param, leaves, grads, _ = _problem(_spectrum(LEAVING, 12))
-    mirror = Mirror(PrecisionShortening(margin=margin))
     args = param.args(leaves)
     base = MultivariateNormal().distribution(*args)
     site = Site("z", base, base, MultivariateNormal(), 1.0, 1.0, KEY, param)
-    with count_ops(12) as ops:
-        factor = mirror.propose(KEY, site, leaves, grads, None).candidate(0.9)
-    plain = Mirror(PrecisionShortening(margin=0)).propose(KEY, site, leaves, grads, None)
-    with count_ops(12) as base_ops:
-        plain.candidate(0.9)
-    assert ops.factorizations == base_ops.factorizations
-    _assert_same(factor, _candidate(_NaturalParameters(), param, leaves, grads, 0.9, mirror))
-    lowest = _widening(param, leaves, factor)
-    expected = 1 - 0.5 ** margin * 0.9 * 2.0 ** -6 * 50
-    assert float(lowest[2]) == pytest.approx(expected, rel=1e-9)
-    assert float(lowest[2]) >= 1 - 0.5 ** margin
-    full = _candidate(MultivariateNormal(), param, leaves, grads, 0.9,
-                      Mirror(PrecisionShortening(margin=0)))
-    torch.testing.assert_close(param.args(factor.values)[1][0], param.args(full.values)[1][0])
+    candidates, counts = {}, {}
+    for value, iters in ((0.0, 12), (floor, 12), (0.0, 10), (floor, 10)):
+        repair = PrecisionShortening(floor=value, lanczos_iters=iters)
+        proposal = Mirror(repair).propose(KEY, site, leaves, grads, None)
+        with count_ops(12) as ops:
+            candidates[value, iters] = proposal.candidate(0.9)
+        counts[value, iters] = ops.factorizations
+    assert counts[floor, 12] == counts[0.0, 12] and counts[floor, 10] == counts[0.0, 10]
+    plain, lifted, partly = (_whitened_precision(param, leaves, candidates[key])
+                             for key in ((0.0, 12), (floor, 12), (floor, 10)))
+    expected = 1 + 0.9 * 2.0**-6 * torch.linspace(-50.0, 1.0, 12, dtype=F64)
+    torch.testing.assert_close(plain[2], expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lifted[2], expected.clamp_min(floor), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(lifted[0], plain[0], rtol=1e-12, atol=1e-12)
+    assert bool((partly[2] >= plain[2] - 1e-12).all()) and partly[2, 0] > plain[2, 0]
+    assert candidates[floor, 12].note == candidates[0.0, 12].note
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2, 3])
+def test_the_margin_bounds_how_far_a_shortened_natural_parameter_step_widens_q(margin):
+    """The natural-parameter path (scalar families; here a full covariance stepped in η): after
+    a shortening, ``margin`` more halvings, Λ' ⪰ (1 − 2⁻ᵐ)Λ. Element 2's first positive-definite
+    point leaves λ_min(Λ'Λ⁻¹) = 1 − 0.9·2⁻⁶·50 ≈ 0.30; the margin lifts it to 1 − 2⁻ᵐ·0.70."""
+    param, leaves, grads, _ = _problem(_spectrum(LEAVING, 12))
+    mirror = Mirror(PrecisionShortening(margin=margin))
+    candidate = _candidate(_NaturalParameters(), param, leaves, grads, 0.9, mirror)
+    lowest = _whitened_precision(param, leaves, candidate)[..., 0]
+    assert float(lowest[2]) == pytest.approx(1 - 0.5**margin * 0.9 * 2.0**-6 * 50, rel=1e-9)
+    assert float(lowest[2]) >= 1 - 0.5**margin
 
 
 @pytest.mark.parametrize("d", [10, 60])

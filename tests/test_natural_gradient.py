@@ -342,8 +342,9 @@ def _indefinite_quadratic(a: torch.Tensor):
 
 def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
     """Λ' = (1 − ρ_Λ)Λ + ρ_Λ A with Λ = I, A = diag(1, −3) is positive definite only for
-    ρ_Λ < 1/4, so the halvings 1/2, 1/4 fail and ρ_Λ = 1/8, while the mean keeps the full step
-    m' = m − ρ Λ'⁻¹ ∂L/∂m with ρ = 1 (the natural step in (m, Λ) with two rates)."""
+    ρ_Λ < 1/4, so the halvings 1/2, 1/4 fail and ρ_Λ = 1/8, Λ' = diag(1, ½); the default floor
+    lifts the direction that fell below 0.6 of Λ to it, Λ' = diag(1, 0.6), while the mean keeps
+    the full step m' = m − ρ Λ'⁻¹ ∂L/∂m with ρ = 1 (the natural step in (m, Λ) with two rates)."""
     a = torch.diag(torch.tensor([1.0, -3.0], dtype=torch.float64))
     guide, loss = _indefinite_quadratic(a)
     guide()
@@ -352,7 +353,7 @@ def test_gaussian_step_leaving_the_domain_shortens_only_the_precision():
     SVI(lambda: None, guide, opt, loss).step()
     precision = torch.cholesky_inverse(pyro.param("tril").detach())
     rho = 1 / 8
-    expected = (1 - rho) * torch.eye(2, dtype=a.dtype) + rho * a
+    expected = ((1 - rho) * torch.eye(2, dtype=a.dtype) + rho * a).clamp_min(0.6).diag().diag()
     torch.testing.assert_close(precision, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pyro.param("loc").detach(),
                                m0 - torch.linalg.solve(expected, a @ m0), rtol=1e-10, atol=1e-12)

@@ -49,7 +49,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["GaussianDirection", "GaussianStep", "gaussian_direction", "natural_step",
-           "max_precision_rate", "smallest_eigenvalue", "lower_product", "lower_solve"]
+           "max_precision_rate", "smallest_eigenvalue", "ritz_pairs", "lower_product",
+           "lower_solve"]
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,13 @@ def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple
     start (the global RNG untouched), and r = |β_k y_k| the norm of its residual (Golub & Van
     Loan 2013, *Matrix Computations*, §10.1): some eigenvalue lies in [θ − r, θ], and
     λ_min ≤ θ always. O(d²) per step; the k×k tridiagonal eigenproblem is negligible."""
+    theta, _, residual = ritz_pairs(matrix, iters, seed)
+    return theta[..., 0], residual[..., 0]
+
+
+def ritz_pairs(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """All k = min(``iters``, d) Ritz pairs of the Lanczos steps of :func:`smallest_eigenvalue`:
+    values θ (…, k) ascending, unit vectors (…, d, k), and residual norms |β_k y_{k,i}| (…, k)."""
     if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
         raise ValueError(f"smallest_eigenvalue: matrix must be (..., d, d), got "
                          f"{tuple(matrix.shape)}")
@@ -238,7 +246,7 @@ def smallest_eigenvalue(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple
     tridiagonal = (torch.diag_embed(alpha) + torch.diag_embed(beta[..., :-1], 1)
                    + torch.diag_embed(beta[..., :-1], -1))
     theta, y = torch.linalg.eigh(tridiagonal)
-    return theta[..., 0], (beta[..., -1] * y[..., -1, 0]).abs()
+    return theta, basis.mT @ y, (beta[..., -1:] * y[..., -1, :]).abs()
 
 
 def lower_product(upper: Tensor, lower: Tensor, block: int = 64) -> Tensor:

@@ -15,7 +15,7 @@ from ..families.gaussian_step import (
     GaussianDirection,
     GaussianStep,
     natural_step,
-    smallest_eigenvalue,
+    ritz_pairs,
 )
 from ..fisher.autodiff import jvp
 from ..fisher.linalg import without_rotations
@@ -89,41 +89,44 @@ class HeavyBall:
 class PrecisionShortening:
     """Repairs a Gaussian natural step whose precision left the domain at some batch elements:
     there the precision's rate ρ_Λ is halved (at most ``max_halvings`` times) until
-    Λ' = Λ + 2ρ_Λ ∂L/∂Σ is positive definite, and then ``margin`` times more, while the mean
-    keeps its rate ρ, m' = m − ρ Λ'⁻¹ ∂L/∂m (the natural step written in (m, Λ); Khan & Rue
-    2023, "The Bayesian learning rule", §4.1): in η, δ₁ = −ρ_Λ ∂L/∂μ₁ − (ρ − ρ_Λ) ∂L/∂m,
-    δ₂ = −ρ_Λ ∂L/∂μ₂. Each batch element (each coordinate of a mean-field Normal) is shortened on
-    its own. Far from the optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is
-    not held back by it. Families without a location (not Gaussian) are not repaired.
+    Λ' = Λ + 2ρ_Λ ∂L/∂Σ is positive definite, while the mean keeps its rate ρ,
+    m' = m − ρ Λ'⁻¹ ∂L/∂m (the natural step written in (m, Λ); Khan & Rue 2023, "The Bayesian
+    learning rule", §4.1): in η, δ₁ = −ρ_Λ ∂L/∂μ₁ − (ρ − ρ_Λ) ∂L/∂m, δ₂ = −ρ_Λ ∂L/∂μ₂. Each batch
+    element (each coordinate of a mean-field Normal) is shortened on its own. Far from the
+    optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is not held back by it.
+    Families without a location (not Gaussian) are not repaired. A step that stays in the domain
+    at the full rate is never changed: a conjugate model's exact step is kept.
 
-    The margin bounds how far a shortened step widens q. Λ' is affine in ρ_Λ, so if Λ'(f) ≻ 0 at
-    the first fraction f found, Λ'(2⁻ᵐf) = (1 − 2⁻ᵐ)Λ + 2⁻ᵐΛ'(f) ⪰ (1 − 2⁻ᵐ)Λ: the covariance
-    grows by at most 1/(1 − 2⁻ᵐ) along any direction (m = 2: 4/3), where at f alone Λ' may be
-    nearly singular along the estimate's noise. KL(q ‖ q'), which the trust region bounds, barely
-    sees that widening: an eigenvalue b of Λ'Λ⁻¹ adds ½(b − 1 − log b), 1.8 nats at b = 0.01.
-    ``margin`` applies to full-covariance steps, where one fraction shortens the whole matrix;
-    ``factorized_margin`` to scalar families (a mean-field Normal's coordinates). A step that
-    stays in the domain at the full rate is not shortened: a conjugate model's exact step is
-    kept.
+    At the first positive-definite fraction Λ'Λ⁻¹ has an eigenvalue b in (0, ½] along the
+    estimate's most negative direction: q widens by 1/b there, and KL(q ‖ q'), which the trust
+    region bounds, charges only ½(b − 1 − log b) for it (1.8 nats at b = 0.01). Two bounds:
 
-    A full-covariance Gaussian (:meth:`gaussian`) is stepped in its Cholesky factor, where
-    Λ' = L⁻ᵀ(I + ρ_Λ S)L⁻¹ (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which
-    I + ρ_Λ S is indefinite by an upper bound θ ≥ λ_min(S) (ρ_Λ θ < −1) are skipped without a
-    factorization; θ is the smaller of min Sᵢᵢ and the smallest Ritz value of
-    ``lanczos_iters`` Lanczos steps (Ritz values never lie below λ_min; Golub & Van Loan 2013,
-    §10.1). A Cholesky decides every rate it tries, so the fraction found is the same. There the
-    margin's fraction is aimed at with the Lanczos estimate θ − r of λ_min(S) (r: the Ritz
-    pair's residual norm), so it costs no factorization; Λ' ⪰ (1 − 2⁻ᵐ)Λ then holds as far as
-    that estimate does (it is exact once the Ritz pair has converged)."""
+    * ``floor`` (full covariance, stepped in its Cholesky factor, where Λ'Λ⁻¹ is similar to
+      B = I + ρ_Λ S): the directions where B falls below ``floor`` among the Ritz pairs (θᵢ, uᵢ)
+      of S are lifted to it, B' = B + Σᵢ (floor − 1 − ρ_Λθᵢ)₊ uᵢuᵢᵀ (the
+      eigenvalue modification of a Newton step, Nocedal & Wright 2006, §3.4): q widens at most
+      1/floor along them, and every other direction keeps the shortened step.
+    * ``margin`` (the natural-parameter path: scalar families, such as a mean-field Normal's
+      coordinates): ``margin`` more halvings. Λ' is affine in ρ_Λ, so Λ'(2⁻ᵐf) =
+      (1 − 2⁻ᵐ)Λ + 2⁻ᵐΛ'(f) ⪰ (1 − 2⁻ᵐ)Λ.
+
+    The full covariance's precision Λ' = L⁻ᵀ(I + ρ_Λ S)L⁻¹
+    (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which I + ρ_Λ S is indefinite by an
+    upper bound θ ≥ λ_min(S) (ρ_Λ θ < −1) are skipped without a factorization; θ is the smaller
+    of min Sᵢᵢ and the smallest Ritz value of ``lanczos_iters`` Lanczos steps, run once per
+    direction before the first Cholesky (Ritz values never lie below λ_min; Golub & Van Loan
+    2013, §10.1). The first rate tried below the full one is aimed at with the estimate θ − r
+    (r: the Ritz pair's residual norm); a Cholesky decides every rate it tries."""
 
     max_halvings: int = 20
     lanczos_iters: int = 10
+    floor: float = 0.6
     margin: int = 0
-    factorized_margin: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0),
-                          ("factorized_margin", 0)):
+        if not (isinstance(self.floor, int | float) and 0 <= self.floor < 1):
+            raise ValueError(f"PrecisionShortening: floor must be in [0, 1), got {self.floor!r}")
+        for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
                 raise ValueError(f"PrecisionShortening: {name} must be an integer >= {low}, "
@@ -145,8 +148,7 @@ class PrecisionShortening:
         fraction = self._search(inside, torch.where(valid, 1.0, 0.5).to(eta[1].dtype))
         if fraction is None:
             return None
-        fraction = _inset(fraction, self.margin if family.event_rank() else
-                          self.factorized_margin)
+        fraction = _inset(fraction, self.margin)
         f1, f2 = expand(fraction, k1), expand(fraction, k2)
         new_eta = (eta[0] - rate * (f1 * dmu[0] + (1 - f1) * d_loc),
                    eta[1] - rate * f2 * dmu[1])
@@ -154,40 +156,52 @@ class PrecisionShortening:
 
     def gaussian(self, direction: GaussianDirection) -> GaussianRepair:
         """The step of N(m, LLᵀ) along ``direction`` at each rate, shortened where it leaves the
-        domain: per rate, one Cholesky when the step stays in the domain or the bounds on
-        λ_min(S) are tight (Lanczos runs once per direction, O(d²) per iteration). The margin's
-        fraction is aimed at by the Lanczos estimate θ − r of λ_min(S) (no factorization of its
-        own); the Cholesky still decides the domain."""
+        domain and lifted to the floor: per rate, one Cholesky when the step stays in the domain
+        or the estimate of λ_min(S) is right (Lanczos runs once per direction, O(d²) per
+        iteration)."""
         s = direction.whitened_cov
         bounds = [s.diagonal(dim1=-2, dim2=-1).amin(-1)]  # eᵢᵀSeᵢ ≥ λ_min(S)
-        estimates: list[Tensor] = []  # θ − r, once Lanczos ran
+        ritz: list[tuple[Tensor, Tensor, Tensor]] = []  # (θ, vectors, θ − r), once Lanczos ran
         limit = -(1 + torch.finfo(s.dtype).eps ** 0.5)
         floor = 0.5 ** self.max_halvings
-        widen = 2.0 ** self.margin
 
         def descend(fraction: Tensor, rate: float) -> Tensor:
-            while True:  # halve while I + rate·fraction·S is indefinite by the bound, or
-                # I + widen·rate·fraction·S is not positive definite by the estimate (the margin)
+            while True:  # halve while I + rate·fraction·S is indefinite by the bound, or a
+                # shortened one by the estimate
                 out = rate * fraction * bounds[-1] < limit
-                if estimates and self.margin:
-                    out = out | ((fraction < 1) & (widen * rate * fraction * estimates[0] <= -1))
+                if ritz:
+                    out = out | ((fraction < 1) & (rate * fraction * ritz[0][2] <= -1))
                 out = out & (fraction >= floor)
                 if not bool(out.any()):
                     return fraction
                 fraction = torch.where(out, 0.5 * fraction, fraction)
 
         def skip(fraction: Tensor, rate: float) -> Tensor:
-            if not estimates:  # once per direction, before its first factorization
-                ritz, residual = smallest_eigenvalue(s, self.lanczos_iters)
-                bounds.append(torch.minimum(bounds[0], ritz))
-                estimates.append(torch.minimum(bounds[0], ritz - residual))
+            if not ritz:  # once per direction, before its first factorization
+                theta, vectors, residual = ritz_pairs(s, self.lanczos_iters)
+                bounds.append(torch.minimum(bounds[0], theta[..., 0]))
+                ritz.append((theta, vectors,
+                             torch.minimum(bounds[0], theta[..., 0] - residual[..., 0])))
             return descend(fraction, rate)
+
+        def lifted(fraction: Tensor, rate: float) -> GaussianDirection:
+            if not self.floor or not ritz or not bool((fraction < 1).any()):
+                return direction
+            theta, vectors, _ = ritz[0]
+            rho = (rate * fraction)[..., None]
+            lift = torch.where(fraction[..., None] < 1,
+                               (self.floor - 1 - rho * theta).clamp_min(0) / rho, 0.0)
+            active = (lift > 0).reshape(-1, lift.shape[-1]).any(0)  # pairs lifted anywhere
+            if not bool(active.any()):
+                return direction
+            vectors, lift = vectors[..., active], lift[..., active]
+            return replace(direction, whitened_cov=s + (vectors * lift[..., None, :]) @ vectors.mT)
 
         def step(rate: float) -> tuple[GaussianStep, str] | None:
             steps = []
 
             def inside(fraction: Tensor) -> Tensor:
-                steps.append(natural_step(direction, rate, rate * fraction))
+                steps.append(natural_step(lifted(fraction, rate), rate, rate * fraction))
                 return steps[-1].ok
 
             fraction = self._search(inside, s.new_ones(s.shape[:-2]),
