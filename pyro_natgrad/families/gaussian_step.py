@@ -124,7 +124,8 @@ def gaussian_direction(loc: Tensor, scale_tril: Tensor, d_loc: Tensor, d_scale_t
 
 def natural_step(direction: GaussianDirection, rate: float | Tensor,
                  precision_rate: float | Tensor | None = None, *, reverse_kl: bool = False,
-                 retract: bool = False) -> GaussianStep:
+                 retract: bool = False, lift: tuple[Tensor, Tensor] | None = None
+                 ) -> GaussianStep:
     """The candidate m' = m − ρ Λ'⁻¹∂L/∂m, Λ' = Λ + 2ρ_Λ ∂L/∂Σ (module docstring) for ``rate`` ρ
     and ``precision_rate`` ρ_Λ (default ρ: the plain natural step η ← η − ρ∂L/∂μ), each a
     number or a tensor of the batch shape (a rate per batch element). One Cholesky
@@ -132,7 +133,9 @@ def natural_step(direction: GaussianDirection, rate: float | Tensor,
     the KL, and one triangular solve with a d×d right-hand side when ``loc`` or ``scale_tril`` is
     read; ``reverse_kl`` adds a ``cholesky_inverse`` for tr B⁻¹. ``retract``: the precision by
     Lin, Schmidt & Khan's retraction (module docstring), in the domain for every rate; needs
-    ``gaussian_direction(..., retraction=True)``."""
+    ``gaussian_direction(..., retraction=True)``. ``lift`` = (U (…, d, k), a (…, k)): B gets
+    U diag(a) Uᵀ added (a ≥ 0 raises B along U's columns: the precision floor of
+    :class:`~pyro_natgrad.optim.transforms.PrecisionShortening`), O(d²k)."""
     loc, tril, v, s = (direction.loc, direction.scale_tril, direction.whitened_loc,
                        direction.whitened_cov)
     rho = _rate("rate", rate, s)
@@ -145,6 +148,9 @@ def natural_step(direction: GaussianDirection, rate: float | Tensor,
                              "gaussian_direction(..., retraction=True) (its S²)")
         b = b + 0.5 * rho_lam[..., None, None].square() * direction.whitened_cov_square.flip(
             -2, -1)
+    if lift is not None:
+        flipped_vectors = lift[0].flip(-2)  # JU
+        b = b + (flipped_vectors * lift[1][..., None, :]) @ flipped_vectors.mT
     b.diagonal(dim1=-2, dim2=-1).add_(1)  # JIJ = I
     flipped, info = torch.linalg.cholesky_ex(b)  # JBJ = L_f L_fᵀ, U = J L_f J
     # U⁻¹v = J L_f⁻¹ Jv: vectors flipped, not the factor

@@ -49,9 +49,9 @@ def judge(theta0: dict[str, Tensor], theta1: dict[str, Tensor], g0: dict[str, Te
     """Judges the step θ₀ → θ₁ from the gradients g₀, g₁ at its two ends."""
     start = end = 0.0
     for name, t0 in theta0.items():
-        delta = theta1[name] - t0
-        start += float(torch.sum(g0[name] * delta))
-        end += float(torch.sum(g1[name] * delta))
+        delta = (theta1[name] - t0).reshape(-1)
+        start += float(torch.dot(g0[name].reshape(-1), delta))
+        end += float(torch.dot(g1[name].reshape(-1), delta))
     change = 0.5 * (start + end)
     descent = math.isfinite(change) and start < 0
     ratio = end / -start if descent else math.inf

@@ -184,24 +184,25 @@ class PrecisionShortening:
                              torch.minimum(bounds[0], theta[..., 0] - residual[..., 0])))
             return descend(fraction, rate)
 
-        def lifted(fraction: Tensor, rate: float) -> GaussianDirection:
+        def lifted(fraction: Tensor, rate: float) -> tuple[Tensor, Tensor] | None:
+            """(U, a) for ``natural_step``'s lift: B's Ritz directions below the floor."""
             if not self.floor or not ritz or not bool((fraction < 1).any()):
-                return direction
+                return None
             theta, vectors, _ = ritz[0]
-            rho = (rate * fraction)[..., None]
             lift = torch.where(fraction[..., None] < 1,
-                               (self.floor - 1 - rho * theta).clamp_min(0) / rho, 0.0)
+                               (self.floor - 1 - (rate * fraction)[..., None] * theta
+                                ).clamp_min(0), 0.0)
             active = (lift > 0).reshape(-1, lift.shape[-1]).any(0)  # pairs lifted anywhere
             if not bool(active.any()):
-                return direction
-            vectors, lift = vectors[..., active], lift[..., active]
-            return replace(direction, whitened_cov=s + (vectors * lift[..., None, :]) @ vectors.mT)
+                return None
+            return vectors[..., active], lift[..., active]
 
         def step(rate: float) -> tuple[GaussianStep, str] | None:
             steps = []
 
             def inside(fraction: Tensor) -> Tensor:
-                steps.append(natural_step(lifted(fraction, rate), rate, rate * fraction))
+                steps.append(natural_step(direction, rate, rate * fraction,
+                                          lift=lifted(fraction, rate)))
                 return steps[-1].ok
 
             fraction = self._search(inside, s.new_ones(s.shape[:-2]),
