@@ -17,8 +17,8 @@
   back to them, the exact Bures metric of Gaussians
   (:class:`~pyro_natgrad.wasserstein.BuresMetric`) or the pushforward metric E[JᵀJ] of a
   reparameterized site's sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`).
-  A pushforward step's length is measured, not only modelled: ½E|T_θ'(ε) − T_θ(ε)|² along the
-  reparameterization coupling (:func:`_coupled_length`).
+  A linear step's length (Bures or pushforward metric) is measured, not only modelled:
+  ½E|T_θ'(ε) − T_θ(ε)|² along the reparameterization coupling (:func:`_coupled_length`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ class Bures:
 
 @dataclass
 class MetricSolve:
-    """A linear step θ − ρ(G + λI)⁻¹∇θL with a W₂ metric G of the group's sites.
+    """A linear step θ − ρ(G + λI)⁻¹∇θL with a W₂ metric G of the group's sites; its length
+    is the larger of the metric's model ½ρ²dᵀGd and the length measured along the
+    reparameterization coupling (:func:`_coupled_length`).
 
     :param metric: ``"bures"`` (Gaussian sites) or ``"pushforward"`` (any reparameterized site,
         estimated with ``num_samples`` draws).
@@ -185,8 +187,6 @@ class MetricSolve:
         direction = solve_metric(built, g, form, self.damping, self.cg_iters)
         step = linear_proposal(f"{metric}_metric" if metric == "bures" else metric, key, theta,
                                direction, float(direction @ built.mvp(direction)))
-        if metric == "bures":
-            return step
         length = _coupled_length(group, self.num_samples)
 
         def candidate(rate: float) -> Candidate:
