@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.distributions import transform_to
 
 from .fisher.linalg import unflat
-from .guides import Parameterization, ScaledUnitCholesky, is_real
+from .guides import Group, Parameterization, ScaledLowRank, ScaledUnitCholesky, is_real
 
 __all__ = ["args_gradient", "coordinate_gradient", "ScaledLowRankCoordinates"]
 
@@ -124,3 +124,21 @@ class ScaledLowRankCoordinates:
             parts[i] = x
         batch = loc.shape[:-1]
         return torch.cat([x.reshape(batch + (-1,)) for x in parts], -1)
+
+
+def scaled_low_rank_values(group: Group, leaves: dict[str, Tensor]
+                           ) -> tuple[ScaledLowRank, dict[str, Tensor]] | None:
+    """The parameterization and detached param values of a one-site group of
+    AutoLowRankMultivariateNormal whose metrics have a closed form in its params
+    (:class:`ScaledLowRankCoordinates`: unbatched, loc and factor unconstrained, an elementwise
+    scale transform); else None."""
+    site = group.sites[0]
+    param = site.parameterization
+    if len(group.sites) != 1 or not isinstance(param, ScaledLowRank):
+        return None
+    loc_constraint, scale_constraint, factor_constraint = param.constraints
+    values = {n: leaves[n].detach() for n in group.param_names}
+    if not (is_real(loc_constraint) and is_real(factor_constraint)
+            and ScaledLowRankCoordinates.applies(values, param.param_names, scale_constraint)):
+        return None
+    return param, values

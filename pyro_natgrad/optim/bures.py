@@ -34,8 +34,8 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
-from ..guides import Group, ScaledLowRank, Site, is_real
-from ..pullback import ScaledLowRankCoordinates, args_gradient
+from ..guides import Group, Site
+from ..pullback import ScaledLowRankCoordinates, args_gradient, scaled_low_rank_values
 from ..wasserstein import (
     BuresMetric,
     PushforwardMetric,
@@ -237,18 +237,13 @@ def _low_rank_bures(group: Group, leaves: dict[str, Tensor],
     the metric is blind to more than the rotations the gauge projection removes, and a damped
     CG solve would step along that noise as 1/λ; the dense solve drops every null direction).
     ``gauge_free``: the gradient's rotation component was removed."""
-    site = group.sites[0]
-    param = site.parameterization
-    if len(group.sites) != 1 or not isinstance(param, ScaledLowRank):
+    found = scaled_low_rank_values(group, leaves)
+    if found is None:
         return None
-    loc_constraint, scale_constraint, factor_constraint = param.constraints
-    values = {n: leaves[n].detach() for n in group.param_names}
-    if not (is_real(loc_constraint) and is_real(factor_constraint)
-            and ScaledLowRankCoordinates.applies(values, param.param_names, scale_constraint)):
-        return None
+    param, values = found
     d, r = values[param.param_names[2]].shape
     if (d - r) ** 2 < d + r:
         return None
     coords = ScaledLowRankCoordinates(group.param_names, param.param_names, values,
-                                      scale_constraint)
-    return ScaledLowRankBures(coords, site.multiplicity, gauge_free)
+                                      param.constraints[1])
+    return ScaledLowRankBures(coords, group.sites[0].multiplicity, gauge_free)

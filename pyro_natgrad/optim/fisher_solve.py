@@ -18,7 +18,8 @@ from ..fisher.closed_form import PulledBackFisher
 from ..fisher.linalg import flat, solve_metric
 from ..fisher.low_rank import ScaledLowRankFisher
 from ..fisher.monte_carlo import MonteCarloFisher
-from ..guides import Group, ScaledLowRank, is_real
+from ..guides import Group
+from ..pullback import scaled_low_rank_values
 from .mirror import float64, kl64
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
@@ -218,17 +219,12 @@ def _low_rank_fisher(group: Group, leaves: dict[str, Tensor],
     """The closed-form Fisher of a one-site group of AutoLowRankMultivariateNormal (unbatched,
     loc and factor unconstrained), solved by preconditioned conjugate gradients; else None.
     ``gauge_free``: the gradient's rotation component was removed."""
-    site = group.sites[0]
-    param = site.parameterization
-    if len(group.sites) != 1 or not isinstance(param, ScaledLowRank):
+    found = scaled_low_rank_values(group, leaves)
+    if found is None:
         return None
-    loc_constraint, scale_constraint, factor_constraint = param.constraints
-    values = {n: leaves[n].detach() for n in group.param_names}
-    if not (is_real(loc_constraint) and is_real(factor_constraint)
-            and ScaledLowRankFisher.applies(values, param.param_names, scale_constraint)):
-        return None
-    return ScaledLowRankFisher(group.param_names, param.param_names, values, scale_constraint,
-                               site.multiplicity, gauge_free)
+    param, values = found
+    return ScaledLowRankFisher(group.param_names, param.param_names, values,
+                               param.constraints[1], group.sites[0].multiplicity, gauge_free)
 
 
 def _default_form(n: int, dense_max: int, rank_deficient: bool) -> Form:
