@@ -11,6 +11,7 @@ from pyro_natgrad.families.gaussian_step import (
     gaussian_direction,
     max_precision_rate,
     natural_step,
+    ritz_pairs,
     smallest_eigenvalue,
 )
 from pyro_natgrad.families.multivariate_normal import MultivariateNormal
@@ -290,3 +291,25 @@ def test_op_counter_counts():
         torch.linalg.eigh(a)
     assert ops.factorizations == 2 and ops.cubic == 5, ops.calls
     assert ops.by_name()["linalg_solve_triangular"] == 1
+
+
+def test_ritz_pairs_are_eigenpairs_with_their_residual_norms():
+    """Lanczos Ritz pairs (θᵢ, uᵢ): with as many steps as dimensions they are S's eigenpairs;
+    with fewer, each residual norm rᵢ = |β_k y_{k,i}| equals |Suᵢ − θᵢuᵢ| (Golub & Van Loan
+    2013, §10.1), the vectors are orthonormal, and the extremes converge first."""
+    g = torch.Generator().manual_seed(2)
+    d = 40
+    x = torch.randn(d, d, generator=g, dtype=torch.float64)
+    s = x + x.T
+    s[0, 0] -= 60.0  # an outlier at the bottom of the spectrum
+    eig = torch.linalg.eigvalsh(s)
+    theta, vectors, residual = ritz_pairs(s, d)
+    torch.testing.assert_close(theta, eig, rtol=1e-10, atol=1e-10)
+    theta, vectors, residual = ritz_pairs(s, 10)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(10, dtype=torch.float64),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(residual, torch.linalg.vector_norm(s @ vectors - vectors * theta,
+                                                                  dim=0), rtol=1e-8, atol=1e-8)
+    assert float(theta[0]) == pytest.approx(float(eig[0]), rel=1e-6)
+    with pytest.raises(ValueError, match="Lanczos: iters must be a positive integer, got 0"):
+        ritz_pairs(s, 0)

@@ -218,10 +218,9 @@ def ritz_pairs(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple[Tensor, 
     """All k = min(``iters``, d) Ritz pairs of the Lanczos steps of :func:`smallest_eigenvalue`:
     values θ (…, k) ascending, unit vectors (…, d, k), and residual norms |β_k y_{k,i}| (…, k)."""
     if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
-        raise ValueError(f"smallest_eigenvalue: matrix must be (..., d, d), got "
-                         f"{tuple(matrix.shape)}")
+        raise ValueError(f"Lanczos: matrix must be (..., d, d), got {tuple(matrix.shape)}")
     if not (isinstance(iters, int) and iters > 0):
-        raise ValueError(f"smallest_eigenvalue: iters must be a positive integer, got {iters!r}")
+        raise ValueError(f"Lanczos: iters must be a positive integer, got {iters!r}")
     d = matrix.shape[-1]
     k = min(iters, d)
     generator = torch.Generator().manual_seed(seed)
