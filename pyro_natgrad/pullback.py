@@ -21,7 +21,8 @@ from torch.distributions import transform_to
 from .fisher.linalg import unflat
 from .guides import Group, Parameterization, ScaledLowRank, ScaledUnitCholesky, is_real
 
-__all__ = ["args_gradient", "coordinate_gradient", "ScaledLowRankCoordinates"]
+__all__ = ["args_gradient", "coordinate_gradient", "ScaledLowRankCoordinates",
+           "scaled_low_rank_coordinates"]
 
 
 def coordinate_gradient(param: Parameterization, to_args: Callable[..., Sequence[Tensor]],
@@ -126,12 +127,11 @@ class ScaledLowRankCoordinates:
         return torch.cat([x.reshape(batch + (-1,)) for x in parts], -1)
 
 
-def scaled_low_rank_values(group: Group, leaves: dict[str, Tensor]
-                           ) -> tuple[ScaledLowRank, dict[str, Tensor]] | None:
-    """The parameterization and detached param values of a one-site group of
-    AutoLowRankMultivariateNormal whose metrics have a closed form in its params
-    (:class:`ScaledLowRankCoordinates`: unbatched, loc and factor unconstrained, an elementwise
-    scale transform); else None."""
+def scaled_low_rank_coordinates(group: Group, leaves: dict[str, Tensor]
+                                ) -> ScaledLowRankCoordinates | None:
+    """The :class:`ScaledLowRankCoordinates` of a one-site group of
+    AutoLowRankMultivariateNormal whose metrics have a closed form in its params (unbatched, loc
+    and factor unconstrained, an elementwise scale transform); else None."""
     site = group.sites[0]
     param = site.parameterization
     if len(group.sites) != 1 or not isinstance(param, ScaledLowRank):
@@ -141,4 +141,5 @@ def scaled_low_rank_values(group: Group, leaves: dict[str, Tensor]
     if not (is_real(loc_constraint) and is_real(factor_constraint)
             and ScaledLowRankCoordinates.applies(values, param.param_names, scale_constraint)):
         return None
-    return param, values
+    return ScaledLowRankCoordinates(group.param_names, param.param_names, values,
+                                    scale_constraint)

@@ -22,11 +22,10 @@ O(d r² + r³), each application O(d r²).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import constraints
 
 from ..families.multivariate_normal import LowRankFisher
 from ..pullback import ScaledLowRankCoordinates
@@ -37,12 +36,10 @@ __all__ = ["ScaledLowRankFisher"]
 
 class ScaledLowRankFisher:
     """m·F_θ of one unbatched AutoLowRankMultivariateNormal site at fixed params (module
-    docstring), on flat vectors ordered as ``names`` (the group's params).
+    docstring), on the flat vectors of ``coords``.
 
-    :param names: the group's param names, the flat vector's order.
-    :param roles: the names of (loc, scale, cov_factor).
-    :param values: unconstrained param values by name.
-    :param scale_constraint: the scale's constraint (an elementwise transform).
+    :param coords: the site's params θ = (loc, u, P) at fixed values
+        (:class:`~pyro_natgrad.pullback.ScaledLowRankCoordinates`).
     :param multiplicity: the site's multiplicity m.
     :param gauge_free: the right-hand sides of solves have no component along P's rotations
         {(0, 0, PA) : Aᵀ = −A} (the Fisher's null space; removed by
@@ -51,15 +48,12 @@ class ScaledLowRankFisher:
         stays free of them (the block preconditioner alone does not keep that subspace).
     """
 
-    def __init__(self, names: Sequence[str], roles: Sequence[str], values: dict[str, Tensor],
-                 scale_constraint: constraints.Constraint, multiplicity: float = 1.0,
+    def __init__(self, coords: ScaledLowRankCoordinates, multiplicity: float = 1.0,
                  gauge_free: bool = False):
-        self.coords = ScaledLowRankCoordinates(names, roles, values, scale_constraint)
+        self.coords = coords
         self.multiplicity, self.gauge_free = float(multiplicity), gauge_free
         self.s, self.ds, self.p = self.coords.s, self.coords.ds, self.coords.p
         self.operator = LowRankFisher(self.coords.args())
-
-    applies = staticmethod(ScaledLowRankCoordinates.applies)
 
     def mvp(self, v: Tensor) -> Tensor:
         """m·Jᵀ F J v (leading dimensions of ``v`` are a batch)."""

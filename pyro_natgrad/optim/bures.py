@@ -35,7 +35,7 @@ from torch.distributions import kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site
-from ..pullback import ScaledLowRankCoordinates, args_gradient, scaled_low_rank_values
+from ..pullback import args_gradient, scaled_low_rank_coordinates
 from ..wasserstein import (
     BuresMetric,
     PushforwardMetric,
@@ -237,13 +237,10 @@ def _low_rank_bures(group: Group, leaves: dict[str, Tensor],
     the metric is blind to more than the rotations the gauge projection removes, and a damped
     CG solve would step along that noise as 1/λ; the dense solve drops every null direction).
     ``gauge_free``: the gradient's rotation component was removed."""
-    found = scaled_low_rank_values(group, leaves)
-    if found is None:
+    coords = scaled_low_rank_coordinates(group, leaves)
+    if coords is None:
         return None
-    param, values = found
-    d, r = values[param.param_names[2]].shape
+    d, r = coords.p.shape
     if (d - r) ** 2 < d + r:
         return None
-    coords = ScaledLowRankCoordinates(group.param_names, param.param_names, values,
-                                      param.constraints[1])
     return ScaledLowRankBures(coords, group.sites[0].multiplicity, gauge_free)

@@ -19,7 +19,7 @@ from ..fisher.linalg import flat, solve_metric
 from ..fisher.low_rank import ScaledLowRankFisher
 from ..fisher.monte_carlo import MonteCarloFisher
 from ..guides import Group
-from ..pullback import scaled_low_rank_values
+from ..pullback import scaled_low_rank_coordinates
 from .mirror import float64, kl64
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
@@ -219,12 +219,10 @@ def _low_rank_fisher(group: Group, leaves: dict[str, Tensor],
     """The closed-form Fisher of a one-site group of AutoLowRankMultivariateNormal (unbatched,
     loc and factor unconstrained), solved by preconditioned conjugate gradients; else None.
     ``gauge_free``: the gradient's rotation component was removed."""
-    found = scaled_low_rank_values(group, leaves)
-    if found is None:
+    coords = scaled_low_rank_coordinates(group, leaves)
+    if coords is None:
         return None
-    param, values = found
-    return ScaledLowRankFisher(group.param_names, param.param_names, values,
-                               param.constraints[1], group.sites[0].multiplicity, gauge_free)
+    return ScaledLowRankFisher(coords, group.sites[0].multiplicity, gauge_free)
 
 
 def _default_form(n: int, dense_max: int, rank_deficient: bool) -> Form:
