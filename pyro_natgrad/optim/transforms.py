@@ -160,35 +160,27 @@ class PrecisionShortening:
         or the estimate of λ_min(S) is right (Lanczos runs once per direction, O(d²) per
         iteration)."""
         s = direction.whitened_cov
-        bounds = [s.diagonal(dim1=-2, dim2=-1).amin(-1)]  # eᵢᵀSeᵢ ≥ λ_min(S)
-        ritz: list[tuple[Tensor, Tensor, Tensor]] = []  # (θ, vectors, θ − r), once Lanczos ran
+        theta, vectors, residual = ritz_pairs(s, self.lanczos_iters)
+        diagonal = s.diagonal(dim1=-2, dim2=-1).amin(-1)  # eᵢᵀSeᵢ ≥ λ_min(S)
+        bound = torch.minimum(diagonal, theta[..., 0])  # ≥ λ_min(S)
+        estimate = torch.minimum(diagonal, theta[..., 0] - residual[..., 0])  # of λ_min(S)
         limit = -(1 + torch.finfo(s.dtype).eps ** 0.5)
-        floor = 0.5 ** self.max_halvings
+        smallest = 0.5 ** self.max_halvings
 
-        def descend(fraction: Tensor, rate: float) -> Tensor:
+        def skip(fraction: Tensor, rate: float) -> Tensor:
             while True:  # halve while I + rate·fraction·S is indefinite by the bound, or a
                 # shortened one by the estimate
-                out = rate * fraction * bounds[-1] < limit
-                if ritz:
-                    out = out | ((fraction < 1) & (rate * fraction * ritz[0][2] <= -1))
-                out = out & (fraction >= floor)
+                out = ((rate * fraction * bound < limit)
+                       | ((fraction < 1) & (rate * fraction * estimate <= -1)))
+                out = out & (fraction >= smallest)
                 if not bool(out.any()):
                     return fraction
                 fraction = torch.where(out, 0.5 * fraction, fraction)
 
-        def skip(fraction: Tensor, rate: float) -> Tensor:
-            if not ritz:  # once per direction, before its first factorization
-                theta, vectors, residual = ritz_pairs(s, self.lanczos_iters)
-                bounds.append(torch.minimum(bounds[0], theta[..., 0]))
-                ritz.append((theta, vectors,
-                             torch.minimum(bounds[0], theta[..., 0] - residual[..., 0])))
-            return descend(fraction, rate)
-
         def lifted(fraction: Tensor, rate: float) -> tuple[Tensor, Tensor] | None:
             """(U, a) for ``natural_step``'s lift: B's Ritz directions below the floor."""
-            if not self.floor or not ritz or not bool((fraction < 1).any()):
+            if not self.floor or not bool((fraction < 1).any()):
                 return None
-            theta, vectors, _ = ritz[0]
             lift = torch.where(fraction[..., None] < 1,
                                (self.floor - 1 - (rate * fraction)[..., None] * theta
                                 ).clamp_min(0), 0.0)
