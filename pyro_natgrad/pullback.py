@@ -65,7 +65,7 @@ def _scaled_unit_cholesky(param: ScaledUnitCholesky, args: Sequence[Tensor],
         leaf = scale.clone().requires_grad_()
         (g_s,) = torch.autograd.grad(transform_to(scale_constraint).inv(leaf), leaf, g_scale)
     d_tril = g_unit / scale[..., None]
-    d_tril.diagonal(dim1=-2, dim2=-1).add_(g_s - (d_tril * tril).sum(-1) / scale)
+    d_tril.diagonal(dim1=-2, dim2=-1).add_(g_s - torch.linalg.vecdot(d_tril, tril) / scale)
     return g_loc, d_tril
 
 

@@ -86,6 +86,30 @@ def test_kl_both_ways_equal_torch(dtype, tol):
     torch.testing.assert_close(step.reverse_kl, kl_divergence(new, q), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_lift_adds_its_directions_to_the_whitened_precision(shared):
+    """natural_step(..., lift=(U, a)) is the step with B = I + ρ_Λ S + U diag(a) Uᵀ: its KL equals
+    KL(N(m, Σ) ‖ N(m', Σ')) with Σ' = L B⁻¹ Lᵀ and m' = m − ρ Σ' L⁻ᵀv (v = Lᵀ∂L/∂m), for a lift
+    per batch element and for one lift shared by the batch."""
+    loc, tril, d_loc, d_tril = _problem((2,), 6, seed=4)
+    direction = gaussian_direction(loc, tril, d_loc, d_tril)
+    g = torch.Generator().manual_seed(5)
+    batch = () if shared else (2,)
+    vectors = torch.linalg.qr(torch.randn(batch + (6, 2), generator=g, dtype=torch.float64))[0]
+    amounts = torch.rand(batch + (2,), generator=g, dtype=torch.float64)
+    rate = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    step = natural_step(direction, rate, 0.5 * rate, lift=(vectors, amounts))
+    b = (torch.eye(6, dtype=torch.float64) + (0.5 * rate)[:, None, None] * direction.whitened_cov
+         + (vectors * amounts[..., None, :]) @ vectors.mT)
+    new_cov = tril @ torch.linalg.solve(b, tril.mT)
+    d_loc_back = torch.linalg.solve_triangular(tril.mT, direction.whitened_loc[..., None],
+                                               upper=True)  # ∂L/∂m = L⁻ᵀv
+    new_loc = loc - rate[:, None] * (new_cov @ d_loc_back)[..., 0]
+    expected = kl_divergence(TorchMVN(loc, scale_tril=tril),
+                             TorchMVN(new_loc, covariance_matrix=new_cov))
+    torch.testing.assert_close(step.kl, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_retraction_equals_the_family_retraction():
     """Where the plain step leaves the domain, retract=True equals MultivariateNormal.retract
     (Lin, Schmidt & Khan 2020, eq. 7) applied to δ = −ρ∂L/∂μ, and its KLs equal torch's."""

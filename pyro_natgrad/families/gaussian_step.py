@@ -150,7 +150,12 @@ def natural_step(direction: GaussianDirection, rate: float | Tensor,
             -2, -1)
     if lift is not None:
         flipped_vectors = lift[0].flip(-2)  # JU
-        b = b + (flipped_vectors * lift[1][..., None, :]) @ flipped_vectors.mT
+        weighted = flipped_vectors * lift[1][..., None, :]
+        if b.shape[:-2] == weighted.shape[:-2]:  # accumulated in place: no d×d temporary
+            b.view(-1, d, d).baddbmm_(weighted.reshape(-1, d, weighted.shape[-1]),
+                                      flipped_vectors.mT.reshape(-1, weighted.shape[-1], d))
+        else:
+            b.add_(weighted @ flipped_vectors.mT)
     b.diagonal(dim1=-2, dim2=-1).add_(1)  # JIJ = I
     flipped, info = torch.linalg.cholesky_ex(b)  # JBJ = L_f L_fᵀ, U = J L_f J
     # U⁻¹v = J L_f⁻¹ Jv: vectors flipped, not the factor
@@ -273,21 +278,24 @@ def lower_product(upper: Tensor, lower: Tensor, block: int = 64) -> Tensor:
             rows += upper[..., i:e, e:] @ lower[..., e:, :e]
         rows[..., i:e].tril_()
     return out
+
+
 def lower_solve(lower: Tensor, factor: Tensor, block: int = 128) -> Tensor:
     """X = A F⁻¹ for A = ``lower`` and F = ``factor`` both lower triangular (…, d, d): X is
     lower triangular, and its row block I (rows i:e) is A[I, :e] F[:e, :e]⁻¹ (the columns past e
-    of A vanish, and F's leading block is inverted alone), so the blocks take ≈ d³/6
-    multiply–adds instead of a triangular solve's d³/2 with a full right-hand side (31 → 15 ms at
-    d = 1000, one thread). Below two blocks: one triangular solve."""
+    of A vanish, and F's leading block is inverted alone), solved transposed, F[:e, :e]ᵀ X[I, :e]ᵀ
+    = A[I, :e]ᵀ (a left-side solve with an upper factor; faster in LAPACK than the right-side
+    one with few rows): ≈ d³/6 multiply–adds instead of a triangular solve's d³/2 with a full
+    right-hand side. Below two blocks: one triangular solve."""
     d = lower.shape[-1]
     if d < 2 * block:
         return torch.linalg.solve_triangular(factor, lower, upper=False, left=False)
     out = lower.new_zeros(torch.broadcast_shapes(lower.shape, factor.shape))
+    upper, lower_t, out_t = factor.mT, lower.mT, out.mT
     for i in range(0, d, block):
         e = min(i + block, d)
-        out[..., i:e, :e] = torch.linalg.solve_triangular(factor[..., :e, :e],
-                                                          lower[..., i:e, :e], upper=False,
-                                                          left=False)
+        out_t[..., :e, i:e] = torch.linalg.solve_triangular(upper[..., :e, :e],
+                                                            lower_t[..., :e, i:e], upper=True)
     return out
 
 

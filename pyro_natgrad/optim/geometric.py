@@ -285,7 +285,8 @@ class GeometricOptim(PyroOptim):
                 self._accept(group, candidate, leaves, proposal.method, backtrack)
                 return candidate
             if problem in ("kl", "measured kl"):
-                tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl")
+                tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl",
+                                    aim=self.trust_region.aim)
             else:
                 tried *= 0.5
         reasons = ", ".join(sorted(set(problems)))
