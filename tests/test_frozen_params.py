@@ -62,9 +62,8 @@ def test_custom_guide_frozen_scale(make_optim, dtype):
     y = data(dtype)
     optim = fit(guide, "scale", make_optim, y)
     store = pyro.get_param_store()
-    # the site keeps stepping in its free param, to the posterior mean (the last step may be
-    # undone by the step-size rule's judgement; never refused for want of a step)
-    assert optim.last_step["a"]["method"] != "refused"
+    # the site keeps stepping in its free param, to the posterior mean
+    assert optim.last_step["a"]["method"] not in ("refused", "undone")
     assert abs(float(store["loc"]) - float(y.sum() / (N + 1))) < 0.05
     # the other site is untouched by the freezing: natural step to its exact posterior
     assert abs(float(store["loc_b"]) - float((y + 1).sum() / (N + 1))) < 0.05

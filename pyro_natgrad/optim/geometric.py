@@ -285,8 +285,7 @@ class GeometricOptim(PyroOptim):
                 self._accept(group, candidate, leaves, proposal.method, backtrack)
                 return candidate
             if problem in ("kl", "measured kl"):
-                tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl",
-                                    aim=self.trust_region.aim)
+                tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl")
             else:
                 tried *= 0.5
         reasons = ", ".join(sorted(set(problems)))

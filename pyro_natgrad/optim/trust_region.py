@@ -46,10 +46,6 @@ class KLTrustRegion:
         as the group's first step (the one that makes a conjugate model exact); later clean
         steps are held to the radius until the phase ends, and stay unbounded after it only if
         no step of the group was rejected or repaired. 0: no cautious phase.
-    :param aim: a step whose quadratic model's KL exceeds the bound is shortened to this
-        fraction of it (:func:`rate_for_kl`): a KL that falls more slowly than rate² (a
-        full-covariance step's precision shortened and lifted at every rate) then fits at the
-        second try instead of the third. 1: aimed at the bound itself.
     :param adaptive: False keeps every radius at its start (a fixed bound).
     :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
         False: they are nats.
@@ -65,7 +61,6 @@ class KLTrustRegion:
     shrink: float = 0.5
     min_radius: float = 0.5e-4
     probation: int = 0
-    aim: float = 0.9
     adaptive: bool = True
     sized: bool = True
     radius: dict[Key, float] = field(default_factory=dict)
@@ -75,9 +70,9 @@ class KLTrustRegion:
 
     def __post_init__(self) -> None:
         if not (self.start > 0 and self.linear_cap > 0 and self.grow >= 1
-                and 0 < self.shrink < 1 and self.min_radius > 0 and 0 < self.aim <= 1):
+                and 0 < self.shrink < 1 and self.min_radius > 0):
             raise ValueError(f"KLTrustRegion needs start, linear_cap, min_radius > 0, "
-                             f"grow >= 1, 0 < shrink < 1 and 0 < aim <= 1, got {self!r}")
+                             f"grow >= 1 and 0 < shrink < 1, got {self!r}")
         if not (isinstance(self.probation, int) and self.probation >= 0):
             raise ValueError(f"KLTrustRegion needs an integer probation >= 0, got {self!r}")
 
@@ -142,12 +137,11 @@ class KLTrustRegion:
         self.judged = {tuple(k): v for k, v in state.get("judged", {}).items()}
 
 
-def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool, aim: float = 1.0
-                ) -> float:
+def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool) -> float:
     """A smaller rate for a step whose KL at ``rate`` exceeds ``bound``: KL ∝ rate² for a step
-    measured by its quadratic model (the rate is solved for KL = ``aim``·bound, within
-    [0.01, 0.9] of the old one); a measured KL need not scale so, and the rate is at most halved
-    (within [0.5, 0.9])."""
+    measured by its quadratic model (the rate is solved for, within [0.01, 0.9] of the old one);
+    a measured KL need not scale so, and the rate is at most halved (within [0.5, 0.9])."""
+    root = math.sqrt(bound / kl)
     if quadratic:
-        return rate * max(0.01, min(0.9, math.sqrt(aim * bound / kl)))
-    return rate * min(0.9, max(0.5, math.sqrt(bound / kl)))
+        return rate * max(0.01, min(0.9, root))
+    return rate * min(0.9, max(0.5, root))
