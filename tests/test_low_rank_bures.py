@@ -170,19 +170,46 @@ def _direction(solve, group, leaves, grads):
 
 
 def test_wasserstein_low_rank_direction_equals_the_autodiff_bures_solve():
-    """WassersteinGradient's default solve on an AutoLowRankMultivariateNormal group (d = 12,
-    rank 3, a Monte Carlo gradient) is the closed-form metric by preconditioned CG, and its
-    direction equals the dense solve of the autograd-pulled-back BuresMetric (form="dense",
-    which drops the metric's null space, P's rotations) to 1e-5 relative, with or without the
-    gradient's gauge projection on the dense side."""
-    optim, group, leaves, grads = _logistic_group()
-    solve = optim.solve
+    """The plain (unframed) solve on an AutoLowRankMultivariateNormal group (d = 12, rank 3, a
+    Monte Carlo gradient) is the closed-form metric by preconditioned CG, and its direction
+    equals the dense solve of the autograd-pulled-back BuresMetric (form="dense", which drops the
+    metric's null space, P's rotations) to 1e-5 relative, with or without the gradient's gauge
+    projection on the dense side."""
+    _, group, leaves, grads = _logistic_group()
+    solve = MetricSolve(framed=False)
     assert solve.form is None and solve.gauge is not None
     assert isinstance(_low_rank_bures(group, leaves, True), ScaledLowRankBures)
     got = _direction(solve, group, leaves, grads)
     for gauge in (GaugeProjection(), None):
         dense = _direction(MetricSolve(form="dense", gauge=gauge), group, leaves, grads)
         assert float((got - dense).norm() / dense.norm()) < 1e-5
+    pyro.clear_param_store()
+
+
+def test_framed_direction_is_the_bures_solve_in_q_frame():
+    """The default (framed) direction on an AutoLowRankMultivariateNormal group (d = 12, rank 3,
+    a Monte Carlo gradient) equals the dense solve of the Bures metric of q's frame pulled back by
+    autograd: BuresMetric of (L⁻¹m(θ), L⁻¹Σ(θ)L⁻ᵀ), L the Cholesky factor of Σ at the current
+    θ, held fixed. This checks G = F_m ⊕ ½F_Σ, which the step solves as F⁻¹(g_m, 2g_Σ), against
+    the W₂ metric itself (relative damping off; 1e-5 relative)."""
+    _, group, leaves, grads = _logistic_group()
+    param = group.sites[0].parameterization
+    key = group.param_names
+    live = {n: leaves[n].detach().clone().requires_grad_() for n in key}
+    loc, w, cov_diag = param.args({n: live[n] for n in param.param_names})
+    cov = w @ w.mT + torch.diag(cov_diag)
+    frame = torch.linalg.cholesky(cov.detach())
+    framed_loc = torch.linalg.solve_triangular(frame, loc.unsqueeze(-1), upper=False).squeeze(-1)
+    half = torch.linalg.solve_triangular(frame, cov, upper=False)
+    framed_cov = torch.linalg.solve_triangular(frame, half.mT, upper=False)
+    metric = BuresMetric([(framed_loc, framed_cov, group.sites[0].multiplicity)],
+                         [live[n] for n in key])
+    g = flat(GaugeProjection().apply(group, leaves, grads))
+    evals, evecs = torch.linalg.eigh(metric.dense())
+    keep = evals > 1e-9 * evals.max()  # drop the null space, P's rotations
+    expected = evecs[:, keep] @ ((evecs[:, keep].mT @ g) / evals[keep])
+    got = _direction(MetricSolve(relative_damping=0.0, damping=1e-12), group, leaves, grads)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
     pyro.clear_param_store()
 
 
@@ -212,12 +239,12 @@ def test_low_rank_bures_only_where_the_rotations_are_the_whole_null_space(d, ran
 
 
 def test_a_low_rank_bures_step_is_held_to_its_length_along_the_coupling():
-    """WassersteinGradient on AutoLowRankMultivariateNormal (logistic regression, d = 100, 8
-    particles, defaults): the KL a step reports (the squared W₂ length the trust region bounds)
-    is at least its length along the reparameterization coupling, ½E|δT(ε)|² =
-    ½(|δm|² + ‖δW‖²_F + ‖δ√D‖²) for z = m + Wε₁ + √D∘ε₂ (exact here; the optimizer's is a 64-draw
-    estimate), not only the metric's quadratic model, which at Pyro's initial scales reported
-    ~600 for steps whose next −ELBO was 10⁷–10¹⁴."""
+    """WassersteinGradient's plain Bures step on AutoLowRankMultivariateNormal (logistic
+    regression, d = 100, 8 particles, ``framed=False``): the KL a step reports (the squared W₂
+    length the trust region bounds) is at least its length along the reparameterization
+    coupling, ½E|δT(ε)|² = ½(|δm|² + ‖δW‖²_F + ‖δ√D‖²) for z = m + Wε₁ + √D∘ε₂ (exact here; the
+    optimizer's is a 64-draw estimate), not only the metric's quadratic model, which at Pyro's
+    initial scales reported ~600 for steps whose next −ELBO was 10⁷–10¹⁴."""
     from benchmarks.problems import correlated_logistic
 
     X, y = correlated_logistic(100, 500)
@@ -225,7 +252,7 @@ def test_a_low_rank_bures_step_is_held_to_its_length_along_the_coupling():
     pyro.set_rng_seed(0)
     guide = AutoLowRankMultivariateNormal(logistic_model)
     guide(X, y)  # its params
-    opt = WassersteinGradient(guide)
+    opt = WassersteinGradient(guide, solve=MetricSolve(framed=False))
     svi = SVI(logistic_model, guide, opt, Trace_ELBO(num_particles=8, vectorize_particles=True))
     checked = 0
     for _ in range(6):

@@ -55,6 +55,19 @@ def test_trust_region_grows_past_accepted_steps_that_did_not_overshoot():
     assert region.bound(KEY, 4, exact=False) == min(3.0, 0.5 * 4)  # the linear cap ½n
 
 
+def test_trust_region_without_exact_bounds_holds_first_order_steps_only():
+    """``bound_exact=False`` (WassersteinGradient's default): exact steps are never bounded,
+    repaired or rejected; first-order steps keep the adaptive radius."""
+    region = KLTrustRegion(bound_exact=False)
+    assert region.bound(KEY, 16, exact=True, clean=False) == math.inf
+    region.update(KEY, 16, kl=10.0, judgement=REJECTED)  # an exact group's: no radius to move
+    assert region.bound(KEY, 16, exact=True, clean=True) == math.inf
+    assert region.bound(KEY, 16, exact=False) == 2.0  # first-order: ½√n
+    region.update(KEY, 16, kl=1.0, judgement=REJECTED)
+    assert region.bound(KEY, 16, exact=False) == 0.5  # ½ the rejected KL
+    assert region.bound(KEY, 16, exact=True, clean=True) == math.inf
+
+
 def test_trust_region_fixed_bound_ignores_size_and_judgements():
     region = KLTrustRegion.fixed(2.0)
     assert region.bound(KEY, 100, exact=True, clean=True) == 2.0

@@ -14,11 +14,19 @@
   per unit weight divide SVI's by the site's multiplicity, and the new factor is written back
   through the parameterization.
 * :class:`MetricSolve`: any other group steps linearly in its params with a W₂ metric pulled
-  back to them, the exact Bures metric of Gaussians
-  (:class:`~pyro_natgrad.wasserstein.BuresMetric`) or the pushforward metric E[JᵀJ] of a
-  reparameterized site's sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`).
-  A linear step's length (Bures or pushforward metric) is measured, not only modelled:
-  ½E|T_θ'(ε) − T_θ(ε)|² along the reparameterization coupling (:func:`_coupled_length`).
+  back to them. An AutoLowRankMultivariateNormal group takes it by default in q's frame, as the
+  closed-form step does (F = q's scale; the W₂ cost |F⁻¹(x − x')|²): there the Bures metric at
+  q is the Fisher metric on the mean and half of it on the covariance, G = F_m ⊕ ½F_Σ (at Σ = I
+  the Bures metric is ¼tr δΣ² and the Fisher ½tr δΣ²; Takatsu 2011; Malagò, Montrucchio &
+  Pistone 2018, "Wasserstein Riemannian geometry of Gaussian densities", Inf. Geom.), so the
+  step G⁻¹g = F⁻¹(g_m, 2g_Σ) is the closed-form Fisher solve
+  (:class:`~pyro_natgrad.optim.fisher_solve.FisherSolve`) of a gradient whose covariance part
+  is doubled, its rate dimensionless and its length the exact KL. Other Gaussian groups (and
+  ``framed=False``) take the plain Bures metric (:class:`~pyro_natgrad.wasserstein.BuresMetric`,
+  a rate in units of 1 / curvature); other reparameterized sites the pushforward metric E[JᵀJ]
+  of their sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`). A plain linear
+  step's length is measured, not only modelled: ½E|T_θ'(ε) − T_θ(ε)|² along the
+  reparameterization coupling (:func:`_coupled_length`).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from ..wasserstein import (
     forward_backward_step,
     forward_backward_step_diag,
 )
+from .fisher_solve import FisherSolve
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
 
@@ -136,13 +145,16 @@ class Bures:
 class MetricSolve:
     """A linear step θ − ρ(G + λI)⁻¹∇θL with a W₂ metric G of the group's sites; its length
     is the larger of the metric's model ½ρ²dᵀGd and the length measured along the
-    reparameterization coupling (:func:`_coupled_length`).
+    reparameterization coupling (:func:`_coupled_length`), or, in q's frame, the exact KL
+    (module docstring).
 
-    :param metric: ``"bures"`` (Gaussian sites) or ``"pushforward"`` (any reparameterized site,
-        estimated with ``num_samples`` draws).
+    :param framed: an AutoLowRankMultivariateNormal group (``form`` None or ``"cg"``) steps in
+        q's frame (module docstring); False: with the plain Bures metric.
+    :param relative_damping: the framed solve's metric also gets ``relative_damping``·tr F / dim θ
+        (as :class:`~pyro_natgrad.optim.fisher_solve.FisherSolve`'s).
     :param form: ``"dense"``, ``"diag"`` or ``"cg"``; default dense up to ``dense_max`` params,
-        except that an AutoLowRankMultivariateNormal group (``None`` or ``"cg"``) is solved by CG
-        with its Bures metric in closed form and a preconditioner
+        except that an AutoLowRankMultivariateNormal group (``None`` or ``"cg"``) is solved by
+        preconditioned CG, in q's frame or (``framed=False``) with its Bures metric in closed form
         (:class:`~pyro_natgrad.wasserstein.ScaledLowRankBures`).
     :param damping: λ.
     :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
@@ -155,12 +167,19 @@ class MetricSolve:
     dense_max: int = 2000
     cg_iters: int = 50
     gauge: GaugeProjection | None = field(default_factory=GaugeProjection)
+    framed: bool = True
+    relative_damping: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS} or None, got {self.form!r}")
+        if not isinstance(self.framed, bool):
+            raise ValueError(f"framed must be True or False, got {self.framed!r}")
         if not (isinstance(self.damping, int | float) and self.damping >= 0):
             raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        if not (isinstance(self.relative_damping, int | float) and self.relative_damping >= 0):
+            raise ValueError(f"relative_damping must be a number >= 0, got "
+                             f"{self.relative_damping!r}")
         for name in ("num_samples", "dense_max", "cg_iters"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
@@ -168,6 +187,9 @@ class MetricSolve:
 
     def propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor], metric: Literal["bures", "pushforward"]) -> Proposal:
+        if metric == "bures" and self.framed and self.form in (None, "cg") \
+                and scaled_low_rank_coordinates(group, leaves) is not None:
+            return self._framed(key, group, leaves, grads)
         theta = [leaves[n] for n in key]
         structured = None
         if metric == "bures":
@@ -195,6 +217,17 @@ class MetricSolve:
             return c
 
         return Proposal(step.method, candidate, exact=False)
+
+    def _framed(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
+                grads: dict[str, Tensor]) -> Proposal:
+        """The step in q's frame, F⁻¹(g_m, 2g_Σ) (module docstring)."""
+        loc = group.sites[0].parameterization.param_names[0]
+        doubled = {n: g if n == loc else 2 * g for n, g in grads.items()}
+        solve = FisherSolve(form="cg", damping=self.damping,
+                            relative_damping=self.relative_damping, cg_iters=self.cg_iters,
+                            gauge=self.gauge)
+        step = solve.propose(key, group, leaves, doubled, monte_carlo=False)
+        return Proposal("bures_framed", step.candidate, exact=False)
 
 
 def _coupled_length(group: Group, num_samples: int,

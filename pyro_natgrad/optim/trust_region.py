@@ -47,6 +47,8 @@ class KLTrustRegion:
         steps are held to the radius until the phase ends, and stay unbounded after it only if
         no step of the group was rejected or repaired. 0: no cautious phase.
     :param adaptive: False keeps every radius at its start (a fixed bound).
+    :param bound_exact: False: exact steps are never bounded (their own rule sizes them, as the
+        curvature-scaled Bures step does) and the radius holds first-order steps only.
     :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
         False: they are nats.
 
@@ -63,6 +65,7 @@ class KLTrustRegion:
     probation: int = 0
     adaptive: bool = True
     sized: bool = True
+    bound_exact: bool = True
     radius: dict[Key, float] = field(default_factory=dict)
     trusted: set[Key] = field(default_factory=set)
     distrusted: set[Key] = field(default_factory=set)
@@ -84,6 +87,8 @@ class KLTrustRegion:
 
     def bound(self, key: Key, n: int, exact: bool, clean: bool = False) -> float:
         """The largest KL a step of the group may take now."""
+        if exact and not self.bound_exact:
+            return math.inf
         radius = self.radius.setdefault(key, self.start * self._root(n))
         if exact and self.trust_clean and key not in self.distrusted:
             if not clean:

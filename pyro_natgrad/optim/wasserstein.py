@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -33,18 +32,21 @@ class WassersteinGradient(GeometricOptim):
     Per group of guide sites, the first that applies: the closed-form Bures step
     (:class:`~.bures.Bures`, by default the forward–backward step with h = ρ / curvature) for a
     Normal or MultivariateNormal site written through an invertible parameterization; a linear
-    step with the Bures metric pulled back to the params for other Gaussian groups, or with the
-    pushforward metric for any other reparameterized site (:class:`~.bures.MetricSolve`).
+    step with the Bures metric of q's frame for an AutoLowRankMultivariateNormal group, with the
+    Bures metric pulled back to the params for other Gaussian groups, or with the pushforward
+    metric for any other reparameterized site (:class:`~.bures.MetricSolve`).
 
     :param guide: the guide object passed to SVI.
-    :param lr: step size ρ. For the default closed-form steps it is dimensionless, the fraction
-        of 1 / curvature the step takes (:class:`~.bures.Bures`); for linear metric steps and
-        ``Bures(scheme="explicit")`` it has the units of 1 / curvature of the loss (the
-        step-size policy corrects too large a value).
+    :param lr: step size ρ. For the default closed-form and framed steps it is dimensionless
+        (:class:`~.bures.Bures`: the fraction of 1 / curvature the step takes); for the other
+        linear metric steps and ``Bures(scheme="explicit")`` it has the units of 1 / curvature
+        of the loss (the step-size policy and the trust region correct too large a value).
     :param metric: ``"auto"`` (Bures–Wasserstein for Gaussian sites, pushforward elsewhere) or
         ``"pushforward"`` for every site.
-    :param trust_region: ``"auto"`` (no bound on Bures steps; ½ρ²δᵀGδ ≤ ½·dim θ, half a squared
-        W₂ length, on linear steps), a :class:`~.trust_region.KLTrustRegion`, or None.
+    :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion` with
+        ``bound_exact=False``: no bound on closed-form Bures steps; on linear steps the adaptive
+        radius, ½√n at the start, on the exact KL of a framed step and on the squared W₂ length
+        along the coupling of the others), a KLTrustRegion, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`), a BoldDriver, or None.
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5 and the
         two-step test, which a Bures step that overshoots a stiff direction does not fool), a
@@ -74,8 +76,8 @@ class WassersteinGradient(GeometricOptim):
         bures = Bures() if bures == "auto" else bures
         if not isinstance(bures, Bures):
             raise TypeError(f"bures must be 'auto' or a Bures, got {bures!r}")
-        if trust_region == "auto":  # a squared W₂ length has the problem's units: no KL radius
-            trust_region = KLTrustRegion(start=math.inf, trust_clean=False, adaptive=False)
+        if trust_region == "auto":
+            trust_region = KLTrustRegion(bound_exact=False)
         if stationarity == "auto":
             stationarity = PflugCeiling(window=5, lag=2)
         super().__init__(guide, lr, trust_region=trust_region,
