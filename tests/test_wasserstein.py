@@ -33,7 +33,6 @@ from pyro_natgrad.wasserstein import (
     bures_step,
     cholesky_to_cov_gradient,
     curvature_step,
-    curvature_step_diag,
     energy_hessian,
     energy_hessian_diag,
     forward_backward_step,
@@ -383,14 +382,15 @@ def test_default_full_covariance_step_is_the_forward_backward_step_computed_by_h
 
 
 def test_default_diagonal_step_is_the_forward_backward_step_computed_by_hand():
-    """On N(m, diag σ²): m' = m − h∂L/∂m, σ' = prox(σ − h(∂L/∂σ + 1/σ)), h = ρ / maxᵢ Ĥᵢᵢ."""
+    """On N(m, diag σ²), in q's frame: m' = m − hᵢ∂L/∂m, σ' = prox(σ − hᵢ(∂L/∂σ + 1/σ), hᵢ),
+    hᵢ = σᵢ²ρ / maxⱼ σⱼ²Ĥⱼⱼ."""
     X, y, _, _ = _data()
     guide = _diag_guide()
     guide(X, y)
     _set_loc("loc")
     m0, s0 = (P(n).detach().clone().requires_grad_() for n in ("loc", "scale"))
     gm, gs = torch.autograd.grad(_loss_at(m0, torch.diag(s0**2), X, y), (m0, s0))
-    h = curvature_step_diag(energy_hessian_diag(s0.detach(), gs), 0.5)
+    h = 0.5 * s0.detach() ** 2 / (s0.detach() ** 2 * energy_hessian_diag(s0.detach(), gs)).max()
     m1, s1 = forward_backward_step_diag(m0.detach(), s0.detach(), gm, gs, h)
     opt = WassersteinGradient(guide, step_size=None)
     SVI(_model(), guide, opt, _loss(_diag_moments)).step(X, y)

@@ -234,6 +234,32 @@ def test_diagonal_step_is_the_full_step_on_a_diagonal_problem_and_keeps_its_fixe
 def test_curvature_step_diag_is_one_step_per_site_from_the_largest_curvature():
     hess_diag = torch.tensor([[0.5, -8.0], [2.0, 1.0]], dtype=F64)
     assert float(curvature_step_diag(hess_diag, 0.5)) == pytest.approx(0.5 / 8.0)
+    frame = torch.tensor([[1.0, 0.25], [2.0, 0.5]], dtype=F64)  # f²Ĥ: [[0.5, −0.5], [8, 0.25]]
+    torch.testing.assert_close(curvature_step_diag(hess_diag, 0.5, frame),
+                               0.5 / 8.0 * frame.square())
+
+
+def test_diagonal_step_with_framed_h_is_the_step_in_the_frame():
+    """The diagonal step with hᵢ = h fᵢ² (:func:`curvature_step_diag` with a frame f) is the
+    step with the scalar h in the coordinates y = x / f, mapped back: m_y = m/f, σ_y = σ/f,
+    ∂L/∂m_y = f ∂L/∂m, ∂L/∂σ_y = f ∂L/∂σ. With f = σ the step is affine invariant per
+    coordinate: rescaling a coordinate rescales the step and leaves h unchanged."""
+    g = torch.Generator().manual_seed(3)
+    m, g_m, g_s = (torch.randn(4, generator=g, dtype=F64) for _ in range(3))
+    s = torch.rand(4, generator=g, dtype=F64) + 0.1
+    hess = energy_hessian_diag(s, g_s)
+    h_x = curvature_step_diag(hess, 0.5, frame=s)
+    m1, s1 = forward_backward_step_diag(m, s, g_m, g_s, h_x)
+    h = 0.5 / float((s.square() * hess).abs().max())
+    my1, sy1 = forward_backward_step_diag(m / s, torch.ones_like(s), s * g_m, s * g_s, h)
+    torch.testing.assert_close(m1, my1 * s)
+    torch.testing.assert_close(s1, sy1 * s)
+    c = torch.tensor([10.0, 0.1, 3.0, 1.0], dtype=F64)  # x → c x: m, σ scale, gradients / c
+    m2, s2 = forward_backward_step_diag(c * m, c * s, g_m / c, g_s / c,
+                                        curvature_step_diag(energy_hessian_diag(c * s, g_s / c),
+                                                            0.5, frame=c * s))
+    torch.testing.assert_close(m2, c * m1)
+    torch.testing.assert_close(s2, c * s1)
 
 
 # ----- the curvature estimate from Pyro's gradients -----------------------------------------------

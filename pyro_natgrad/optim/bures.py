@@ -6,9 +6,9 @@
   proximal step on the entropy, :func:`~pyro_natgrad.wasserstein.forward_backward_step`) with
   the scale-free h = ρ / ρ(LᵀĤL) (:func:`~pyro_natgrad.wasserstein.curvature_step`) in q's frame
   F = L, Ĥ = 2 sym ∂L/∂Σ + Σ⁻¹ per unit weight; for a Normal, the elementwise step
-  (:func:`~pyro_natgrad.wasserstein.forward_backward_step_diag`) with
-  h = ρ / maxᵢ Ĥᵢᵢ (:func:`~pyro_natgrad.wasserstein.curvature_step_diag`). The explicit scheme
-  is the plain step m' = m − h∇ₘL, Σ' = (I − hM)Σ(I − hM), M = 2 sym ∇_ΣL
+  (:func:`~pyro_natgrad.wasserstein.forward_backward_step_diag`) in its frame F = diag σ,
+  hᵢ = σᵢ²ρ / maxⱼ σⱼ²Ĥⱼⱼ (:func:`~pyro_natgrad.wasserstein.curvature_step_diag`). The explicit
+  scheme is the plain step m' = m − h∇ₘL, Σ' = (I − hM)Σ(I − hM), M = 2 sym ∇_ΣL
   (:func:`~pyro_natgrad.wasserstein.bures_step`; for a Normal, the Euclidean step in (m, σ)),
   h = ρ / (copies × ELBO scale). ∂L/∂Σ comes from ∂L/∂L by the Cholesky reverse rule, gradients
   per unit weight divide SVI's by the site's multiplicity, and the new factor is written back
@@ -74,10 +74,13 @@ class Bures:
     :param scheme: ``"forward_backward"`` (scale-free: the rate ρ is a fraction of 1 / curvature)
         or ``"explicit"`` (the rate has the units of 1 / curvature).
     :param iters: Lanczos steps of the spectral radius ρ(LᵀĤL) (exact once ≥ the dimension).
+    :param framed: the forward–backward step in q's frame F = L (diag σ for a Normal site);
+        False: F = I, the plain W₂ geometry.
     """
 
     scheme: Literal["forward_backward", "explicit"] = "forward_backward"
     iters: int = 10
+    framed: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in _SCHEMES:
@@ -85,6 +88,8 @@ class Bures:
         if not (isinstance(self.iters, int) and not isinstance(self.iters, bool)
                 and self.iters > 0):
             raise ValueError(f"Bures: iters must be a positive integer, got {self.iters!r}")
+        if not isinstance(self.framed, bool):
+            raise ValueError(f"Bures: framed must be True or False, got {self.framed!r}")
 
     def propose(self, site: Site, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor]) -> Proposal:
@@ -123,19 +128,20 @@ class Bures:
             if dense:
                 return lambda rate: bures_step(loc, second, g_loc, g_second, rate)
             return lambda rate: (loc - rate * g_loc, second - rate * g_second)
+        frame = second if self.framed else None
         with torch.no_grad():
             if dense:
                 hess = energy_hessian(second, g_second)
-                unit = curvature_step(hess, 1.0, frame=second, iters=self.iters)
+                unit = curvature_step(hess, 1.0, frame=frame, iters=self.iters)
             else:
-                unit = curvature_step_diag(energy_hessian_diag(second, g_second), 1.0)
+                unit = curvature_step_diag(energy_hessian_diag(second, g_second), 1.0, frame)
 
         def forward_backward(rate: float) -> tuple[Tensor, Tensor] | None:
-            h = rate * unit  # rate / ρ(LᵀĤL), or rate / maxᵢ |Ĥᵢᵢ|
+            h = rate * unit  # rate / ρ(FᵀĤF), or (rate / maxᵢ |fᵢ²Ĥᵢᵢ|)·fᵢ²
             if not bool((torch.isfinite(h) & (h > 0)).all()):
                 return None
             if dense:
-                return forward_backward_step(loc, second, g_loc, hess, h, frame=second)
+                return forward_backward_step(loc, second, g_loc, hess, h, frame=frame)
             return forward_backward_step_diag(loc, second, g_loc, g_second, h)
 
         return forward_backward

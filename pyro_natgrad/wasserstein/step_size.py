@@ -44,11 +44,19 @@ def curvature_step(hess: Tensor, factor: float = 1.0, frame: Tensor | None = Non
     return factor / spectral_radius(hess, iters)
 
 
-def curvature_step_diag(hess_diag: Tensor, factor: float = 1.0) -> Tensor:
-    """h = ``factor`` / maxᵢ |Ĥᵢᵢ| over all elements of a mean-field site's diagonal curvature
-    (:func:`~pyro_natgrad.wasserstein.forward_backward.energy_hessian_diag`), one h per site: a
-    mean-field guide sees only diag Ĥ, and λ_max(Ĥ) ≥ maxᵢ Ĥᵢᵢ, so this h may still exceed 1/λ_max
-    where the target is correlated (per-coordinate hᵢ = c/Ĥᵢᵢ, a Jacobi step, diverges there)."""
+def curvature_step_diag(hess_diag: Tensor, factor: float = 1.0,
+                        frame: Tensor | None = None) -> Tensor:
+    """h = ``factor`` / maxᵢ |fᵢ²Ĥᵢᵢ| over all elements of a mean-field site's diagonal curvature
+    (:func:`~pyro_natgrad.wasserstein.forward_backward.energy_hessian_diag`), one h per site in
+    the coordinates yᵢ = xᵢ / fᵢ of a diagonal ``frame`` f (None: f = 1), returned in x's
+    coordinates as the per-coordinate hᵢ = h fᵢ² (the diagonal step with these hᵢ is the step
+    with h in the frame's coordinates). With f = σ (q's frame) hᵢ → c/Ĥᵢᵢ at the mean-field
+    optimum, where σᵢ²Ĥᵢᵢ = 1: a Jacobi step, which a correlated target can make overshoot, as it
+    does the mean-field natural step (a mean-field guide sees only diag Ĥ, and λ_max(Ĥ) ≥
+    maxᵢ Ĥᵢᵢ); the step-size policy is what catches it."""
     if not factor > 0:
         raise ValueError(f"curvature_step_diag: factor must be > 0, got {factor!r}")
-    return factor / hess_diag.abs().max()
+    if frame is None:
+        return factor / hess_diag.abs().max()
+    weight = frame.square()
+    return factor / (weight * hess_diag).abs().max() * weight
