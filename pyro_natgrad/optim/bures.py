@@ -228,7 +228,7 @@ class MetricSolve:
                 grads: dict[str, Tensor]) -> Proposal:
         """The step in q's frame, F⁻¹(g_m, 2g_Σ) (module docstring)."""
         loc = group.sites[0].parameterization.param_names[0]
-        doubled = {n: g if n == loc else 2 * g for n, g in grads.items()}
+        doubled = {n: grads[n] if n == loc else 2 * grads[n] for n in key}
         solve = FisherSolve(form="cg", damping=self.damping,
                             relative_damping=self.relative_damping, cg_iters=self.cg_iters,
                             gauge=self.gauge)
