@@ -109,7 +109,7 @@ class ScaledUnitCholesky(Parameterization):
             loc, scale = (transform_to(c)(values[n])  # L = s·tril(u, −1) + diag(s), one pass
                           for n, c in zip(self.param_names[:2], self.constraints[:2],
                                           strict=True))
-            tril = values[self.param_names[2]].tril(-1) * scale[..., None]
+            tril = (values[self.param_names[2]] * scale[..., None]).tril_(-1)
             tril.diagonal(dim1=-2, dim2=-1).copy_(scale)
             return loc, tril
         loc, scale, unit = (transform_to(c)(values[n])

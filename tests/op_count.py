@@ -38,8 +38,8 @@ FACTORIZATIONS = frozenset({
 SOLVES = frozenset({"linalg_solve_triangular", "triangular_solve", "cholesky_solve",
                     "linalg_lu_solve", "lu_solve"})
 INVERSES = frozenset({"cholesky_inverse"})
-PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm",
-                      "linalg_multi_dot", "chain_matmul"})
+PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmm_",
+                      "baddbmm", "baddbmm_", "linalg_multi_dot", "chain_matmul"})
 
 
 class OpCounter(TorchFunctionMode):

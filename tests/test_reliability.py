@@ -163,6 +163,30 @@ def test_a_tiny_initial_scale_in_float32_still_moves():
     assert kls and min(kls) >= 0
 
 
+def test_the_values_left_are_copies_and_an_edit_through_data_is_seen():
+    """After a step the optimizer keeps the values it left (the accepted candidate's own tensors,
+    not a view of the params): an edit of a param through ``.data``, which no version counter
+    sees, still reads as an edit on the next call, which forgets the group's state (no judgement
+    of the old step against the edited values)."""
+    X, y, _, _ = linear_regression()
+    model = regression_model()
+    guide = AutoMultivariateNormal(model)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO(num_particles=8, vectorize_particles=True))
+    for _ in range(3):
+        svi.step(X, y)
+    store = pyro.get_param_store()
+    loc = store.get_param("AutoMultivariateNormal.loc").unconstrained()
+    left = loc.detach().clone()
+    assert opt._pending is not None
+    loc.data.add_(1.0)  # no version bump
+    assert torch.equal(opt._after["AutoMultivariateNormal.loc"], left)
+    key = opt._groups[0].param_names
+    svi.step(X, y)
+    assert key not in opt.trust_region.judged  # forgotten, and the old step never judged
+    assert opt.last_step["_AutoMultivariateNormal_latent"]["method"] != "undone"
+
+
 def test_finalize_ends_on_a_judged_step_and_undo_restores_the_params():
     x = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
     guide = record_args(_guide)

@@ -153,7 +153,8 @@ class GeometricOptim(PyroOptim):
         self._groups = groups = self.reader.read(leaves)
         owned = {n for g in groups for n in g.param_names}
         self.num_steps += 1
-        self._forget_stale(groups, leaves)
+        kept = self._forget_stale(groups, leaves)
+        self._left: dict[str, Tensor] = {}
         if self._refuse_nonfinite(groups, leaves, grads):
             return
         rejected = self._judge_pending(leaves, grads)
@@ -165,14 +166,21 @@ class GeometricOptim(PyroOptim):
             self.last_step = {s.name: {"method": "undone", "note": "previous step rejected"}
                               for g in groups for s in g.sites}
         else:
-            self._step_groups(groups, leaves, grads)
-        self._after = {n: leaves[n].detach().clone() for n in owned}
+            self._step_groups(groups, leaves, grads, kept)
+        # the values left: a stepped param's is the candidate's own copy, an unstepped one whose
+        # value was verified equal to what this optimizer left is that value (a restored one's
+        # too: _restore sets it); only an edited one needs a copy
+        self._after = {n: self._left[n] if n in self._left
+                       else self._after[n] if n in kept else leaves[n].detach().clone()
+                       for n in owned}
 
     def _step_groups(self, groups: list[Group], leaves: dict[str, Tensor],
-                     grads: dict[str, Tensor]) -> None:
+                     grads: dict[str, Tensor], kept: set[str]) -> None:
         self.last_step = {}
         rate = self._rate()
-        before = {n: leaves[n].detach().clone() for g in groups for n in g.param_names}
+        # θ₀ for undo: the value this optimizer left where the leaf was verified equal to it
+        before = {n: self._after[n] if n in kept else leaves[n].detach().clone()
+                  for g in groups for n in g.param_names}
         stepped, taken = set(), {}
         for group in groups:
             accepted = self._step_group(group, leaves, grads, rate)
@@ -208,20 +216,23 @@ class GeometricOptim(PyroOptim):
         warnings.warn(message, StepRefusedWarning, stacklevel=3)
         return True
 
-    def _forget_stale(self, groups: list[Group], leaves: dict[str, Tensor]) -> None:
+    def _forget_stale(self, groups: list[Group], leaves: dict[str, Tensor]) -> set[str]:
         """Drops the state of every group whose params are not the values this optimizer left
         (a new guide or a cleared param store, or params edited by hand): state belongs to the
-        params it was built on."""
+        params it was built on. Returns the names of the params found equal to those values."""
+        kept: set[str] = set()
         for group in groups:
             key = group.param_names
             if all(n in self._after and self._after[n].shape == leaves[n].shape
                    and torch.equal(self._after[n], leaves[n].detach()) for n in key):
+                kept.update(key)
                 continue
             for piece in self._stateful().values():
                 if piece is not None and hasattr(piece, "forget"):
                     piece.forget(key)
             if self._pending is not None and set(key) & set(self._pending["theta"]):
                 self._pending = None
+        return kept
 
     def _judge_pending(self, leaves: dict[str, Tensor], grads: dict[str, Tensor]) -> bool:
         """Judges the previous step; a rejected one is undone (params back to θ₀) and no new step
@@ -322,6 +333,8 @@ class GeometricOptim(PyroOptim):
         with torch.no_grad():
             for n, v in candidate.values.items():
                 leaves[n].copy_(v)
+                if _own_copy(v, leaves[n]):  # kept as the value left, without another copy
+                    self._left[n] = v
         if self.momentum is not None:
             self.momentum.accept(group.param_names, candidate)
         for s in group.sites:
@@ -476,6 +489,14 @@ def _check_shapes(state: dict) -> None:
             raise ValueError(f"optimizer state for param {name!r} has shape "
                              f"{tuple(value.shape)}, the param store's is "
                              f"{tuple(store.get_param(name).unconstrained().shape)}")
+
+
+def _own_copy(value: Tensor, leaf: Tensor) -> bool:
+    """``value``, just copied into ``leaf``, equals it exactly and is a tensor of its own (same
+    dtype, shape and device; no memory shared with the leaf)."""
+    return (value.dtype == leaf.dtype and value.shape == leaf.shape
+            and value.device == leaf.device
+            and value.untyped_storage().data_ptr() != leaf.untyped_storage().data_ptr())
 
 
 def _beyond(kl: float | None, bound: float) -> bool:
