@@ -108,6 +108,7 @@ class GeometricOptim(PyroOptim):
         self._frozen: list[str] = []
         self._pending: dict | None = None
         self._after: dict[str, Tensor] = {}
+        self._left: dict[str, Tensor] = {}  # this call's accepted values, kept as _after
         self._nonfinite_streak = 0
 
     # ----- what subclasses provide --------------------------------------------------------------
@@ -154,7 +155,7 @@ class GeometricOptim(PyroOptim):
         owned = {n for g in groups for n in g.param_names}
         self.num_steps += 1
         kept = self._forget_stale(groups, leaves)
-        self._left: dict[str, Tensor] = {}
+        self._left = {}  # (empty unless a previous call raised mid-step)
         if self._refuse_nonfinite(groups, leaves, grads):
             return
         rejected = self._judge_pending(leaves, grads)
@@ -167,12 +168,13 @@ class GeometricOptim(PyroOptim):
                               for g in groups for s in g.sites}
         else:
             self._step_groups(groups, leaves, grads, kept)
-        # the values left: a stepped param's is the candidate's own copy, an unstepped one whose
-        # value was verified equal to what this optimizer left is that value (a restored one's
-        # too: _restore sets it); only an edited one needs a copy
+        # the values left: a stepped param's is recorded by _accept; an unstepped one whose value
+        # was verified equal to what this optimizer left is that value (a restored one's too:
+        # _restore sets it); only an edited one needs a copy
         self._after = {n: self._left[n] if n in self._left
                        else self._after[n] if n in kept else leaves[n].detach().clone()
                        for n in owned}
+        self._left = {}
 
     def _step_groups(self, groups: list[Group], leaves: dict[str, Tensor],
                      grads: dict[str, Tensor], kept: set[str]) -> None:
@@ -333,8 +335,8 @@ class GeometricOptim(PyroOptim):
         with torch.no_grad():
             for n, v in candidate.values.items():
                 leaves[n].copy_(v)
-                if _own_copy(v, leaves[n]):  # kept as the value left, without another copy
-                    self._left[n] = v
+                # the value left: the candidate's own tensor where it is an exact private copy
+                self._left[n] = v if _own_copy(v, leaves[n]) else leaves[n].detach().clone()
         if self.momentum is not None:
             self.momentum.accept(group.param_names, candidate)
         for s in group.sites:
