@@ -335,5 +335,12 @@ def test_ritz_pairs_are_eigenpairs_with_their_residual_norms():
     torch.testing.assert_close(residual, torch.linalg.vector_norm(s @ vectors - vectors * theta,
                                                                   dim=0), rtol=1e-8, atol=1e-8)
     assert float(theta[0]) == pytest.approx(float(eig[0]), rel=1e-6)
+    # a batch of two dimensions, expanded (not contiguous): each element's own eigenvalues
+    stack = torch.stack([s, 2 * s, -s])[:, None].expand(3, 2, d, d)
+    theta, vectors, residual = ritz_pairs(stack, d)
+    assert theta.shape == residual.shape == (3, 2, d) and vectors.shape == (3, 2, d, d)
+    for i, factor in enumerate((1.0, 2.0, -1.0)):
+        expected = torch.linalg.eigvalsh(factor * s).expand(2, d)
+        torch.testing.assert_close(theta[i], expected, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="Lanczos: iters must be a positive integer, got 0"):
         ritz_pairs(s, 0)

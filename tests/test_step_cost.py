@@ -27,15 +27,17 @@ from .op_count import count_ops
 F64 = torch.float64
 
 
+@pytest.mark.parametrize("batch", [(2,), ()], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("dtype, tol", [(F64, 1e-12), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("d", [10, 130, 257])
-def test_lower_product_is_the_lower_triangle_of_the_product(d, dtype, tol):
+def test_lower_product_is_the_lower_triangle_of_the_product(d, dtype, tol, batch):
+    """Batched (the blocks' products broadcast) and unbatched (accumulated in place)."""
     g = torch.Generator().manual_seed(d)
-    upper = torch.randn(2, d, d, generator=g, dtype=F64).triu()
+    upper = torch.randn(*batch, d, d, generator=g, dtype=F64).triu()
     lower = torch.randn(d, d, generator=g, dtype=F64).tril()
     expected = (upper @ lower).tril()
     got = lower_product(upper.to(dtype), lower.to(dtype))
-    assert got.dtype == dtype and got.shape == (2, d, d)
+    assert got.dtype == dtype and got.shape == (*batch, d, d)
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * d)
 
 
