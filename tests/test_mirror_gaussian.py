@@ -158,6 +158,8 @@ def test_precision_shortening_names_bad_options():
         PrecisionShortening(margin=-1)
     with pytest.raises(ValueError, match=r"floor must be in \[0, 1\), got 1.5"):
         PrecisionShortening(floor=1.5)
+    with pytest.raises(ValueError, match=r"hold must be in \[0, 1\), got -0.1"):
+        PrecisionShortening(hold=-0.1)
 
 
 @pytest.mark.parametrize("spread", [False, True], ids=["diagonal-bound", "lanczos-bound"])
@@ -231,6 +233,43 @@ def test_the_floor_lifts_only_the_directions_a_shortened_step_widens_too_far(flo
     torch.testing.assert_close(lifted[0], plain[0], rtol=1e-12, atol=1e-12)
     assert bool((partly[2] >= plain[2] - 1e-12).all()) and partly[2, 0] > plain[2, 0]
     assert candidates[floor, 12].note == candidates[0.0, 12].note
+
+
+def test_a_noisy_group_holds_its_unshortened_steps_to_the_hold_floor():
+    """S's spectrum −1.05 … 1 in d = 12: the step at rate 0.9 stays in the domain, Λ'Λ⁻¹'s
+    smallest eigenvalue 1 − 0.9·1.05 = 0.055 (q widens 18× along it). A group not marked noisy
+    takes it unchanged (a conjugate model's exact step is kept). A shortened step marks its
+    group; a marked group's same step is lifted to ``hold`` (12 Lanczos steps in d = 12: exact
+    Ritz pairs), every eigenvalue max(1 + 0.9λᵢ, hold), repaired and noted; ``hold=0`` leaves
+    it out. The mark is the piece's state: it round-trips and is forgotten."""
+    param, leaves, grads, _ = _problem(_spectrum([-1.05], 12))
+    args = param.args(leaves)
+    base = MultivariateNormal().distribution(*args)
+    site = Site("z", base, base, MultivariateNormal(), 1.0, 1.0, KEY, param)
+
+    def step(repair: PrecisionShortening):
+        return Mirror(repair).propose(KEY, site, leaves, grads, None).candidate(0.9)
+
+    expected = 1 + 0.9 * torch.linspace(-1.05, 1.0, 12, dtype=F64)
+    fresh = PrecisionShortening(lanczos_iters=12)
+    plain = step(fresh)
+    torch.testing.assert_close(_whitened_precision(param, leaves, plain)[0], expected,
+                               rtol=1e-9, atol=1e-9)
+    assert plain.note == "" and not plain.repaired and KEY not in fresh.noisy
+    leaving, leaving_leaves, leaving_grads, _ = _problem(_spectrum(LEAVING, 12))
+    _candidate(MultivariateNormal(), leaving, leaving_leaves, leaving_grads, 0.9, Mirror(fresh))
+    assert fresh.noisy == {KEY}  # marked by a shortened step
+    held = step(fresh)
+    torch.testing.assert_close(_whitened_precision(param, leaves, held)[0],
+                               expected.clamp_min(0.2), rtol=1e-8, atol=1e-8)
+    assert "precision held to 0.2" in held.note and held.repaired
+    off = PrecisionShortening(lanczos_iters=12, hold=0.0)
+    off.load_state_dict(fresh.state_dict())
+    assert off.noisy == {KEY}
+    torch.testing.assert_close(_whitened_precision(param, leaves, step(off))[0], expected,
+                               rtol=1e-9, atol=1e-9)
+    fresh.forget(KEY)
+    assert fresh.state_dict() == {"noisy": []} and step(fresh).note == ""
 
 
 @pytest.mark.parametrize("margin", [0, 1, 2, 3])

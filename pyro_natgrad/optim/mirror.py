@@ -71,8 +71,8 @@ class Mirror:
         anchor = args[0].detach().clone() if d_loc is not None else None
         dense = (family.name == "MultivariateNormal"
                  and args[0].shape[:-1] == args[1].shape[:-2])  # no covariance shared by locs
-        build = self._gaussian if dense else self._natural
-        step = build(family, args, d_args, 1.0 / site.multiplicity)
+        step = (self._gaussian(key, args, d_args, 1.0 / site.multiplicity) if dense
+                else self._natural(family, args, d_args, 1.0 / site.multiplicity))
 
         def candidate(rate: float) -> Candidate | None:
             with torch.no_grad():
@@ -122,7 +122,7 @@ class Mirror:
 
         return step
 
-    def _gaussian(self, family: ExponentialFamily, args: Params, d_args: Params,
+    def _gaussian(self, key: tuple[str, ...], args: Params, d_args: Params,
                   scale: float) -> Step:
         """N(m, LLᵀ) in its Cholesky factor (:mod:`~pyro_natgrad.families.gaussian_step`): the
         same step as :meth:`_natural`, with one d×d product per step, per rate one Cholesky
@@ -132,7 +132,7 @@ class Mirror:
         the unshifted KL)."""
         (loc, tril), (d_loc, d_tril) = args, d_args
         direction = gaussian_direction(loc, tril, d_loc, d_tril)
-        repair = (self.domain.gaussian(direction) if self.domain is not None
+        repair = (self.domain.gaussian(direction, key) if self.domain is not None
                   else _unrepaired(direction))
 
         def step(rate: float, shift: Tensor | None

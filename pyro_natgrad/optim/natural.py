@@ -15,7 +15,7 @@ from .geometric import GeometricOptim
 from .mirror import Mirror
 from .proposal import Proposal
 from .step_size import BoldDriver, PflugCeiling
-from .transforms import HeavyBall
+from .transforms import HeavyBall, PrecisionShortening
 from .trust_region import KLTrustRegion
 
 __all__ = ["NaturalGradient"]
@@ -102,7 +102,9 @@ class NaturalGradient(GeometricOptim):
         self.solve = solve
 
     def _stateful(self) -> dict[str, object]:
-        return {**super()._stateful(), "fisher_average": self.solve.average}
+        domain = self.mirror.domain if self.mirror is not None else None
+        return {**super()._stateful(), "fisher_average": self.solve.average,
+                "precision_floor": domain if isinstance(domain, PrecisionShortening) else None}
 
     def _method(self, group: Group) -> str:
         exp_family = all(s.family is not None for s in group.sites)

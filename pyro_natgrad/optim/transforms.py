@@ -95,7 +95,8 @@ class PrecisionShortening:
     element (each coordinate of a mean-field Normal) is shortened on its own. Far from the
     optimum the Monte Carlo estimate of ∂L/∂Σ is the noisy part; the mean is not held back by it.
     Families without a location (not Gaussian) are not repaired. A step that stays in the domain
-    at the full rate is never changed: a conjugate model's exact step is kept.
+    at the full rate is not changed unless its group is marked noisy (``hold``, below): a
+    conjugate model's exact step is kept.
 
     At the first positive-definite fraction Λ'Λ⁻¹ has an eigenvalue b in (0, ½] along the
     estimate's most negative direction: q widens by 1/b there, and KL(q ‖ q'), which the trust
@@ -109,6 +110,13 @@ class PrecisionShortening:
     * ``margin`` (the natural-parameter path: scalar families, such as a mean-field Normal's
       coordinates): ``margin`` more halvings. Λ' is affine in ρ_Λ, so Λ'(2⁻ᵐf) =
       (1 − 2⁻ᵐ)Λ + 2⁻ᵐΛ'(f) ⪰ (1 − 2⁻ᵐ)Λ.
+    * ``hold`` (full covariance): a group whose precision step has once left the domain is
+      marked noisy: its precision target is a Monte Carlo estimate that has shown its noise.
+      Every later step of it that stays in the domain is lifted the same way to ``hold``. Such
+      a step can still be nearly singular along a noise direction, B = I + ρS with an
+      eigenvalue near 0, which widens q many times in one step; the KL charges that little.
+      ``hold`` < ``floor`` leaves room for the widening a fit far from its optimum needs, which
+      is consistent from step to step: q widens at most 1/hold per step there. 0 leaves it out.
 
     The full covariance's precision Λ' = L⁻ᵀ(I + ρ_Λ S)L⁻¹
     (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which I + ρ_Λ S is indefinite by an
@@ -116,16 +124,22 @@ class PrecisionShortening:
     of min Sᵢᵢ and the smallest Ritz value of ``lanczos_iters`` Lanczos steps, run once per
     direction before the first Cholesky (Ritz values never lie below λ_min; Golub & Van Loan
     2013, §10.1). The first rate tried below the full one is aimed at with the estimate θ − r
-    (r: the Ritz pair's residual norm); a Cholesky decides every rate it tries."""
+    (r: the Ritz pair's residual norm); a Cholesky decides every rate it tries.
+
+    State: the groups marked noisy (keyed by their param names)."""
 
     max_halvings: int = 20
     lanczos_iters: int = 10
     floor: float = 0.6
     margin: int = 0
+    hold: float = 0.2
+    noisy: set[Key] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.floor, int | float) and 0 <= self.floor < 1):
-            raise ValueError(f"PrecisionShortening: floor must be in [0, 1), got {self.floor!r}")
+        for name in ("floor", "hold"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value < 1):
+                raise ValueError(f"PrecisionShortening: {name} must be in [0, 1), got {value!r}")
         for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
@@ -154,11 +168,13 @@ class PrecisionShortening:
                    eta[1] - rate * f2 * dmu[1])
         return new_eta, _shortened(fraction)
 
-    def gaussian(self, direction: GaussianDirection) -> GaussianRepair:
+    def gaussian(self, direction: GaussianDirection, key: Key | None = None) -> GaussianRepair:
         """The step of N(m, LLᵀ) along ``direction`` at each rate, shortened where it leaves the
-        domain and lifted to the floor: per rate, one Cholesky when the step stays in the domain
-        or the estimate of λ_min(S) is right (Lanczos runs once per direction, O(d²) per
-        iteration)."""
+        domain and lifted to the floor (to ``hold`` where it stays in the domain and the group
+        ``key`` is marked noisy; a shortened step marks it): per rate, one Cholesky when the step
+        stays in the domain or the estimate of λ_min(S) is right (Lanczos runs once per
+        direction, O(d²) per iteration)."""
+        held = self.hold if key in self.noisy else 0.0
         s = direction.whitened_cov
         theta, vectors, residual = ritz_pairs(s, self.lanczos_iters)
         diagonal = s.diagonal(dim1=-2, dim2=-1).amin(-1)  # eᵢᵀSeᵢ ≥ λ_min(S)
@@ -178,12 +194,14 @@ class PrecisionShortening:
                 fraction = torch.where(out, 0.5 * fraction, fraction)
 
         def lifted(fraction: Tensor, rate: float) -> tuple[Tensor, Tensor] | None:
-            """(U, a) for ``natural_step``'s lift: B's Ritz directions below the floor."""
-            if not self.floor or not bool((fraction < 1).any()):
+            """(U, a) for ``natural_step``'s lift: B's Ritz directions below the floor (or
+            ``hold``, unshortened)."""
+            floor = torch.where(fraction < 1, fraction.new_tensor(self.floor),
+                                fraction.new_tensor(held))
+            if not bool((floor > 0).any()):
                 return None
-            lift = torch.where(fraction[..., None] < 1,
-                               (self.floor - 1 - (rate * fraction)[..., None] * theta
-                                ).clamp_min(0), 0.0)
+            lift = torch.where(floor[..., None] > 0, (floor[..., None] - 1 - (
+                rate * fraction)[..., None] * theta).clamp_min(0), 0.0)
             active = (lift > 0).reshape(-1, lift.shape[-1]).any(0)  # pairs lifted anywhere
             if not bool(active.any()):
                 return None
@@ -199,9 +217,27 @@ class PrecisionShortening:
 
             fraction = self._search(inside, s.new_ones(s.shape[:-2]),
                                     lambda f: skip(f, rate))
-            return None if fraction is None else (steps[-1], _shortened(fraction))
+            if fraction is None:
+                return None
+            shortened = fraction < 1
+            if key is not None and bool(shortened.any()):
+                self.noisy.add(key)
+            lift = lifted(fraction, rate) if held else None
+            note = _shortened(fraction) or ("" if lift is None else
+                                            f"precision held to {held:g} along "
+                                            f"{lift[0].shape[-1]} direction(s) (noisy group)")
+            return steps[-1], note
 
         return step
+
+    def forget(self, key: Key) -> None:
+        self.noisy.discard(key)
+
+    def state_dict(self) -> dict:
+        return {"noisy": sorted(self.noisy)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noisy = {tuple(k) for k in state["noisy"]}
 
     def _search(self, inside: Callable[[Tensor], Tensor], fraction: Tensor,
                 skip: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
@@ -252,7 +288,7 @@ class Retraction:
                         for x, y, k in zip(plain, retracted, family.event_dims, strict=True))
         return new_eta, _retracted(valid)
 
-    def gaussian(self, direction: GaussianDirection) -> GaussianRepair:
+    def gaussian(self, direction: GaussianDirection, key: Key | None = None) -> GaussianRepair:
         """The step of N(m, LLᵀ) along ``direction`` at each rate, retracted
         (``natural_step(..., retract=True)``) at the elements where it leaves the domain; S² is
         formed once, at the first such step."""
