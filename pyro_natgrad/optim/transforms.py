@@ -208,25 +208,24 @@ class PrecisionShortening:
             return vectors[..., active], lift[..., active]
 
         def step(rate: float) -> tuple[GaussianStep, str] | None:
-            steps = []
+            tried = []  # (step, its lift) per fraction tried
 
             def inside(fraction: Tensor) -> Tensor:
-                steps.append(natural_step(direction, rate, rate * fraction,
-                                          lift=lifted(fraction, rate)))
-                return steps[-1].ok
+                lift = lifted(fraction, rate)
+                tried.append((natural_step(direction, rate, rate * fraction, lift=lift), lift))
+                return tried[-1][0].ok
 
             fraction = self._search(inside, s.new_ones(s.shape[:-2]),
                                     lambda f: skip(f, rate))
             if fraction is None:
                 return None
-            shortened = fraction < 1
-            if key is not None and bool(shortened.any()):
+            if key is not None and bool((fraction < 1).any()):
                 self.noisy.add(key)
-            lift = lifted(fraction, rate) if held else None
+            found, lift = tried[-1]
             note = _shortened(fraction) or ("" if lift is None else
                                             f"precision held to {held:g} along "
                                             f"{lift[0].shape[-1]} direction(s) (noisy group)")
-            return steps[-1], note
+            return found, note
 
         return step
 
