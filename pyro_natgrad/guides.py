@@ -22,7 +22,13 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
+from pyro.infer.autoguide import (
+    AutoGuide,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+)
+from pyro.poutine.runtime import _PYRO_STACK
 from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
@@ -198,13 +204,17 @@ class GuideReader:
     def __init__(self, guide: Callable):
         self.guide = guide
         self.last_trace: poutine.Trace | None = None
+        self.reused = False  # the latest read returned the previous read's groups
         self._structure: dict[tuple, tuple] = {}
+        # (fingerprint, groups, the recorded call: held so that no identity in it is reused)
+        self._last_read: tuple[tuple, list[Group], Any] | None = None
         if isinstance(guide, torch.nn.Module) and not any(
                 hook is _record_call for hook in guide._forward_pre_hooks.values()):
             guide.register_forward_pre_hook(_record_call, with_kwargs=True)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "last_trace": None, "_structure": {}}
+        return {**self.__dict__, "last_trace": None, "_structure": {}, "_last_read": None,
+                "reused": False}
 
     def _recorded(self) -> tuple[tuple, dict] | None:
         if isinstance(self.guide, torch.nn.Module):
@@ -247,9 +257,42 @@ class GuideReader:
             self.last_trace = trace
         return trace
 
-    def read(self, leaves: dict[str, Tensor]) -> list[Group]:
+    def read(self, leaves: dict[str, Tensor], *, reuse: bool = False) -> list[Group]:
         """Latent sites grouped by shared params; ``leaves`` are the params being optimized. A
-        leaf with ``requires_grad=False`` (frozen) is no site's param: it is not stepped."""
+        leaf with ``requires_grad=False`` (frozen) is no site's param: it is not stepped.
+
+        ``reuse``: for a Pyro AutoGuide (not an ``AutoGuideList``, which may hold any callable),
+        whose sites, families and plates are fixed by its prototype, the previous read's groups
+        are returned without running the guide when nothing they were read from has changed
+        (:meth:`_fingerprint`: the same argument objects, not modified in place, the same leaf
+        tensors, and the same Pyro handlers around the call); ``reused`` says so. Their
+        structure (names, families, parameterizations, multiplicities) holds, but each site's
+        ``fn`` and ``base`` and ``last_trace`` are those of the previous read, built at its param
+        values: a caller that reads distributions must read again without ``reuse``."""
+        key = self._fingerprint(leaves) if reuse else None
+        self.reused = key is not None and self._last_read is not None and self._last_read[0] == key
+        if self.reused:
+            return self._last_read[1]
+        groups = self._read(leaves)
+        self._last_read = None if key is None else (key, groups, self._recorded())
+        return groups
+
+    def _fingerprint(self, leaves: dict[str, Tensor]) -> tuple | None:
+        """What a read of an AutoGuide depends on besides param values, comparable with ``==``:
+        the recorded arguments (objects by identity, tensors also by their in-place version
+        counter and shape, containers by content), every leaf (name, identity, shape,
+        ``requires_grad``) and the identities of the Pyro handlers active around the call.
+        None for other guides."""
+        if not isinstance(self.guide, AutoGuide) or isinstance(self.guide, AutoGuideList):
+            return None
+        recorded = self._recorded()
+        if recorded is None:
+            return None
+        handlers = tuple(id(h) for h in _PYRO_STACK)
+        params = tuple((n, id(p), tuple(p.shape), p.requires_grad) for n, p in leaves.items())
+        return _signature(recorded), params, handlers
+
+    def _read(self, leaves: dict[str, Tensor]) -> list[Group]:
         frozen = [n for n, p in leaves.items() if not p.requires_grad]
         leaves = {n: p for n, p in leaves.items() if p.requires_grad}
         trace = self.trace()
@@ -397,6 +440,19 @@ def is_real(constraint: constraints.Constraint) -> bool:
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     return constraint is constraints.real
+
+
+def _signature(value: Any) -> Any:
+    """``value`` as a comparable key for :meth:`GuideReader._fingerprint`: a tensor by identity,
+    in-place version and shape, a list, tuple or dict by its items, anything else by identity
+    (the reader holds the call it was taken from, so no identity in it is reused)."""
+    if isinstance(value, Tensor):
+        return "tensor", id(value), value._version, tuple(value.shape)
+    if isinstance(value, list | tuple):
+        return type(value).__name__, tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return "dict", tuple((k, _signature(v)) for k, v in value.items())
+    return "object", id(value)
 
 
 def _name(guide: Callable) -> str:

@@ -258,3 +258,68 @@ def test_gauge_projection_runs_no_probe_where_the_gauge_is_declared(monkeypatch)
         constraints.real, constraints.softplus_positive, constraints.unit_lower_cholesky))
     assert unit.rotation_gauge(MultivariateNormal()) is None
     pyro.clear_param_store()
+
+
+def test_guide_reader_reuses_an_autoguide_read_only_while_nothing_it_was_read_from_changed():
+    """GuideReader.read(reuse=True) returns the previous read's groups without running the
+    guide for a Pyro AutoGuide called on the same, unmodified arguments with the same leaves and
+    no new Pyro handler; an in-place edit of an argument, new leaves, a handler around the call,
+    reuse=False or a plain-function guide each run the guide again."""
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoMultivariateNormal
+
+    from pyro_natgrad.guides import GuideReader
+
+    pyro.clear_param_store()
+    data = torch.ones(3, dtype=torch.float64)
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(), 1.0).expand([3]).to_event(1), obs=x)
+
+    runs = []
+    guide = AutoMultivariateNormal(model)
+    guide.register_forward_hook(lambda *_: runs.append(1))
+    reader = GuideReader(guide)  # built before the guide's first call, as an optimizer is
+    guide(data)
+    store = pyro.get_param_store()
+
+    def leaves():
+        return {n: store.get_param(n).unconstrained() for n in sorted(store.keys())}
+
+    first = reader.read(leaves(), reuse=True)
+    assert not reader.reused and len(runs) == 2
+    assert reader.read(leaves(), reuse=True) is first and reader.reused and len(runs) == 2
+    assert reader.read(leaves()) is not first and not reader.reused and len(runs) == 3
+    again = reader.read(leaves(), reuse=True)  # the plain read above was not cached
+    assert not reader.reused and len(runs) == 4
+    data.add_(1.0)  # same object, edited in place: its version counter moved
+    assert reader.read(leaves(), reuse=True) is not again and len(runs) == 5
+    with pyro.poutine.scale(scale=2.0):
+        reader.read(leaves(), reuse=True)
+    assert not reader.reused and len(runs) == 6
+    guide(data.clone())  # a new argument object
+    reader.read(leaves(), reuse=True)
+    assert not reader.reused and len(runs) == 8
+    pyro.clear_param_store()
+    guide = AutoMultivariateNormal(model)
+    reader = GuideReader(guide)
+    guide(data)
+    reader.read(leaves(), reuse=True)
+    reader.read(leaves(), reuse=True)
+    assert reader.reused
+
+    calls = []
+
+    @pyro_natgrad.record_args
+    def custom(x):
+        calls.append(1)
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(2, dtype=torch.float64)),
+                                     1.0).to_event(1))
+
+    pyro.clear_param_store()
+    reader = GuideReader(custom)
+    custom(data)
+    reader.read(leaves(), reuse=True)
+    reader.read(leaves(), reuse=True)
+    assert not reader.reused and len(calls) == 3

@@ -283,3 +283,44 @@ def test_a_fit_stuck_at_the_smallest_step_says_so():
         svi.step(x)
         notes.update(opt.diagnose())
     assert any("at its floor" in note for note in notes)
+
+
+@pytest.mark.parametrize("make,saves", [
+    (NaturalGradient, True),  # the mirror step reads params and structure only
+    (lambda g: WassersteinGradient(g), True),  # so does the closed-form Bures step
+    (lambda g: NaturalGradient(g, mirror=None), False),  # the closed-form Fisher reads q's args
+], ids=["natural", "bures", "closed_form"])
+def test_the_guide_is_run_again_only_where_a_step_reads_its_distributions(make, saves):
+    """An AutoMultivariateNormal fit on fixed data: after the first step, an optimizer whose
+    step reads only params and structure runs the guide no more (the ELBO runs it once per SVI
+    step), one that reads distributions as often as when the guide is re-read every call; the
+    fit is the same, bitwise, as with the guide re-read every call (5 steps)."""
+    x = torch.linspace(-1, 2, 10, dtype=torch.float64)
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, dtype=x.dtype), 1.0).to_event(1))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Normal(z[0] + z[1] * x, 0.5), obs=x)
+
+    def fit(reuse):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        runs = []
+        guide = AutoMultivariateNormal(model)
+        guide.register_forward_hook(lambda *_: runs.append(1))
+        opt = make(guide)
+        if not reuse:
+            opt.reader.read = lambda leaves, reuse=False, read=opt.reader.read: read(leaves)
+        svi = SVI(model, guide, opt, Trace_ELBO())
+        svi.step(x)
+        start = len(runs)
+        for _ in range(4):
+            svi.step(x)
+        return len(runs) - start, {k: v.detach().clone() for k, v in
+                                   pyro.get_param_store().items()}
+
+    runs, reused = fit(True)
+    runs_plain, plain = fit(False)
+    assert runs_plain >= 4 * 2 and runs == (4 if saves else runs_plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(reused[name], value, rtol=0, atol=0)

@@ -277,9 +277,9 @@ def ritz_pairs(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple[Tensor, 
 def lower_product(upper: Tensor, lower: Tensor, block: int = 64) -> Tensor:
     """tril(A·tril(B)) for A = ``upper`` upper triangular (its strict lower triangle zero) and B =
     ``lower`` (only its lower triangle read), both (…, d, d). Row block I (rows i:e) of the
-    result's lower triangle is A[I, i:e] tril(B)[i:e, :e] + A[I, e:] B[e:, :e]: the terms k < i
-    vanish (A_ik = 0), and so do the columns past e, so the blocks take ≈ d³/3 multiply–adds
-    instead of the full product's d³. Below two blocks: the plain product."""
+    result's lower triangle is A[I, I] B[I, :i] + A[I, I] tril(B[I, I]) + A[I, e:] B[e:, :e]:
+    the terms k < i vanish (A_ik = 0), and so do the columns past e, so the blocks take ≈ d³/6
+    multiply–adds instead of the full product's d³. Below two blocks: the plain product."""
     d = upper.shape[-1]
     if d < 2 * block:
         return (upper @ lower.tril()).tril()
@@ -287,8 +287,10 @@ def lower_product(upper: Tensor, lower: Tensor, block: int = 64) -> Tensor:
     for i in range(0, d, block):
         e = min(i + block, d)
         out[..., i:e, e:] = 0  # the strict upper triangle's part in these rows
-        rows = out[..., i:e, :e]
-        torch.matmul(upper[..., i:e, i:e], lower[..., i:e, :e].tril(i), out=rows)
+        rows, corner = out[..., i:e, :e], upper[..., i:e, i:e]
+        if i:  # B[I, :i] lies below the diagonal: read in place
+            torch.matmul(corner, lower[..., i:e, :i], out=rows[..., :i])
+        torch.matmul(corner, lower[..., i:e, i:e].tril(), out=rows[..., i:e])
         if e < d and rows.dim() == 2:
             rows.addmm_(upper[..., i:e, e:], lower[..., e:, :e])  # accumulated in place
         elif e < d:

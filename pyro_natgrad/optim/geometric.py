@@ -119,6 +119,12 @@ class GeometricOptim(PyroOptim):
     def _method(self, group: Group) -> str:
         raise NotImplementedError
 
+    def _reads_distributions(self, group: Group) -> bool:
+        """Whether the group's step reads its sites' distributions (``Site.fn``, ``Site.base``,
+        the reader's trace), not only their structure and the params: then the guide is re-run
+        every call (:meth:`~pyro_natgrad.guides.GuideReader.read`)."""
+        return True
+
     def _stateful(self) -> dict[str, object]:
         """Pieces with per-group state, by name (subclasses add theirs)."""
         return {name: getattr(self, name) for name in _PIECES}
@@ -151,7 +157,7 @@ class GeometricOptim(PyroOptim):
         leaves = dict(sorted((store.param_name(p), p) for p in params))
         grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in leaves.items()}
-        self._groups = groups = self.reader.read(leaves)
+        self._groups = groups = self._read(leaves)
         owned = {n for g in groups for n in g.param_names}
         self.num_steps += 1
         kept = self._forget_stale(groups, leaves)
@@ -175,6 +181,14 @@ class GeometricOptim(PyroOptim):
                        else self._after[n] if n in kept else leaves[n].detach().clone()
                        for n in owned}
         self._left = {}
+
+    def _read(self, leaves: dict[str, Tensor]) -> list[Group]:
+        """The guide's groups, re-using the previous read's where the reader can vouch for their
+        structure and no group's step reads distributions (one guide run saved per call)."""
+        groups = self.reader.read(leaves, reuse=True)
+        if self.reader.reused and any(self._reads_distributions(g) for g in groups):
+            groups = self.reader.read(leaves)
+        return groups
 
     def _step_groups(self, groups: list[Group], leaves: dict[str, Tensor],
                      grads: dict[str, Tensor], kept: set[str]) -> None:

@@ -118,6 +118,9 @@ class NaturalGradient(GeometricOptim):
             return "natural"
         return "closed_form"
 
+    def _reads_distributions(self, group: Group) -> bool:
+        return self._method(group) != "natural"  # the mirror step reads params and structure
+
     def _propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
                  grads: dict[str, Tensor]) -> Proposal:
         method = self._method(group)

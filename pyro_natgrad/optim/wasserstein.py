@@ -95,6 +95,9 @@ class WassersteinGradient(GeometricOptim):
             return "bures_metric"
         return "pushforward"
 
+    def _reads_distributions(self, group: Group) -> bool:
+        return self._method(group) != "bures"  # the closed-form step reads params and structure
+
     def _propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
                  grads: dict[str, Tensor]) -> Proposal:
         method = self._method(group)
