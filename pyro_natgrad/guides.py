@@ -15,7 +15,7 @@ import functools
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -182,7 +182,6 @@ class Group:
 
     sites: list[Site]
     param_names: tuple[str, ...]
-    meta: dict = field(default_factory=dict)
 
     @property
     def natural(self) -> bool:
