@@ -46,11 +46,11 @@ def _fit(make_optim, seed: int, data) -> tuple[float, float]:
 def test_a_noisy_full_covariance_fit_stays_inside_the_prior_and_beats_adam(seed):
     """d = 100, 300 rows, 8 particles, 30 steps. At the defaults q's covariance never exceeds
     the prior's along any direction (measured largest eigenvalue 0.10–0.26 over seeds 0–11 and
-    0.12–0.35 over seeds 12–41 but for seed 33's 0.79, from Pyro's initial 0.01; with ``PrecisionShortening(floor=0)`` 0.25–1.87 over seeds 0–3, wider
-    than the prior on three; with ``hold=0`` 1.35 on seed 5 and 1.46 on seed 11, each widened
-    by one unshortened, nearly singular step) and the final −ELBO is below Adam's and
-    ClippedAdam's at lr 0.03 (measured 234–266 vs 294–318; floor 0: 299–395; hold 0: 301 on
-    seed 11)."""
+    0.12–0.35 over seeds 12–41 but for seed 33's 0.79, from Pyro's initial 0.01; with
+    ``PrecisionShortening(floor=0)`` 0.25–1.87 over seeds 0–3, wider than the prior on three;
+    with ``hold=0`` 1.35 on seed 5 and 1.46 on seed 11, each widened by one unshortened, nearly
+    singular step) and the final −ELBO is below Adam's and ClippedAdam's at lr 0.03 (measured
+    234–266 vs 294–318; floor 0: 299–395; hold 0: 301 on seed 11)."""
     data = correlated_logistic(D, ROWS)
     widest, loss = _fit(lambda g: NaturalGradient(g), seed, data)
     assert widest <= 1.0, f"q wider than the prior: largest covariance eigenvalue {widest:.3g}"
