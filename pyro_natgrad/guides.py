@@ -205,8 +205,9 @@ class GuideReader:
         self.last_trace: poutine.Trace | None = None
         self.reused = False  # the latest read returned the previous read's groups
         self._structure: dict[tuple, tuple] = {}
-        # (fingerprint, groups, the recorded call: held so that no identity in it is reused)
-        self._last_read: tuple[tuple, list[Group], Any] | None = None
+        # (fingerprint, groups, the recorded call and the leaves: held so that no identity in
+        # the fingerprint is reused)
+        self._last_read: tuple[tuple, list[Group], Any, tuple] | None = None
         if isinstance(guide, torch.nn.Module) and not any(
                 hook is _record_call for hook in guide._forward_pre_hooks.values()):
             guide.register_forward_pre_hook(_record_call, with_kwargs=True)
@@ -273,7 +274,8 @@ class GuideReader:
         if self.reused:
             return self._last_read[1]
         groups = self._read(leaves)
-        self._last_read = None if key is None else (key, groups, self._recorded())
+        self._last_read = (None if key is None else
+                           (key, groups, self._recorded(), tuple(leaves.values())))
         return groups
 
     def _fingerprint(self, leaves: dict[str, Tensor]) -> tuple | None:
@@ -444,7 +446,7 @@ def is_real(constraint: constraints.Constraint) -> bool:
 def _signature(value: Any) -> Any:
     """``value`` as a comparable key for :meth:`GuideReader._fingerprint`: a tensor by identity,
     in-place version and shape, a list, tuple or dict by its items, anything else by identity
-    (the reader holds the call it was taken from, so no identity in it is reused)."""
+    (the reader holds the objects of the read it keeps, so no identity in it is reused)."""
     if isinstance(value, Tensor):
         return "tensor", id(value), value._version, tuple(value.shape)
     if isinstance(value, list | tuple):
