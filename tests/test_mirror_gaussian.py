@@ -160,6 +160,8 @@ def test_precision_shortening_names_bad_options():
         PrecisionShortening(floor=1.5)
     with pytest.raises(ValueError, match=r"hold must be in \[0, 1\), got -0.1"):
         PrecisionShortening(hold=-0.1)
+    with pytest.raises(ValueError, match="verify must be an integer >= 0, got True"):
+        PrecisionShortening(verify=True)
 
 
 @pytest.mark.parametrize("spread", [False, True], ids=["diagonal-bound", "lanczos-bound"])
@@ -270,6 +272,35 @@ def test_a_noisy_group_holds_its_unshortened_steps_to_the_hold_floor():
                                rtol=1e-9, atol=1e-9)
     fresh.forget(KEY)
     assert fresh.state_dict() == {"noisy": []} and step(fresh).note == ""
+
+
+def test_the_floor_check_lifts_a_direction_the_ritz_vectors_missed():
+    """S with one eigenvalue at −60 and the rest in [−5, 1] (d = 12): the step at rate 0.9 is
+    shortened to ρ_Λ = 0.9·2⁻⁶, where Λ'Λ⁻¹ = B has 1 − 60ρ_Λ = 0.16 along that direction (q
+    widens 6× there) and ≥ 0.93 elsewhere. With one Lanczos step the Ritz vector misses it and
+    the floor's lift cannot reach it (verify=0: 0.16 stays); the check's inverse iteration finds
+    it and lifts it to the floor (0.6, to 5e-3), the other eigenvalues as they were. With exact
+    Ritz pairs (12 Lanczos steps) the lift already covers it and the check changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=F64))
+    spectrum = torch.cat([torch.tensor([-60.0]), torch.linspace(-5.0, 1.0, 11)]).to(F64)
+    param, leaves, grads, _ = _problem((q @ torch.diag(spectrum) @ q.T)[None])
+
+    def lowest(**options):
+        mirror = Mirror(PrecisionShortening(**options))
+        candidate = _candidate(MultivariateNormal(), param, leaves, grads, 0.9, mirror)
+        assert "shortened to 0.0156" in candidate.note
+        return _whitened_precision(param, leaves, candidate)[0]
+
+    expected = 1 + 0.9 * 2.0**-6 * spectrum.sort().values
+    missed = lowest(lanczos_iters=1, verify=0)
+    assert float(missed[0]) == pytest.approx(float(expected[0]), rel=1e-6)  # 0.156
+    checked = lowest(lanczos_iters=1)
+    assert float(checked[0]) == pytest.approx(0.6, abs=5e-3)
+    torch.testing.assert_close(checked[1:], missed[1:], rtol=1e-3, atol=1e-3)
+    exact = lowest(lanczos_iters=12)
+    torch.testing.assert_close(exact, lowest(lanczos_iters=12, verify=0), rtol=0, atol=0)
+    assert float(exact[0]) == pytest.approx(0.6, rel=1e-6)
 
 
 @pytest.mark.parametrize("margin", [0, 1, 2, 3])

@@ -160,9 +160,10 @@ def test_deferred_values_are_formed_once_on_first_access():
 def test_optimizer_step_work_on_a_full_covariance_guide():
     """d = 256, 8 particles: per optimizer call the O(d³) work is the lower triangle of LᵀḠ
     (0.31·d³ multiply–adds in row blocks), one Cholesky (d³/3) per factorization and the accepted
-    candidate's factor L U⁻ᵀ (0.31·d³ in row blocks), all else O(d²): at most
-    0.7·d³ + factorizations·d³/3. (Before: a full d×d product and a full triangular solve per
-    factorization, 1.5·d³ + factorizations·0.83·d³.)"""
+    candidate's factor L U⁻ᵀ (0.31·d³ in row blocks), all else O(d²) (measured 21·d²: Lanczos'
+    matrix–vector products, the floor check's inverse iteration, …): at most
+    0.62·d³ + factorizations·d³/3 + 30·d². (Before: a full d×d product and a full triangular
+    solve per factorization, 1.5·d³ + factorizations·0.83·d³.)"""
     d = 256
     g = torch.Generator().manual_seed(0)
     X = torch.randn(300, d, generator=g, dtype=F64)
@@ -190,5 +191,5 @@ def test_optimizer_step_work_on_a_full_covariance_guide():
     assert len(stepped) >= 4, counted
     for _, factorizations, names, work in stepped:
         assert factorizations == names["linalg_cholesky_ex"] >= 1, counted
-        assert work <= 0.7 + factorizations / 3, counted
+        assert work <= 0.62 + factorizations / 3 + 30 / d, counted
     pyro.clear_param_store()

@@ -84,6 +84,18 @@ class GaussianStep:
     reverse_kl: Tensor | None
     ok: Tensor
     build: Callable[[], tuple[Tensor, Tensor]] = field(repr=False, compare=False)
+    bottom: Callable[[int], tuple[Tensor, Tensor]] | None = field(default=None, repr=False,
+                                                                 compare=False)
+
+    def least(self, iters: int) -> tuple[Tensor, Tensor]:
+        """(μ, u) per batch element: μ = uᵀBu ≥ λ_min(B), the Rayleigh quotient of the unit
+        vector u after ``iters`` steps of inverse iteration x ← B⁻¹x / |B⁻¹x| from a seeded
+        random start (Golub & Van Loan 2013, §8.2.2), each two triangular solves with B's factor
+        (O(d²)): it finds the direction where q' = N(m', Σ') widens most, Σ'Λ = B⁻¹ in q's
+        whitened frame, whether or not Lanczos on S saw it. Only where ``ok``."""
+        if self.bottom is None:
+            raise ValueError("GaussianStep.least: this step was not built by natural_step")
+        return self.bottom(iters)
 
     @cached_property
     def _args(self) -> tuple[Tensor, Tensor]:
@@ -187,7 +199,19 @@ def natural_step(direction: GaussianDirection, rate: float | Tensor,
         new_tril = lower_solve(tril, flipped.flip(-2, -1).mT)  # L U⁻ᵀ
         return loc - rho[..., None] * (new_tril @ w).squeeze(-1), new_tril
 
-    return GaussianStep(kl, reverse, ok, build)
+    def bottom(iters: int) -> tuple[Tensor, Tensor]:
+        """Inverse iteration on JBJ = L_f L_fᵀ; the vector returned in B's coordinates (J x)."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(flipped.shape[:-1] + (1,), generator=generator,
+                        dtype=flipped.dtype).to(flipped.device)
+        for _ in range(iters):
+            x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+            x = torch.linalg.solve_triangular(
+                flipped.mT, torch.linalg.solve_triangular(flipped, x, upper=False), upper=True)
+        x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True)
+        return (flipped.mT @ x).square().sum((-2, -1)), x.flip(-2).squeeze(-1)
+
+    return GaussianStep(kl, reverse, ok, build, bottom)
 
 
 def _cholesky_in_place(matrix: Tensor) -> tuple[Tensor, Tensor]:

@@ -117,6 +117,12 @@ class PrecisionShortening:
       eigenvalue near 0, which widens q many times in one step; the KL charges that little.
       ``hold`` < ``floor`` leaves room for the widening a fit far from its optimum needs, which
       is consistent from step to step: q widens at most 1/hold per step there. 0 leaves it out.
+    * ``verify`` (full covariance): the lift covers the Ritz directions of S only, and B can be
+      nearly singular along a direction they miss (q widening 10–25× in one step). A lifted
+      step is checked by ``verify`` steps of inverse iteration with B's factor
+      (:meth:`~pyro_natgrad.families.gaussian_step.GaussianStep.least`, O(d²) each); where B
+      falls below half its floor along the direction found, that direction is lifted to the
+      floor too (one more Cholesky). 0 leaves it out.
 
     The full covariance's precision Λ' = L⁻ᵀ(I + ρ_Λ S)L⁻¹
     (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which I + ρ_Λ S is indefinite by an
@@ -133,6 +139,7 @@ class PrecisionShortening:
     floor: float = 0.6
     margin: int = 0
     hold: float = 0.2
+    verify: int = 3
     noisy: set[Key] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -140,7 +147,8 @@ class PrecisionShortening:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 <= value < 1):
                 raise ValueError(f"PrecisionShortening: {name} must be in [0, 1), got {value!r}")
-        for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0)):
+        for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0),
+                          ("verify", 0)):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
                 raise ValueError(f"PrecisionShortening: {name} must be an integer >= {low}, "
@@ -207,6 +215,25 @@ class PrecisionShortening:
                 return None
             return vectors[..., active], lift[..., active]
 
+        def verified(found: GaussianStep, lift: tuple[Tensor, Tensor] | None, fraction: Tensor,
+                     rate: float) -> tuple[GaussianStep, tuple[Tensor, Tensor] | None]:
+            """The step with the direction where B is lowest also lifted to its floor, where
+            inverse iteration finds B below half of it there (else the step as it is)."""
+            floor = torch.where(fraction < 1, fraction.new_tensor(self.floor),
+                                fraction.new_tensor(held))
+            if not bool((floor > 0).any()):
+                return found, lift
+            value, vector = found.least(self.verify)
+            low = (floor > 0) & (value < 0.5 * floor)
+            if not bool(low.any()):
+                return found, lift
+            amount = torch.where(low, floor - value, 0.0)
+            more = (vector[..., None], amount[..., None])
+            if lift is not None:
+                more = (torch.cat([lift[0], more[0]], -1), torch.cat([lift[1], more[1]], -1))
+            lifted_more = natural_step(direction, rate, rate * fraction, lift=more)
+            return (lifted_more, more) if bool(lifted_more.ok.all()) else (found, lift)
+
         def step(rate: float) -> tuple[GaussianStep, str] | None:
             tried = []  # (step, its lift) per fraction tried
 
@@ -222,6 +249,8 @@ class PrecisionShortening:
             if key is not None and bool((fraction < 1).any()):
                 self.noisy.add(key)
             found, lift = tried[-1]
+            if self.verify:
+                found, lift = verified(found, lift, fraction, rate)
             note = _shortened(fraction) or ("" if lift is None else
                                             f"precision held to {held:g} along "
                                             f"{lift[0].shape[-1]} direction(s) (noisy group)")
