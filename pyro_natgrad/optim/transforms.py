@@ -118,8 +118,9 @@ class PrecisionShortening:
       ``hold`` < ``floor`` leaves room for the widening a fit far from its optimum needs, which
       is consistent from step to step: q widens at most 1/hold per step there. 0 leaves it out.
     * ``verify`` (full covariance): the lift covers the Ritz directions of S only, and B can be
-      nearly singular along a direction they miss (q widening 10–25× in one step). A lifted
-      step is checked by ``verify`` steps of inverse iteration with B's factor
+      nearly singular along a direction they miss (q widening 10–25× in one step). A step
+      held to a floor (shortened, or of a noisy group) is checked by ``verify`` steps of
+      inverse iteration with B's factor
       (:meth:`~pyro_natgrad.families.gaussian_step.GaussianStep.least`, O(d²) each); where B
       falls below half its floor along the direction found, that direction is lifted to the
       floor too (one more Cholesky). 0 leaves it out.
@@ -201,11 +202,15 @@ class PrecisionShortening:
                     return fraction
                 fraction = torch.where(out, 0.5 * fraction, fraction)
 
+        def floor_of(fraction: Tensor) -> Tensor:
+            """Per element, the floor B is held to: ``floor`` shortened, else ``held``."""
+            return torch.where(fraction < 1, fraction.new_tensor(self.floor),
+                               fraction.new_tensor(held))
+
         def lifted(fraction: Tensor, rate: float) -> tuple[Tensor, Tensor] | None:
             """(U, a) for ``natural_step``'s lift: B's Ritz directions below the floor (or
             ``hold``, unshortened)."""
-            floor = torch.where(fraction < 1, fraction.new_tensor(self.floor),
-                                fraction.new_tensor(held))
+            floor = floor_of(fraction)
             if not bool((floor > 0).any()):
                 return None
             lift = torch.where(floor[..., None] > 0, (floor[..., None] - 1 - (
@@ -219,8 +224,7 @@ class PrecisionShortening:
                      rate: float) -> tuple[GaussianStep, tuple[Tensor, Tensor] | None]:
             """The step with the direction where B is lowest also lifted to its floor, where
             inverse iteration finds B below half of it there (else the step as it is)."""
-            floor = torch.where(fraction < 1, fraction.new_tensor(self.floor),
-                                fraction.new_tensor(held))
+            floor = floor_of(fraction)
             if not bool((floor > 0).any()):
                 return found, lift
             value, vector = found.least(self.verify)
