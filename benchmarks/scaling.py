@@ -40,6 +40,7 @@ from pyro.optim import Adam
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning
 from pyro_natgrad.demo import logistic_model
+from pyro_natgrad.families.gaussian_step import lower_product, lower_solve
 from tests.op_count import count_ops
 
 from .problems import DTYPE, correlated_logistic
@@ -92,10 +93,36 @@ class Row:
     cubic: list[float] = field(default_factory=list)  # O(d³) calls per optimizer step
     factorizations: list[float] = field(default_factory=list)
     work: list[float] = field(default_factory=list)  # multiply–adds / d³ per optimizer step
+    floor: list[float] = field(default_factory=list)  # seconds: NG's step with a 3-op optimizer
     refused: int = 0
 
     def ratio(self) -> float:
         return statistics.median(self.ng) / statistics.median(self.adam)
+
+    def floor_ratio(self) -> float | None:
+        """The three-op floor over Adam's step (full rank only, else None)."""
+        return statistics.median(self.floor) / statistics.median(self.adam) if self.floor else None
+
+
+class _ThreeOps:
+    """The three O(d³) operations a full-covariance natural step cannot do without
+    (:mod:`pyro_natgrad.families.gaussian_step`): S's product Lᵀtril(∂L/∂L), one Cholesky of
+    B = I + ρS and the new factor's solve L U⁻ᵀ, on d×d float64 data of the benchmark's kind,
+    each timed call running all three once."""
+
+    def __init__(self, d: int):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(d, d, generator=g, dtype=DTYPE) / d**0.5
+        self.tril = torch.linalg.cholesky(a @ a.mT + torch.eye(d, dtype=DTYPE))
+        self.grad = torch.randn(d, d, generator=g, dtype=DTYPE).tril()
+        self.b = self.tril @ self.tril.mT
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        lower_product(self.tril.mT, self.grad)
+        factor = torch.linalg.cholesky_ex(self.b).L
+        lower_solve(self.tril, factor)
+        return time.perf_counter() - start
 
 
 def _named(guide_class: type, prefix: str) -> type:
@@ -119,6 +146,7 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
         svi.optim = _Timed(svi.optim)
         fits[name] = svi
     times: dict[str, list[float]] = {"ng": [], "adam": []}
+    three_ops, floor_ops = (_ThreeOps(d), []) if label == "AutoMultivariateNormal" else (None, [])
     halvings = undone = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StepRefusedWarning)
@@ -129,6 +157,8 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
                 fits[name].step(X, y)
                 if step >= WARMUP:
                     times[name].append(time.perf_counter() - start)
+            if step >= WARMUP and three_ops is not None:
+                floor_ops.append(three_ops())
             if step >= WARMUP:
                 last = fits["ng"].optim.last_step
                 halvings += sum(v.get("backtracks", 0) or 0 for v in last.values())
@@ -142,6 +172,10 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
     row.ng.append(statistics.median(times["ng"]))
     row.adam.append(statistics.median(times["adam"]))
     row.ng_optim.append(statistics.median(ng_optim))
+    if floor_ops:  # NG's own step, its optimizer call replaced by the three operations
+        row.floor.append(statistics.median(t - o for t, o in zip(times["ng"], ng_optim,
+                                                                  strict=True))
+                         + statistics.median(floor_ops))
     row.halvings.append(halvings / steps)
     row.undone.append(undone / steps)
     row.cubic.append(statistics.fmean(c for c, _, _ in counts))
@@ -178,6 +212,12 @@ def describe(args: argparse.Namespace) -> list[str]:
         "`tests/op_count.py`, with their multiply–adds in units of d³ (a d×d product 1, a "
         "Cholesky ⅓; it also sees work done in blocks smaller than d); b = least-squares "
         "exponent of time ∝ d^b over the dims.",
+        "* Three-op floor (full rank): the ratio a natural step with nothing but its three "
+        "unavoidable O(d³) operations would have, on this machine: NG's step less its optimizer "
+        "call (median over steps), plus the median time of S = Lᵀtril(∂L/∂L) "
+        "(`lower_product`), one Cholesky and L U⁻ᵀ (`lower_solve`) at the same d, timed once "
+        "after every step pair, over Adam's step. Where it exceeds 2, no full-covariance "
+        "natural step that reads only SVI's gradient meets 2× Adam here.",
         f"* Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} "
         f"cores, {torch.get_num_threads()} torch thread, Python {platform.python_version()}, "
         f"torch {torch.__version__}, pyro {pyro.__version__}; "
@@ -189,8 +229,8 @@ def describe(args: argparse.Namespace) -> list[str]:
 def table(rows: dict[tuple[int, str], Row], dims: list[int]) -> list[str]:
     out = ["| guide | d | NG step ms | Adam step ms | ratio | NG optimizer share | "
            "halvings / step | undone / step | O(d³) calls / optimizer step (factorizations) | "
-           "d³ multiply–adds / optimizer step |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "d³ multiply–adds / optimizer step | three-op floor ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in GUIDES:
         for d in dims:
             row = rows.get((d, label))
@@ -198,11 +238,12 @@ def table(rows: dict[tuple[int, str], Row], dims: list[int]) -> list[str]:
                 continue
             ng, adam = statistics.median(row.ng), statistics.median(row.adam)
             share = statistics.median(row.ng_optim) / ng
+            floor = "—" if row.floor_ratio() is None else f"{row.floor_ratio():.2f}"
             out.append(f"| {label} | {d} | {1e3 * ng:.1f} | {1e3 * adam:.1f} | "
                        f"{row.ratio():.2f} | {share:.0%} | {statistics.fmean(row.halvings):.1f} | "
                        f"{statistics.fmean(row.undone):.2f} | {statistics.fmean(row.cubic):.1f} "
                        f"({statistics.fmean(row.factorizations):.1f}) | "
-                       f"{statistics.fmean(row.work):.2f} |")
+                       f"{statistics.fmean(row.work):.2f} | {floor} |")
     out += ["", "| guide | b (NG step) | b (Adam step) | b (ratio) |", "|---|---:|---:|---:|"]
     for label in GUIDES:
         have = [d for d in dims if (d, label) in rows]
@@ -245,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
             row = rows.setdefault((d, label), Row())
             for seed in range(args.seeds):
                 measure(d, label, seed, args.steps, row)
+            floor = "" if row.floor_ratio() is None else f", three-op floor {row.floor_ratio():.2f}"
             print(f"d = {d}, {label}: NG {1e3 * statistics.median(row.ng):.1f} ms, Adam "
-                  f"{1e3 * statistics.median(row.adam):.1f} ms, ratio {row.ratio():.2f} "
+                  f"{1e3 * statistics.median(row.adam):.1f} ms, ratio {row.ratio():.2f}{floor} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     lines = ["# Step-cost scaling: NaturalGradient vs Adam", "",
              f"`python -m benchmarks.scaling{' --quick' if args.quick else ''}` "

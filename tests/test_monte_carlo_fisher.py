@@ -358,6 +358,8 @@ def test_student_t_guide_with_learned_df_fits_in_a_quarter_of_adams_steps():
     (lambda: FisherSolve(damping=float("nan")), "damping"),
     (lambda: FisherSolve(relative_damping=-0.1), "relative_damping"),
     (lambda: FisherSolve(cg_iters=0), "cg_iters"), (lambda: FisherSolve(dense_max=-1), "dense_max"),
+    (lambda: FisherSolve(cg_rtol=-1e-3), "cg_rtol"),
+    (lambda: FisherSolve(cg_rtol=float("nan")), "cg_rtol"),
     (lambda: FisherAverage(-0.5), "FisherAverage decay"),
     (lambda: FisherAverage(1.0), "FisherAverage decay"),
     (lambda: FisherSolve(form="inverse"), "form"),
@@ -477,8 +479,8 @@ def _record_solves(monkeypatch) -> list[dict]:
     calls = []
     solve = natural_module.solve_metric
 
-    def recording(metric, g, form, damping, cg_iters):
-        direction = solve(metric, g, form, damping, cg_iters)
+    def recording(metric, g, form, damping, cg_iters, rtol):
+        direction = solve(metric, g, form, damping, cg_iters, rtol)
         calls.append({"form": form, "damping": damping, "norm": float(direction.norm())})
         return direction
 
@@ -508,10 +510,10 @@ def test_rank_deficient_cg_step_is_bounded_by_relative_damping(monkeypatch):
     the first direction's norm within 100× the diagonal solve's, and every step's KL (from the
     damped quadratic model) finite and within the trust region (≤ ½·100 = 50), params in their
     support. With relative_damping=0 (λ = 1e-6 alone) the direction along unseen directions is
-    ~10⁵× longer: the damping is what bounds it. Measured first-direction norms: diag 4.8, cg
-    default 36 (λ = 0.40), cg without relative damping 1.4e7 (whose fit then goes non-finite).
-    The KL cap asserted is the code's ½·n = 50 for first-order steps (measured max KL: diag 32,
-    cg 20)."""
+    ~10⁵× longer: the damping is what bounds it. Measured first-direction norms: diag 5.2, cg
+    default 40, cg without relative damping 1.4e7 (whose fit then goes non-finite). The KL cap
+    asserted is the code's ½·n = 50 for first-order steps (measured max KL: diag 28, cg 50, the
+    trust region's bound)."""
     calls = _record_solves(monkeypatch)
     model, guide = _wide_student_t()
     norms = {}

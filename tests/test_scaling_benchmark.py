@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from benchmarks import scaling
 
 
@@ -22,3 +24,16 @@ def test_tiny_run_writes_the_tables(tmp_path):
                 "| AutoDiagonalNormal | 6 |"):
         assert row in text
     assert "| AutoMultivariateNormal |" in text.split("b (NG step)")[1]
+    rows = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in text.splitlines()
+            if line.startswith("| Auto")}
+    floor = rows["| AutoMultivariateNormal | 6"].rstrip(" |").rsplit(" | ", 1)[1]
+    assert float(floor) > 0  # the three-op floor ratio, full rank only
+    assert rows["| AutoDiagonalNormal | 6"].endswith("| — |")
+
+
+def test_three_ops_are_the_full_rank_steps_operations():
+    """The floor's three operations run on a positive-definite B and a lower-triangular
+    gradient: the Cholesky succeeds and the timing is positive."""
+    ops = scaling._ThreeOps(5)
+    assert torch.equal(ops.grad, ops.grad.tril())
+    assert int(torch.linalg.cholesky_ex(ops.b).info) == 0 and ops() > 0

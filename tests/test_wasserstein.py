@@ -659,6 +659,7 @@ def test_state_round_trip(tmp_path):
     lambda g: WassersteinGradient(g, solve=MetricSolve(damping=-1.0)),
     lambda g: WassersteinGradient(g, solve=MetricSolve(num_samples=0)),
     lambda g: WassersteinGradient(g, solve=MetricSolve(cg_iters=0)),
+    lambda g: WassersteinGradient(g, solve=MetricSolve(cg_rtol=-1.0)),
     lambda g: WassersteinGradient(g, bures=Bures(scheme="jko")),
     lambda g: WassersteinGradient(g, bures=Bures(iters=0))])
 def test_bad_options_are_rejected(make):

@@ -249,6 +249,7 @@ class LowRankFisher:
         chol = torch.linalg.cholesky(eye + self.w.mT @ u)
         self.r = torch.linalg.solve_triangular(chol, u.mT, upper=False).mT
         self.p = self.solve(self.w)  # Σ⁻¹W
+        self.k = self.w.mT @ self.p  # WᵀΣ⁻¹W
 
     def solve(self, x: Tensor) -> Tensor:
         """Σ⁻¹x for x of shape (…, d, k)."""
@@ -262,7 +263,7 @@ class LowRankFisher:
         v_loc, v_w, v_d = v
         w, p, r, inv_d = self.w, self.p, self.r, self.inv_d
         q = self.solve(v_w)
-        g_w = self.solve(v_w @ (w.mT @ p) + w @ (v_w.mT @ p) + v_d.unsqueeze(-1) * p)
+        g_w = self.solve(v_w @ self.k + w @ (v_w.mT @ p) + v_d.unsqueeze(-1) * p)
         quad = ((r @ (r.mT @ (v_d.unsqueeze(-1) * r))) * r).sum(-1)
         diag_g = (2 * (q * p).sum(-1) + v_d * inv_d * (inv_d - 2 * r.square().sum(-1)) + quad)
         return self.solve(v_loc.unsqueeze(-1)).squeeze(-1), g_w, 0.5 * diag_g
@@ -283,7 +284,7 @@ class LowRankFisher:
             raise ValueError(f"LowRankFisher.preconditioner: unbatched arguments only, got W of "
                              f"shape {tuple(self.w.shape)}")
         w, lam = self.w, damping
-        eigenvalues, basis = torch.linalg.eigh(w.mT @ self.p)
+        eigenvalues, basis = torch.linalg.eigh(self.k)
         eigenvalues = eigenvalues.clamp_min(0)
         shifts = torch.cat([eigenvalues.new_ones(1), eigenvalues])  # 1 for loc, λⱼ for W
         # (aI + λΣ)⁻¹ = E⁻¹ − E⁻¹W(I/λ + WᵀE⁻¹W)⁻¹WᵀE⁻¹ with E = aI + λD, one per shift a

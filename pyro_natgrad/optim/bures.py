@@ -163,6 +163,8 @@ class MetricSolve:
         preconditioned CG, in q's frame or (``framed=False``) with its Bures metric in closed form
         (:class:`~pyro_natgrad.wasserstein.ScaledLowRankBures`).
     :param damping: λ.
+    :param cg_rtol: CG's relative residual tolerance (as FisherSolve's; kept at 10⁻⁶ here,
+        where the looser 10⁻³ of the natural step has not been measured).
     :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
         before a Bures solve (the metric is blind to a low-rank factor's rotations), or None.
     """
@@ -172,6 +174,7 @@ class MetricSolve:
     num_samples: int = 64
     dense_max: int = 2000
     cg_iters: int = 50
+    cg_rtol: float = 1e-6
     gauge: GaugeProjection | None = field(default_factory=GaugeProjection)
     framed: bool = True
     relative_damping: float = 1e-2
@@ -183,9 +186,10 @@ class MetricSolve:
             raise ValueError(f"framed must be True or False, got {self.framed!r}")
         if not (isinstance(self.damping, int | float) and self.damping >= 0):
             raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
-        if not (isinstance(self.relative_damping, int | float) and self.relative_damping >= 0):
-            raise ValueError(f"relative_damping must be a number >= 0, got "
-                             f"{self.relative_damping!r}")
+        for name in ("relative_damping", "cg_rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         for name in ("num_samples", "dense_max", "cg_iters"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
@@ -212,7 +216,7 @@ class MetricSolve:
                                       self.num_samples)
         form = self.form or ("cg" if structured is not None
                              else "dense" if g.numel() <= self.dense_max else "cg")
-        direction = solve_metric(built, g, form, self.damping, self.cg_iters)
+        direction = solve_metric(built, g, form, self.damping, self.cg_iters, self.cg_rtol)
         step = linear_proposal(f"{metric}_metric" if metric == "bures" else metric, key, theta,
                                direction, float(direction @ built.mvp(direction)))
         length = _coupled_length(group, self.num_samples)
@@ -231,7 +235,7 @@ class MetricSolve:
         doubled = {n: grads[n] if n == loc else 2 * grads[n] for n in key}
         solve = FisherSolve(form="cg", damping=self.damping,
                             relative_damping=self.relative_damping, cg_iters=self.cg_iters,
-                            gauge=self.gauge)
+                            cg_rtol=self.cg_rtol, gauge=self.gauge)
         step = solve.propose(key, group, leaves, doubled, monte_carlo=False)
         return Proposal("bures_framed", step.candidate, exact=False)
 

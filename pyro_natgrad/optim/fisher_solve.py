@@ -84,6 +84,12 @@ class FisherSolve:
         model is held to the trust region (far from where F̂ was taken the model can under-state
         the KL by many orders of magnitude). Closed-form steps are always measured by their exact
         KL both ways.
+    :param cg_iters: at most this many metric products per CG solve.
+    :param cg_rtol: CG stops once the residual |g − (F + λI)d| ≤ ``cg_rtol``·|g|. The gradient
+        it solves for is a Monte Carlo estimate whose relative error is O(S^−½) for S particles,
+        and the trust region measures every candidate's KL again, so a solve to 10⁻³ leaves the
+        step's error to the gradient's noise (a conjugate model's exact step, solved in closed
+        form, does not pass through CG).
     :param average: a :class:`FisherAverage` of dense/diagonal metrics across steps, or None.
     :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
         before the solve, or None.
@@ -96,6 +102,7 @@ class FisherSolve:
     full_rank_max: int = 256
     dense_max: int = 2000
     cg_iters: int = 50
+    cg_rtol: float = 1e-3
     sampled_kl: bool = True
     average: FisherAverage | None = None
     gauge: GaugeProjection | None = field(default_factory=GaugeProjection)
@@ -103,7 +110,7 @@ class FisherSolve:
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS} or None, got {self.form!r}")
-        for name in ("damping", "relative_damping"):
+        for name in ("damping", "relative_damping", "cg_rtol"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -152,7 +159,7 @@ class FisherSolve:
         damping = self.damping
         if self.relative_damping:
             damping += self.relative_damping * float(metric.trace()) / g.numel()
-        direction = solve_metric(metric, g, form, damping, self.cg_iters)
+        direction = solve_metric(metric, g, form, damping, self.cg_iters, self.cg_rtol)
         curvature = direction @ (metric.mvp(direction) + damping * direction)
         method = "monte_carlo" if monte_carlo else "closed_form"
         step = linear_proposal(method, key, theta, direction, float(curvature))
