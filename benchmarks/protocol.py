@@ -55,6 +55,11 @@ class Run:
     refused: int = 0  # StepRefusedWarnings
     undone: int = 0  # steps whose previous step the adaptive rule undid (pyro_natgrad only)
     extra: dict = field(default_factory=dict)  # what ``after(guide)`` returned
+    # pyro_natgrad only: the accepted steps' rates over the optimizer's lr (per site and step),
+    # its stationarity ceiling over lr at the end, and the params its base optimizer stepped
+    rates: list[float] = field(default_factory=list)
+    ceiling: float = math.nan
+    base: str = ""
 
     def first_within(self, reference: float, tol: float = TOL) -> tuple[float, float]:
         """(steps, seconds) at the first checkpoint with −ELBO ≤ reference + tol, else inf."""
@@ -121,6 +126,7 @@ def fit(model: Callable, make_guide: Callable, make_optim: Callable, data: tuple
             elapsed += run.step_seconds[-1]
             last = getattr(svi.optim, "last_step", None) or {}
             run.undone += any(v.get("method") == "undone" for v in last.values())
+            run.rates += [v["lr"] / svi.optim.lr for v in last.values() if "lr" in v]
             if not math.isfinite(loss):
                 run.failed = f"step {step}: non-finite loss"
                 break
@@ -138,9 +144,22 @@ def fit(model: Callable, make_guide: Callable, make_optim: Callable, data: tuple
                 run.losses.append(value)
                 run.errors.append(error)
     run.refused = sum(issubclass(w.category, StepRefusedWarning) for w in caught)
+    _limits(svi.optim, run)
     if after is not None and not run.failed:
         run.extra = after(guide)
     return run
+
+
+def _limits(optim, run: Run) -> None:
+    """What bounded a pyro_natgrad optimizer's fit, read at its end: the stationarity ceiling
+    and the params its base optimizer steps (nothing for Pyro's optimizers)."""
+    stationarity = getattr(optim, "stationarity", None)
+    if stationarity is not None and stationarity.ceiling is not None:
+        run.ceiling = stationarity.ceiling / optim.lr
+    base = optim.base_params() if hasattr(optim, "base_params") else []
+    if base:
+        run.base = (f"{len(base)} param(s) on its base {optim.pt_optim_constructor.__name__}"
+                    f"({optim.pt_optim_args})")
 
 
 def median(values) -> float:

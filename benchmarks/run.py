@@ -24,7 +24,7 @@ from pyro_natgrad.optim import FisherSolve
 
 from . import protocol
 from .problems import PROBLEMS, Problem, network
-from .protocol import TOL, Comparison, compare, median, peak_memory_mib
+from .protocol import TOL, Comparison, Run, compare, median, peak_memory_mib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EARLY = 50  # the "fixed step budget" column: −ELBO gap after this many steps
@@ -111,6 +111,8 @@ def rows(c: Comparison) -> list[str]:
         if undone:
             notes.append(f"{undone}/{sum(len(r.step_seconds) for r in runs)} steps undone by "
                          "the adaptive rule")
+        if family.startswith("NaturalGradient"):
+            notes += behind(c, runs)
         lines.append(
             f"| {c.problem.name} | {c.guide} | {c.problem.particles} | {c.chosen[family]} | "
             f"{_num(steps_to, 0)} | {_num(secs)} | "
@@ -119,6 +121,25 @@ def rows(c: Comparison) -> list[str]:
             f"{_num(median(r.step_cost for r in runs) / adam_cost)} | {posterior} | "
             f"{'; '.join(notes).replace('|', '/')} |")
     return lines
+
+
+def behind(c: Comparison, runs: list[Run]) -> list[str]:
+    """Where the best tuned Adam or ClippedAdam ends closer to −ELBO* than this NaturalGradient
+    row (median final gaps, by more than 0.05 nats), what bounded it, read from its own runs:
+    the median accepted step as a fraction of lr, the stationarity ceiling at the end, and the
+    params its base optimizer stepped."""
+    gap = median(r.final - c.reference for r in runs)
+    closest = min(("Adam", "ClippedAdam"),
+                  key=lambda f: median(r.final - c.reference for r in c.runs[f]))
+    other = median(r.final - c.reference for r in c.runs[closest])
+    if not (math.isfinite(other) and other < gap - 0.05):
+        return []
+    rates = [x for r in runs for x in r.rates]
+    why = [f"median step {_num(median(rates))}× lr" if rates else "",
+           f"step ceiling at the end {_num(median(r.ceiling for r in runs))}× lr"
+           if all(math.isfinite(r.ceiling) for r in runs) else "", runs[0].base]
+    return [f"{c.chosen[closest]} ends closer ({_num(other)} vs {_num(gap)} nats): "
+            + ", ".join(w for w in why if w)]
 
 
 HEADER = ["| problem | guide | particles | optimizer | steps to target | s to target | "

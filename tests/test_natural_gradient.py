@@ -293,6 +293,7 @@ def test_model_params_get_the_base_optimizer():
     rows = {line.split()[0]: line for line in opt.summary().splitlines()[1:]}
     assert "natural" in rows["AutoNormal.locs.z"] and "Normal" in rows["AutoNormal.locs.z"]
     assert "base: Adam({'lr': 0.05})" in rows["shift"]  # every param is listed
+    assert opt.base_params() == ["shift"]
 
 
 def test_elements_that_leave_the_domain_are_retracted_the_rest_step_plainly():  # Retraction

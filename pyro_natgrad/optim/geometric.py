@@ -416,23 +416,24 @@ class GeometricOptim(PyroOptim):
         return notes
 
     # ----- what it does ---------------------------------------------------------------------------
+    def base_params(self) -> list[str]:
+        """The params the base optimizer steps (as of the latest step): those outside every guide
+        distribution's arguments, such as model params or a GP's kernel hyperparameters."""
+        owned = {n for group in self._groups for s in group.sites for n in s.param_names}
+        store = pyro.get_param_store()
+        names = (store.param_name(p) for p in self.optim_objs)
+        return [n for n in names if n is not None and n not in owned]
+
     def summary(self) -> str:
         """Every param the optimizer has seen: the guide site it feeds and the method of its step
         (as of the latest step), the base optimizer that steps it, or that it is frozen."""
         rows = [("param", "site", "distribution", "method")]
-        owned = set()
         for group in self._groups:
             method = self._method(group)
-            for s in group.sites:
-                for n in s.param_names:
-                    owned.add(n)
-                    rows.append((n, s.name, type(s.base).__name__, method))
-        store = pyro.get_param_store()
+            rows += [(n, s.name, type(s.base).__name__, method)
+                     for s in group.sites for n in s.param_names]
         base = f"base: {self.pt_optim_constructor.__name__}({self.pt_optim_args})"
-        for p in self.optim_objs:
-            name = store.param_name(p)
-            if name is not None and name not in owned:
-                rows.append((name, "-", "-", base))
+        rows += [(name, "-", "-", base) for name in self.base_params()]
         rows += [(name, "-", "-", "frozen (requires_grad=False): not stepped")
                  for name in self._frozen]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
