@@ -21,6 +21,7 @@ from pyro_natgrad.optim import (
     Retraction,
 )
 from pyro_natgrad.optim.checks import finite, in_support
+from pyro_natgrad.optim.options import require_counts, require_numbers
 from pyro_natgrad.optim.trust_region import rate_for_kl
 
 ACCEPTED = Judgement(descent=True, change=-1.0, ratio=-0.5, accepted=True)
@@ -323,3 +324,25 @@ def test_guide_reader_reuses_an_autoguide_read_only_while_nothing_it_was_read_fr
     reader.read(leaves(), reuse=True)
     reader.read(leaves(), reuse=True)
     assert not reader.reused and len(calls) == 3
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (2.5, True), (-1e-9, False),
+                                       (math.nan, False), (True, False), ("1", False)])
+def test_require_numbers_names_the_option_and_its_value(value, ok):
+    owner = type("Piece", (), {"damping": value})()
+    if ok:
+        require_numbers(owner, ("damping",))
+    else:
+        with pytest.raises(ValueError, match="^Piece: damping must be a number >= 0, got "):
+            require_numbers(owner, ("damping",), "Piece: ")
+
+
+@pytest.mark.parametrize("value, low, ok", [(1, 1, True), (0, 0, True), (0, 1, False),
+                                            (2.0, 1, False), (True, 0, False)])
+def test_require_counts_names_the_option_and_its_value(value, low, ok):
+    owner = type("Piece", (), {"iters": value})()
+    if ok:
+        require_counts(owner, ("iters",), low)
+    else:
+        with pytest.raises(ValueError, match=f"^iters must be an integer >= {low}, got "):
+            require_counts(owner, ("iters",), low)

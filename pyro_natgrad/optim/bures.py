@@ -58,6 +58,7 @@ from ..wasserstein import (
     forward_backward_step_diag,
 )
 from .fisher_solve import FisherSolve
+from .options import require_counts, require_numbers
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
 
@@ -184,16 +185,8 @@ class MetricSolve:
             raise ValueError(f"form must be one of {_FORMS} or None, got {self.form!r}")
         if not isinstance(self.framed, bool):
             raise ValueError(f"framed must be True or False, got {self.framed!r}")
-        if not (isinstance(self.damping, int | float) and self.damping >= 0):
-            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
-        for name in ("relative_damping", "cg_rtol"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        for name in ("num_samples", "dense_max", "cg_iters"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_numbers(self, ("damping", "relative_damping", "cg_rtol"))
+        require_counts(self, ("num_samples", "dense_max", "cg_iters"))
 
     def propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor], metric: Literal["bures", "pushforward"]) -> Proposal:

@@ -21,6 +21,7 @@ from ..fisher.monte_carlo import MonteCarloFisher
 from ..guides import Group
 from ..pullback import scaled_low_rank_coordinates
 from .mirror import float64, kl64
+from .options import require_counts, require_numbers
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
 
@@ -110,19 +111,10 @@ class FisherSolve:
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS} or None, got {self.form!r}")
-        for name in ("damping", "relative_damping", "cg_rtol"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        for name in ("full_rank_max", "dense_max", "cg_iters"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_samples is not None and not (
-                isinstance(self.num_samples, int) and not isinstance(self.num_samples, bool)
-                and self.num_samples > 0):
-            raise ValueError(f"num_samples must be a positive integer or None, "
-                             f"got {self.num_samples!r}")
+        require_numbers(self, ("damping", "relative_damping", "cg_rtol"))
+        require_counts(self, ("full_rank_max", "dense_max", "cg_iters"))
+        if self.num_samples is not None:
+            require_counts(self, ("num_samples",))
 
     def draws(self, n: int, k: int) -> int:
         """Monte Carlo Fisher draws per site for a group of n params over k sites."""

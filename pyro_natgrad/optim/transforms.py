@@ -20,6 +20,7 @@ from ..families.gaussian_step import (
 from ..fisher.autodiff import jvp
 from ..fisher.linalg import without_rotations
 from ..guides import Group, Site
+from .options import require_counts
 from .proposal import Candidate
 
 __all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection"]
@@ -148,12 +149,8 @@ class PrecisionShortening:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 <= value < 1):
                 raise ValueError(f"PrecisionShortening: {name} must be in [0, 1), got {value!r}")
-        for name, low in (("max_halvings", 0), ("lanczos_iters", 1), ("margin", 0),
-                          ("verify", 0)):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-                raise ValueError(f"PrecisionShortening: {name} must be an integer >= {low}, "
-                                 f"got {value!r}")
+        require_counts(self, ("max_halvings", "margin", "verify"), 0, "PrecisionShortening: ")
+        require_counts(self, ("lanczos_iters",), 1, "PrecisionShortening: ")
 
     def repair(self, family: ExponentialFamily, eta: Eta, delta: Eta, dmu: Eta,
                d_loc: Tensor | None, rate: float, valid: Tensor) -> tuple[Eta, str] | None:
