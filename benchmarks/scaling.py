@@ -3,13 +3,14 @@
 
 Logistic regression on d AR(1)-correlated features (:func:`benchmarks.problems.correlated_logistic`,
 500 rows), for d in ``--dims``, with AutoMultivariateNormal, AutoLowRankMultivariateNormal and
-AutoDiagonalNormal guides. Per d, guide and seed, one NaturalGradient fit (library defaults) and
-one Adam fit run side by side in one process with one torch thread, their steps interleaved (the
-order alternating every step), so that both see the same machine load; each ``svi.step`` is timed
-whole (ELBO and optimizer), and the optimizer call alone too. Reported: the median step times, the
-ratio of the medians, the optimizer's share of NaturalGradient's step, its halvings (backtracks)
-and undone steps per step, its O(d³) linear-algebra calls and their multiply–adds (in units of
-d³) per optimizer step (counted on extra untimed steps by ``tests/op_count.py``), and per guide
+AutoDiagonalNormal guides. Each (d, guide) runs in a fresh Python process; in it, per seed, one
+NaturalGradient fit (library defaults) and one Adam fit run side by side with one torch thread,
+their steps interleaved (the order alternating every step), so that both see the same machine
+load; each ``svi.step`` is timed whole (ELBO and optimizer), and the optimizer call alone too.
+Reported: the median step times, the ratio of the medians, the optimizer's share of
+NaturalGradient's step, its halvings (backtracks) and undone steps per step, its O(d³)
+linear-algebra calls and their multiply–adds (in units of d³) per optimizer step (counted on
+extra untimed steps by ``tests/op_count.py``), the full-rank step's three-op floor, and per guide
 the exponent b of a least-squares fit time ∝ d^b over the dims. ``--note`` adds a line to the
 protocol (e.g. that the machine was shared); the load average is recorded at start and end.
 Writes ``benchmarks/results/scaling.md``; ``--quick`` (two small dims, few steps, one seed)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -183,6 +185,24 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
     row.work.append(statistics.fmean(w for _, _, w in counts))
 
 
+def _measure_seeds(d: int, label: str, seeds: int, steps: int) -> Row:
+    torch.set_num_threads(1)
+    row = Row()
+    for seed in range(seeds):
+        measure(d, label, seed, steps, row)
+    return row
+
+
+def measured_apart(d: int, label: str, seeds: int, steps: int) -> Row:
+    """Every seed of one (d, guide) in a fresh Python process (one torch thread): the step
+    times of a process that has just run other fits depend on what those fits left behind (at
+    d = 500, after the full-rank fits, Adam's low-rank step measured 2.9× its time in a fresh
+    process, NaturalGradient's 1.6×), so no (d, guide) inherits another's."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_measure_seeds, (d, label, seeds, steps))
+
+
 def exponent(dims: list[int], values: list[float]) -> float:
     """b of the least-squares fit log value = a + b log d."""
     xs, ys = [math.log(d) for d in dims], [math.log(v) for v in values]
@@ -201,8 +221,9 @@ def describe(args: argparse.Namespace) -> list[str]:
         "low rank ≈ √d).",
         f"* `Trace_ELBO(num_particles={PARTICLES}, vectorize_particles=True)`. NaturalGradient: "
         f"library defaults; Adam: `pyro.optim.Adam(lr={ADAM_LR})`.",
-        f"* One torch thread. Per d, guide and seed ({args.seeds} seed(s)): both fits start from "
-        f"Pyro's default initialisation in one process, {WARMUP} untimed warm-up steps each, "
+        f"* One torch thread. Per d and guide, a fresh Python process; per seed "
+        f"({args.seeds} seed(s)): both fits start from "
+        f"Pyro's default initialisation in that process, {WARMUP} untimed warm-up steps each, "
         f"then {args.steps} timed steps each, interleaved (order alternating every step). "
         "Timed: the whole `svi.step` (ELBO, backward, optimizer), and the optimizer call alone.",
         "* Reported: median over seeds of each seed's median step time; ratio = NG / Adam of "
@@ -283,9 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for d in args.dims:
         for label in args.guides:
-            row = rows.setdefault((d, label), Row())
-            for seed in range(args.seeds):
-                measure(d, label, seed, args.steps, row)
+            rows[d, label] = row = measured_apart(d, label, args.seeds, args.steps)
             floor = "" if row.floor_ratio() is None else f", three-op floor {row.floor_ratio():.2f}"
             print(f"d = {d}, {label}: NG {1e3 * statistics.median(row.ng):.1f} ms, Adam "
                   f"{1e3 * statistics.median(row.adam):.1f} ms, ratio {row.ratio():.2f}{floor} "
