@@ -294,7 +294,7 @@ def test_natural_gradient_low_rank_direction_equals_the_dense_fisher_solve():
     """NaturalGradient's step on an AutoLowRankMultivariateNormal group (d = 40, rank 6, 8
     particles, a Monte Carlo gradient) is θ − ρ(F_θ + λI)⁻¹g with g the gauge-projected
     gradient and λ = 1e-6 + 1e-2·tr F_θ / n, to the CG tolerance: at the defaults the residual
-    |(F_θ + λI)d − g| is ≤ 1e-3·|g| (``cg_rtol``); with ``cg_rtol=1e-6`` the direction equals
+    |(F_θ + λI)d − g| is ≤ 1e-4·|g| (``cg_rtol``); with ``cg_rtol=1e-6`` the direction equals
     the dense solve with the pulled-back Fisher's matrix to 2e-5, as does the unpreconditioned
     CG of the pulled-back products run to convergence."""
     pyro.clear_param_store()
@@ -329,7 +329,7 @@ def test_natural_gradient_low_rank_direction_equals_the_dense_fisher_solve():
     damping = 1e-6 + 1e-2 * float(dense.trace()) / n
     matrix = dense + damping * torch.eye(n, dtype=dense.dtype)
     residual = float((matrix @ steps[None] - gradient).norm() / gradient.norm())
-    assert 1e-6 < residual <= 1e-3, residual  # the default stopped early, within its tolerance
+    assert 1e-6 < residual <= 1e-4, residual  # the default stopped early, within its tolerance
     expected = torch.linalg.solve(matrix, gradient)
     assert float((steps[1e-6] - expected).norm() / expected.norm()) < 2e-5
     before = conjugate_gradient(pulled.mvp, gradient, damping, 2000, 1e-12)

@@ -165,7 +165,7 @@ class MetricSolve:
         (:class:`~pyro_natgrad.wasserstein.ScaledLowRankBures`).
     :param damping: λ.
     :param cg_rtol: CG's relative residual tolerance (as FisherSolve's; kept at 10⁻⁶ here,
-        where the looser 10⁻³ of the natural step has not been measured).
+        where the natural step's 10⁻⁴ has not been measured).
     :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
         before a Bures solve (the metric is blind to a low-rank factor's rotations), or None.
     """

@@ -88,9 +88,9 @@ class FisherSolve:
     :param cg_iters: at most this many metric products per CG solve.
     :param cg_rtol: CG stops once the residual |g − (F + λI)d| ≤ ``cg_rtol``·|g|. The gradient
         it solves for is a Monte Carlo estimate whose relative error is O(S^−½) for S particles,
-        and the trust region measures every candidate's KL again, so a solve to 10⁻³ leaves the
-        step's error to the gradient's noise (a conjugate model's exact step, solved in closed
-        form, does not pass through CG).
+        and the trust region measures every candidate's KL again; CG resolves the Fisher's
+        smallest directions last, so the tolerance is kept well below that noise (a conjugate
+        model's exact step, solved in closed form, does not pass through CG).
     :param average: a :class:`FisherAverage` of dense/diagonal metrics across steps, or None.
     :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
         before the solve, or None.
@@ -103,7 +103,7 @@ class FisherSolve:
     full_rank_max: int = 256
     dense_max: int = 2000
     cg_iters: int = 50
-    cg_rtol: float = 1e-3
+    cg_rtol: float = 1e-4
     sampled_kl: bool = True
     average: FisherAverage | None = None
     gauge: GaugeProjection | None = field(default_factory=GaugeProjection)
