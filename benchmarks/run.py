@@ -129,9 +129,9 @@ def behind(c: Comparison, runs: list[Run]) -> list[str]:
     the median accepted step as a fraction of lr, the stationarity ceiling at the end, and the
     params its base optimizer stepped."""
     gap = median(r.final - c.reference for r in runs)
-    closest = min(("Adam", "ClippedAdam"),
-                  key=lambda f: median(r.final - c.reference for r in c.runs[f]))
-    other = median(r.final - c.reference for r in c.runs[closest])
+    gaps = {f: median(r.final - c.reference for r in c.runs[f]) for f in ("Adam", "ClippedAdam")}
+    closest = min(gaps, key=gaps.__getitem__)
+    other = gaps[closest]
     if not (math.isfinite(other) and other < gap - 0.05):
         return []
     rates = [x for r in runs for x in r.rates]

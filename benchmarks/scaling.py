@@ -148,7 +148,8 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
         svi.optim = _Timed(svi.optim)
         fits[name] = svi
     times: dict[str, list[float]] = {"ng": [], "adam": []}
-    three_ops, floor_ops = (_ThreeOps(d), []) if label == "AutoMultivariateNormal" else (None, [])
+    three_ops = _ThreeOps(d) if label == "AutoMultivariateNormal" else None
+    floor_ops: list[float] = []
     halvings = undone = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StepRefusedWarning)
@@ -159,9 +160,9 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
                 fits[name].step(X, y)
                 if step >= WARMUP:
                     times[name].append(time.perf_counter() - start)
-            if step >= WARMUP and three_ops is not None:
-                floor_ops.append(three_ops())
             if step >= WARMUP:
+                if three_ops is not None:
+                    floor_ops.append(three_ops())
                 last = fits["ng"].optim.last_step
                 halvings += sum(v.get("backtracks", 0) or 0 for v in last.values())
                 undone += any(v.get("method") == "undone" for v in last.values())
