@@ -11,7 +11,7 @@ practice", §3), or a closed form where the map is known (AutoMultivariateNormal
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from pyro.distributions import constraints
@@ -90,13 +90,14 @@ class ScaledLowRankCoordinates:
 
     def __init__(self, names: Sequence[str], roles: Sequence[str], values: dict[str, Tensor],
                  scale_constraint: constraints.Constraint):
-        self.names = tuple(names)
+        self.names, self.roles = tuple(names), tuple(roles)
         self.like = [values[n].detach() for n in self.names]
         self._order = [self.names.index(n) for n in roles]  # loc, scale, factor positions
+        self._scale = transform_to(scale_constraint)
         loc, u, p = (values[n].detach() for n in roles)
         with torch.enable_grad():
             leaf = u.clone().requires_grad_()
-            s = transform_to(scale_constraint)(leaf)
+            s = self._scale(leaf)
             (ds,) = torch.autograd.grad(s, leaf, torch.ones_like(s))
         self.loc, self.s, self.ds, self.p = loc, s.detach(), ds, p
 
@@ -108,6 +109,11 @@ class ScaledLowRankCoordinates:
         return (loc.dim() == 1 and u.shape == loc.shape and p.dim() == 2
                 and p.shape[0] == loc.shape[0]
                 and transform_to(scale_constraint).event_dim == 0)
+
+    def scaled(self, values: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(loc, s, P) of the site at other unconstrained ``values`` (by name), detached."""
+        loc, u, p = (values[n].detach() for n in self.roles)
+        return loc, self._scale(u), p
 
     def args(self) -> tuple[Tensor, Tensor, Tensor]:
         """(loc, W, D)."""

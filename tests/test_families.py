@@ -23,6 +23,7 @@ from pyro_natgrad.families import (
     family_of,
     unwrap,
 )
+from pyro_natgrad.families.multivariate_normal import scaled_low_rank_kl
 
 DTYPES = (torch.float32, torch.float64)
 RTOL = {torch.float32: 2e-3, torch.float64: 1e-8}
@@ -290,6 +291,26 @@ def test_low_rank_is_the_dense_gaussian_without_inverse_maps():
         low_rank.natural_to_args(*eta)
     with pytest.raises(NotImplementedError, match="arbitrary precision"):
         low_rank.mean_to_args(*low_rank.natural_to_mean(*eta))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_scaled_low_rank_kl_matches_torch(dtype, tol):
+    """KL between N(m, S(I + PPᵀ)S) and N(m', S'(I + P'P'ᵀ)S') of different ranks, both ways
+    and for a batch, equals torch's KL of the LowRankMultivariateNormals (W = SP, D = s²)."""
+    g = torch.Generator().manual_seed(3)
+
+    def draw(r):
+        return (torch.randn(2, 9, generator=g, dtype=dtype),
+                torch.rand(2, 9, generator=g, dtype=dtype) + 0.2,
+                torch.randn(2, 9, r, generator=g, dtype=dtype))
+
+    p, q = draw(3), draw(4)
+    for a, b in ((p, q), (q, p)):
+        theirs = kl_divergence(*(dist.LowRankMultivariateNormal(m, s.unsqueeze(-1) * f, s ** 2)
+                                 for m, s, f in (a, b)))
+        torch.testing.assert_close(scaled_low_rank_kl(a, b), theirs, rtol=tol, atol=tol)
+    torch.testing.assert_close(scaled_low_rank_kl(p, p), torch.zeros(2, dtype=dtype),
+                               rtol=0.0, atol=10 * tol)
 
 
 def test_gaussian_flat_size_is_checked():

@@ -2,6 +2,8 @@
 many products, its preconditioner, and the preconditioned solve, checked against dense solves;
 and the same in AutoLowRankMultivariateNormal's own params (ScaledLowRankFisher)."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+from torch.distributions import kl_divergence
 
 from pyro_natgrad import NaturalGradient
 from pyro_natgrad.demo import logistic_model
@@ -215,7 +218,8 @@ def test_scaled_low_rank_fisher_equals_the_pulled_back_fisher(scale_constraint, 
 
 def test_scaled_low_rank_preconditioner_is_symmetric_and_exact_on_loc_and_the_scales():
     """The block preconditioner is symmetric positive definite, the exact inverse on the loc
-    block (decoupled in the Fisher) and exact on the scale params' diagonal."""
+    block (decoupled in the Fisher), exact on the scale params' diagonal, and on P the inverse
+    of m(C⁻¹ ⊗ K) + λI, C = I + PPᵀ, K = PᵀC⁻¹P (formed densely here)."""
     fisher, pulled, values = _scaled()
     n = sum(v.numel() for v in values.values())
     damping = 0.05
@@ -229,6 +233,12 @@ def test_scaled_low_rank_preconditioner_is_symmetric_and_exact_on_loc_and_the_sc
                                rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(1 / inverse.diagonal()[scale], metric.diagonal()[scale],
                                rtol=1e-10, atol=0.0)
+    p = values["factor"]
+    c_inv = torch.linalg.inv(torch.eye(d, dtype=p.dtype) + p @ p.T).contiguous()
+    k = (p.T @ c_inv @ p).contiguous()
+    kronecker = 2.0 * torch.kron(c_inv, k) + damping * torch.eye(d * r, dtype=p.dtype)
+    torch.testing.assert_close(inverse[:d * r, :d * r], torch.linalg.inv(kronecker),
+                               rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="damping"):
         fisher.preconditioner(0.0)
 
@@ -290,6 +300,23 @@ def test_auto_low_rank_guide_is_read_with_its_parameterization():
     pyro.clear_param_store()
 
 
+def _logistic_gradient(d, rank, rows, particles, seed):
+    """An AutoLowRankMultivariateNormal on a logistic regression (float64), its params created
+    and their ELBO gradient taken once: (guide, unconstrained leaves, gradients)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.linspace(-1, 1, d, dtype=torch.float64)),
+                        generator=g)
+    guide = AutoLowRankMultivariateNormal(logistic_model, rank=rank)
+    Trace_ELBO(num_particles=particles, vectorize_particles=True,
+               max_plate_nesting=1).loss_and_grads(logistic_model, guide, X, y)
+    store = pyro.get_param_store()
+    leaves = dict(sorted((n, store.get_param(n).unconstrained()) for n in store.keys()))
+    return guide, leaves, {n: p.grad.detach().clone() for n, p in leaves.items()}
+
+
 def test_natural_gradient_low_rank_direction_equals_the_dense_fisher_solve():
     """NaturalGradient's step on an AutoLowRankMultivariateNormal group (d = 40, rank 6, 8
     particles, a Monte Carlo gradient) is θ − ρ(F_θ + λI)⁻¹g with g the gauge-projected
@@ -297,20 +324,7 @@ def test_natural_gradient_low_rank_direction_equals_the_dense_fisher_solve():
     |(F_θ + λI)d − g| is ≤ 1e-4·|g| (``cg_rtol``); with ``cg_rtol=1e-6`` the direction equals
     the dense solve with the pulled-back Fisher's matrix to 2e-5, as does the unpreconditioned
     CG of the pulled-back products run to convergence."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    d = 40
-    g = torch.Generator().manual_seed(12)
-    X = torch.randn(100, d, generator=g, dtype=torch.float64)
-    y = torch.bernoulli(torch.sigmoid(X @ torch.linspace(-1, 1, d, dtype=torch.float64)),
-                        generator=g)
-
-    guide = AutoLowRankMultivariateNormal(logistic_model, rank=6)
-    Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1).loss_and_grads(
-        logistic_model, guide, X, y)
-    store = pyro.get_param_store()
-    leaves = dict(sorted((n, store.get_param(n).unconstrained()) for n in store.keys()))
-    grads = {n: p.grad.detach().clone() for n, p in leaves.items()}
+    guide, leaves, grads = _logistic_gradient(d=40, rank=6, rows=100, particles=8, seed=12)
     steps = {}
     for rtol in (None, 1e-6):
         optim = NaturalGradient(guide, **({} if rtol is None else
@@ -334,4 +348,35 @@ def test_natural_gradient_low_rank_direction_equals_the_dense_fisher_solve():
     assert float((steps[1e-6] - expected).norm() / expected.norm()) < 2e-5
     before = conjugate_gradient(pulled.mvp, gradient, damping, 2000, 1e-12)
     assert float((before - expected).norm() / expected.norm()) < 1e-10
+    pyro.clear_param_store()
+
+
+def test_low_rank_candidates_are_measured_in_closed_form_without_the_guide(monkeypatch):
+    """A natural-step candidate of an AutoLowRankMultivariateNormal is measured from its params
+    alone: its KL is max(KL(q ‖ q'), KL(q' ‖ q)) of Pyro's own posterior at the candidate's
+    params (torch's KL), and the guide is not re-run for it."""
+    guide, leaves, grads = _logistic_gradient(d=15, rank=3, rows=60, particles=4, seed=4)
+    optim = NaturalGradient(guide)
+    (group,) = optim.reader.read(leaves)
+    proposal = optim.solve.propose(group.param_names, group, leaves, grads, monte_carlo=False)
+    def posterior():
+        with torch.no_grad():
+            q = guide.get_posterior()
+            return dist.LowRankMultivariateNormal(q.loc.clone(), q.cov_factor.clone(),
+                                                  q.cov_diag.clone())
+
+    q = posterior()
+    monkeypatch.setattr(optim.reader, "trace", None)  # a re-run of the guide would fail
+    for rate in (0.01, 0.3):
+        candidate = proposal.candidate(rate)
+        assert optim._check(proposal, candidate, math.inf, leaves) is None
+        with torch.no_grad():
+            saved = {n: leaves[n].clone() for n in candidate.values}
+            for n, v in candidate.values.items():
+                leaves[n].copy_(v)
+            moved = posterior()
+            for n, v in saved.items():
+                leaves[n].copy_(v)
+        expected = max(float(kl_divergence(q, moved)), float(kl_divergence(moved, q)))
+        assert candidate.kl == pytest.approx(expected, rel=1e-9)
     pyro.clear_param_store()

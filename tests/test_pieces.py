@@ -20,7 +20,7 @@ from pyro_natgrad.optim import (
     PrecisionShortening,
     Retraction,
 )
-from pyro_natgrad.optim.checks import finite, in_support
+from pyro_natgrad.optim.checks import closed_form, finite, in_support
 from pyro_natgrad.optim.options import require_counts, require_numbers
 from pyro_natgrad.optim.trust_region import rate_for_kl
 
@@ -160,6 +160,21 @@ def test_checks_name_non_finite_and_out_of_support_candidates():
     assert finite(Candidate({"scale": torch.tensor(0.0)}, rate=1.0, kl=0.1)) is None
     assert in_support(Candidate({"scale": torch.tensor(-200.0)}, rate=1.0)) == "domain"  # exp → 0
     assert in_support(Candidate({"scale": torch.tensor(-2.0)}, rate=1.0)) is None
+
+
+def test_closed_form_check_replaces_the_kl_and_names_a_failure():
+    """A candidate's closed-form KL replaces its model KL; a factorization that fails is a
+    domain problem, a non-finite KL is named, and the candidate keeps its KL then."""
+    values = {"loc": torch.zeros(2)}
+
+    def fails(_):
+        raise torch.linalg.LinAlgError("not positive definite")
+
+    measured = Candidate(values, rate=1.0, kl=0.1, closed_form_kl=lambda v: 0.3)
+    assert closed_form(measured) is None and measured.kl == 0.3
+    for kl, problem in ((fails, "domain"), (lambda v: math.nan, "non-finite")):
+        candidate = Candidate(values, rate=1.0, kl=0.1, closed_form_kl=kl)
+        assert closed_form(candidate) == problem and candidate.kl == 0.1
 
 
 def test_mirror_domain_none_means_no_repair_and_bad_pieces_are_named():

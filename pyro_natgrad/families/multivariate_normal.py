@@ -77,6 +77,36 @@ def cholesky_to_cov_gradient(scale_tril: Tensor, grad_tril: Tensor) -> Tensor:
     return 0.5 * (out + out.mT)
 
 
+def scaled_low_rank_kl(p: Params, q: Params) -> Tensor:
+    """KL(N(m, S(I + PPᵀ)S) ‖ N(m', S'(I + P'P'ᵀ)S')) from ``p`` = (m, s, P) and ``q`` =
+    (m', s', P'), S = diag s (AutoLowRankMultivariateNormal's Σ = WWᵀ + diag D with W = SP,
+    D = s²), in O(d r²), neither Σ formed: with A = S'⁻¹S = diag a, C = I + PᵀP,
+    C' = I + P'ᵀP' = L'L'ᵀ and e = S'⁻¹(m' − m), by Woodbury and the determinant lemma,
+    2 KL = Σaᵢ² + |AP|² − tr(C'⁻¹(AP')ᵀAP') − |L'⁻¹P'ᵀ(AP, e)|² + |e|² − d
+    + 2Σ log(s'ᵢ/sᵢ) + log|C'| − log|C|. Leading dimensions are a batch."""
+    m, s, factor = p
+    m2, s2, factor2 = q
+    a = (s / s2).unsqueeze(-1)
+    e = ((m2 - m) / s2).unsqueeze(-1)
+    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    eye2 = torch.eye(factor2.shape[-1], dtype=factor2.dtype, device=factor2.device)
+    chol = torch.linalg.cholesky(eye + factor.mT @ factor)
+    chol2 = torch.linalg.cholesky(eye2 + factor2.mT @ factor2)
+    scaled2 = a * factor2  # AP'
+    projected = torch.linalg.solve_triangular(
+        chol2, factor2.mT @ torch.cat([a * factor, e], -1), upper=False)
+    trace = torch.cholesky_solve(scaled2.mT @ scaled2, chol2).diagonal(dim1=-2, dim2=-1).sum(-1)
+    two_kl = (a.square().sum((-2, -1)) + (a * factor).square().sum((-2, -1)) - trace
+              - projected.square().sum((-2, -1)) + e.square().sum((-2, -1)) - s.shape[-1]
+              + 2 * (s2.log() - s.log()).sum(-1) + _logdet(chol2) - _logdet(chol))
+    return 0.5 * two_kl
+
+
+def _logdet(tril: Tensor) -> Tensor:
+    """log|LLᵀ| of a Cholesky factor L."""
+    return 2 * tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
 class _DenseGaussian(ExponentialFamily):
     """The η / μ geometry of a d-dimensional Gaussian; subclasses add their arguments."""
 

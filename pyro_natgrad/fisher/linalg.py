@@ -29,15 +29,22 @@ def unflat(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 def without_rotations(w: Tensor, g: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """g minus its least-squares projection onto the rotation directions {wA : Aᵀ = −A} of a
-    factor w (… × d × r). The normal equations of min_A ‖g − wA‖ over antisymmetric A are the
-    Sylvester equation GA + AG = wᵀg − gᵀw with G = wᵀw; in G's eigenbasis, Ãᵢⱼ = B̃ᵢⱼ/(λᵢ + λⱼ).
-    ``eig``: G's (eigenvalues, eigenvectors), when already at hand."""
-    lam, q = torch.linalg.eigh(w.mT @ w) if eig is None else eig
-    b = q.mT @ (w.mT @ g - g.mT @ w) @ q
+    factor w (… × d × r), g − w·:func:`rotation_coefficients`. ``eig``: wᵀw's (eigenvalues,
+    eigenvectors), when already at hand."""
+    eig = torch.linalg.eigh(w.mT @ w) if eig is None else eig
+    return g - w @ rotation_coefficients(w.mT @ g, eig)
+
+
+def rotation_coefficients(cross: Tensor, eig: tuple[Tensor, Tensor]) -> Tensor:
+    """The antisymmetric A of min_A ‖g − wA‖, from ``cross`` = wᵀg and ``eig`` = the
+    eigendecomposition QΛQᵀ of G = wᵀw: the normal equations are the Sylvester equation
+    GA + AG = wᵀg − gᵀw, solved in G's eigenbasis, Ãᵢⱼ = B̃ᵢⱼ/(λᵢ + λⱼ) (zero where
+    λᵢ + λⱼ = 0)."""
+    lam, q = eig
+    b = q.mT @ (cross - cross.mT) @ q
     denominator = lam.unsqueeze(-1) + lam.unsqueeze(-2)
-    tiny = torch.finfo(w.dtype).tiny
-    a = q @ torch.where(denominator > tiny, b / denominator.clamp_min(tiny), 0.0) @ q.mT
-    return g - w @ a
+    tiny = torch.finfo(cross.dtype).tiny
+    return q @ torch.where(denominator > tiny, b / denominator.clamp_min(tiny), 0.0) @ q.mT
 
 
 class Metric(Protocol):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..families.multivariate_normal import LowRankFisher
 from ..pullback import ScaledLowRankCoordinates
-from .linalg import without_rotations
+from .linalg import rotation_coefficients
 
 __all__ = ["ScaledLowRankFisher"]
 
@@ -102,10 +102,12 @@ class ScaledLowRankFisher:
         inv_e = (1 + mu * cov_diag).reciprocal()
         loc_capacitance = torch.linalg.cholesky(eye / mu + (w.mT * inv_e) @ w)
         # P: G = PᵀP = QΓQᵀ, K = G(I + G)⁻¹ has eigenvalues κ = γ/(1 + γ) in the same basis
-        gamma, basis = torch.linalg.eigh(p.mT @ p)
+        gram = p.mT @ p
+        gamma, basis = torch.linalg.eigh(gram)
         gamma = gamma.clamp_min(0)
         shift = gamma / (1 + gamma) + mu  # a_j = κ_j + μ, per column of VQ
         b = p @ basis  # PQ: PPᵀ = BBᵀ, BᵀB = Γ
+        spread = basis / shift @ basis.mT  # Q diag(1/a) Qᵀ
         # u: the exact diagonal, (C⁻¹)ᵢᵢ = 1 − |Bᵢ|²/(1 + γ) by Woodbury
         c_ii = 1 + p.square().sum(-1)
         c_inv_ii = 1 - (b.square() / (1 + gamma)).sum(-1)
@@ -116,13 +118,16 @@ class ScaledLowRankFisher:
             a = inv_e * v_loc
             t = torch.cholesky_solve((w.mT @ a).unsqueeze(-1), loc_capacitance).squeeze(-1)
             x_loc = operator.cov((a - inv_e * (w @ t)).unsqueeze(-1)).squeeze(-1)
-            y = v_p @ basis  # columns ỹ_j
-            # (a_j I + μBBᵀ)⁻¹ỹ_j = (ỹ_j − B diag(1/(a_j/μ + γ)) Bᵀỹ_j)/a_j, then C· = I + BBᵀ
-            t = (b.mT @ y) / (shift.unsqueeze(-2) / mu + gamma.unsqueeze(-1))
-            z = (y - b @ t) / shift
-            x_p = (z + b @ (b.mT @ z)) @ basis.mT
-            if self.gauge_free:
-                x_p = without_rotations(p, x_p, (gamma, basis))
-            return self.coords.join(x_loc, v_u / u_diag, x_p) / m
+            # per column ỹ_j of Y = VQ: (a_j I + μBBᵀ)⁻¹ỹ_j = (ỹ_j − B diag(1/(a_j/μ + γ))Bᵀỹ_j)
+            # / a_j, then C· = I + BBᵀ and back by Qᵀ; with H = PᵀV, T = QᵀHQ / (a_j/μ + γᵢ),
+            # ZQᵀ = V·Q diag(1/a)Qᵀ − P·M, M = Q(T diag(1/a))Qᵀ, and X = ZQᵀ + P(PᵀZQᵀ) where
+            # PᵀZQᵀ = H·Q diag(1/a)Qᵀ − G·M: three products of d rows in all
+            h = p.mT @ v_p
+            t = basis.mT @ h @ basis / (shift.unsqueeze(-2) / mu + gamma.unsqueeze(-1))
+            mixed = basis @ (t / shift) @ basis.mT
+            right = h @ spread - gram @ mixed - mixed  # X = V·spread + P·right
+            if self.gauge_free:  # X − PA with A from PᵀX = H·spread + G·right
+                right = right - rotation_coefficients(h @ spread + gram @ right, (gamma, basis))
+            return self.coords.join(x_loc, v_u / u_diag, v_p @ spread + p @ right) / m
 
         return apply

@@ -14,7 +14,7 @@ from torch.distributions import constraints, transform_to
 from ..guides import GuideReader, is_real
 from .proposal import Candidate
 
-__all__ = ["all_finite", "finite", "in_support", "rebuild"]
+__all__ = ["all_finite", "closed_form", "finite", "in_support", "rebuild"]
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
@@ -79,6 +79,22 @@ def rebuild(candidate: Candidate, leaves: dict[str, Tensor], reader: GuideReader
         with torch.no_grad():
             for n, v in current.items():
                 leaves[n].copy_(v)
+    return _measured(candidate, kl)
+
+
+def closed_form(candidate: Candidate) -> str | None:
+    """Replaces the candidate's KL by its ``closed_form_kl``, the guide not re-built (the map
+    from its params to q is known); ``"domain"`` when q cannot be formed at the candidate (a
+    factorization fails), ``"non-finite"`` for a non-finite KL."""
+    try:
+        with torch.no_grad():
+            kl = candidate.closed_form_kl(candidate.values)
+    except (torch.linalg.LinAlgError, ValueError, RuntimeError):
+        return "domain"
+    return _measured(candidate, kl)
+
+
+def _measured(candidate: Candidate, kl: float | None) -> str | None:
     if kl is not None and not math.isfinite(kl):
         return "non-finite"
     candidate.kl = kl

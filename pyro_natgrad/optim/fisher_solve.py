@@ -5,7 +5,7 @@ parameterization) or a Monte Carlo estimate E_q[∇log q ∇log qᵀ] (any other
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +14,7 @@ from pyro import poutine
 from torch import Tensor
 
 from ..families import unwrap
+from ..families.multivariate_normal import scaled_low_rank_kl
 from ..fisher.closed_form import PulledBackFisher
 from ..fisher.linalg import flat, solve_metric
 from ..fisher.low_rank import ScaledLowRankFisher
@@ -140,7 +141,7 @@ class FisherSolve:
                           if self.form in (None, "cg") else None)
             metric = structured or PulledBackFisher(
                 [(s.family, s.family.args(s.base), s.multiplicity) for s in group.sites], theta)
-            measure = _exact_kl(group)
+            measure = _exact_kl(group) if structured is None else None
         form = self.form or ("cg" if structured is not None else _default_form(
             g.numel(), self.dense_max, monte_carlo and draws * len(group.sites) < g.numel()))
         if monte_carlo and form != "cg":
@@ -156,11 +157,14 @@ class FisherSolve:
         method = "monte_carlo" if monte_carlo else "closed_form"
         step = linear_proposal(method, key, theta, direction, float(curvature))
 
+        closed = None if structured is None else _coordinates_kl(structured)
+
         def candidate(rate: float) -> Candidate:
             c = step.candidate(rate)
             model = c.kl if monte_carlo else None  # a sampled KL is noisy: never below the model
             if measure is not None:
                 c.measure = measure if model is None else (lambda t: max(model, measure(t)))
+            c.closed_form_kl = closed
             return c
 
         return Proposal(method, candidate, exact=False)
@@ -209,6 +213,21 @@ def _exact_kl(group: Group) -> Callable[[poutine.Trace], float]:
                 new = float64(family, unwrap(trace.nodes[name]["fn"])[0])
                 total += max(kl64(family, q, new), kl64(family, new, q)) * multiplicity
         return total
+
+    return kl
+
+
+def _coordinates_kl(fisher: ScaledLowRankFisher) -> Callable[[Mapping[str, Tensor]], float]:
+    """:func:`_exact_kl` of an AutoLowRankMultivariateNormal site from its params' values, in
+    float64 and closed form (:func:`~pyro_natgrad.families.multivariate_normal.scaled_low_rank_kl`),
+    the guide not re-built."""
+    coords = fisher.coords
+    current = tuple(t.to(torch.float64) for t in (coords.loc, coords.s, coords.p))
+
+    def kl(values: Mapping[str, Tensor]) -> float:
+        new = tuple(t.to(torch.float64) for t in coords.scaled(values))
+        both = max(float(scaled_low_rank_kl(current, new)), float(scaled_low_rank_kl(new, current)))
+        return both * fisher.multiplicity
 
     return kl
 

@@ -32,7 +32,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 
 from ..guides import Group, GuideReader
-from .checks import all_finite, finite, in_support, rebuild
+from .checks import all_finite, closed_form, finite, in_support, rebuild
 from .proposal import Candidate, Proposal
 from .step_size import BoldDriver, Judgement, PflugCeiling, Step, judge
 from .transforms import HeavyBall
@@ -339,7 +339,8 @@ class GeometricOptim(PyroOptim):
         if problem is None and _beyond(candidate.kl, bound):
             return "kl"
         if problem is None and not proposal.exact:
-            problem = rebuild(candidate, leaves, self.reader)
+            problem = (rebuild(candidate, leaves, self.reader) if candidate.closed_form_kl is None
+                       else closed_form(candidate))
             if problem is None and _beyond(candidate.kl, bound):
                 problem = "measured kl"
         return problem

@@ -44,7 +44,9 @@ class Candidate:
 
     ``kl``: its KL from the current q (closed form for exact steps, the metric's quadratic model
     ½ rate² dᵀGd for linear ones); ``measure``: a better KL taken on the guide re-built at
-    ``values`` (its trace), which replaces ``kl`` once ``kl`` fits the trust region; ``anchor``:
+    ``values`` (its trace), which replaces ``kl`` once ``kl`` fits the trust region;
+    ``closed_form_kl``: that KL computed from ``values`` alone where the map from params to q
+    is known, so that the guide is not re-built (it takes the place of ``measure``); ``anchor``:
     the mean the step was built at (for momentum); ``note``: what a transform did to it;
     ``repaired``: a domain repair changed the step (it left the family's domain at this rate).
     """
@@ -54,6 +56,7 @@ class Candidate:
     kl: float | None = None
     note: str = ""
     measure: Callable[[poutine.Trace], float] | None = None
+    closed_form_kl: Callable[[Mapping[str, Tensor]], float] | None = None
     anchor: Tensor | None = None
     repaired: bool = False
 
