@@ -9,15 +9,19 @@ Jacobian of θ ↦ (loc, W, D): J(v_loc, v_u, v_P) = (v_loc, diag(s)v_P + diag(s
 Jᵀ(w_loc, w_W, w_D) = (w_loc, s'∘(rowsum(w_W∘P) + 2s∘w_D), diag(s)w_W), s' = dt/du. A product
 is O(d r²), no autograd graph.
 
-With C = I + PPᵀ the covariance is Σ = diag(s) C diag(s), which gives the preconditioner of
-:meth:`ScaledLowRankFisher.preconditioner` (blocks in θ, cross terms dropped): on loc the exact
-(Σ⁻¹ + μI)⁻¹; on P the Kronecker part C⁻¹ ⊗ K of F_PP (K = PᵀC⁻¹P = G(I + G)⁻¹, G = PᵀP; the
-term C⁻¹PVᵀC⁻¹P dropped as in Tran, Nguyen & Dao 2020, "A fast and efficient natural gradient
-for the factor model covariance"), inverted exactly with its damping in G's eigenbasis, where
-(κ_j C⁻¹ + μI)⁻¹ = C(κ_j I + μC)⁻¹ is diagonal-plus-rank-r; on u the exact diagonal
-(s'ᵢ/sᵢ)²(1 + Cᵢᵢ(C⁻¹)ᵢᵢ) (with dΣ from a log-scale a = log s: Σ⁻¹dΣ = diag(s)⁻¹(C⁻¹EᵢC + Eᵢ)
-diag(s) for a change of aᵢ, Eᵢ = eᵢeᵢᵀ, and ½tr((C⁻¹EᵢC + Eᵢ)²) = 1 + Cᵢᵢ(C⁻¹)ᵢᵢ). Set-up
-O(d r² + r³), each application O(d r²).
+With C = I + PPᵀ the covariance is Σ = diag(s) C diag(s). The preconditioner of
+:meth:`ScaledLowRankFisher.preconditioner` is M⁻¹ = J⁻¹B⁻¹J⁻ᵀ: a block-diagonal approximation B
+of the damped Fisher in (loc, W, D), pulled back through the exact inverse of J,
+J⁻¹(x_loc, x_W, x_D) = (x_loc, x_D/(2ss'), diag(s)⁻¹(x_W − diag(s'x_u)P)), so that the coupling
+of u and P that the parameterization makes (a change of sᵢ scales row i of W) is kept and only
+F's own W–D coupling is dropped. Blocks: on loc the exact (Σ⁻¹ + μI)⁻¹; on W the Kronecker part
+K ⊗ Σ⁻¹ of F_WW (K = WᵀΣ⁻¹W = PᵀC⁻¹P = G(I + G)⁻¹, G = PᵀP; the term Σ⁻¹WVᵀΣ⁻¹W dropped as in
+Tran, Nguyen & Dao 2020, "A fast and efficient natural gradient for the factor model
+covariance") with the damping μ in P's scale, which in P = diag(s)⁻¹W reads C⁻¹ ⊗ K + μI and is
+inverted exactly in G's eigenbasis, where (κ_j C⁻¹ + μI)⁻¹ = C(κ_j I + μC)⁻¹ is
+diagonal-plus-rank-r; on D the diagonal ½(Σ⁻¹)ᵢᵢ² of F_DD with u's damping, μ/(2sᵢs'ᵢ)². In θ:
+x_u = (g_u − (s'/s)∘rowsum(g_P∘P)) / (2(s'ᵢ/sᵢ)²(C⁻¹)ᵢᵢ² + μ), x_P = X − diag(s'x_u/s)P with X
+the P block's solve of g_P. Set-up O(d r² + r³), each application O(d r²).
 """
 
 from __future__ import annotations
@@ -68,9 +72,11 @@ class ScaledLowRankFisher:
 
     def trace(self) -> Tensor:
         """tr m·F_θ, exact: m[tr Σ⁻¹ + Σᵢ(s'ᵢ/sᵢ)²(1 + Cᵢᵢ(C⁻¹)ᵢᵢ) + (d − tr K) tr K + |C⁻¹P|²_F],
-        the diagonals of the three blocks (module docstring; F_WW's diagonal
-        Σ⁻¹ᵢᵢK_jj + (Σ⁻¹W)ᵢⱼ² in P's coordinates), with tr K = Σγ/(1 + γ) and
-        |C⁻¹P|²_F = Σγ/(1 + γ)² over the eigenvalues γ of PᵀP."""
+        the diagonals of the three blocks: on u, with dΣ from a log-scale a = log s,
+        Σ⁻¹dΣ = diag(s)⁻¹(C⁻¹EᵢC + Eᵢ)diag(s) for a change of aᵢ (Eᵢ = eᵢeᵢᵀ) and
+        ½tr((C⁻¹EᵢC + Eᵢ)²) = 1 + Cᵢᵢ(C⁻¹)ᵢᵢ; on P, F_WW's diagonal Σ⁻¹ᵢᵢK_jj + (Σ⁻¹W)ᵢⱼ² in
+        P's coordinates, with tr K = Σγ/(1 + γ) and |C⁻¹P|²_F = Σγ/(1 + γ)² over the eigenvalues
+        γ of PᵀP."""
         s, ds, p = self.s, self.ds, self.p
         gamma, basis = torch.linalg.eigh(p.mT @ p)
         gamma = gamma.clamp_min(0)
@@ -108,10 +114,10 @@ class ScaledLowRankFisher:
         shift = gamma / (1 + gamma) + mu  # a_j = κ_j + μ, per column of VQ
         b = p @ basis  # PQ: PPᵀ = BBᵀ, BᵀB = Γ
         spread = basis / shift @ basis.mT  # Q diag(1/a) Qᵀ
-        # u: the exact diagonal, (C⁻¹)ᵢᵢ = 1 − |Bᵢ|²/(1 + γ) by Woodbury
-        c_ii = 1 + p.square().sum(-1)
+        # D: ½(Σ⁻¹)ᵢᵢ² with u's damping, in u's units; (C⁻¹)ᵢᵢ = 1 − |Bᵢ|²/(1 + γ) by Woodbury
+        ratio = ds / s
         c_inv_ii = 1 - (b.square() / (1 + gamma)).sum(-1)
-        u_diag = (ds / s).square() * (1 + c_ii * c_inv_ii) + mu  # (m·F_uu + λ)/m
+        u_diag = 2 * (ratio * c_inv_ii).square() + mu
 
         def apply(v: Tensor) -> Tensor:
             v_loc, v_u, v_p = self.coords.split(v)
@@ -126,8 +132,11 @@ class ScaledLowRankFisher:
             t = basis.mT @ h @ basis / (shift.unsqueeze(-2) / mu + gamma.unsqueeze(-1))
             mixed = basis @ (t / shift) @ basis.mT
             right = h @ spread - gram @ mixed - mixed  # X = V·spread + P·right
-            if self.gauge_free:  # X − PA with A from PᵀX = H·spread + G·right
-                right = right - rotation_coefficients(h @ spread + gram @ right, (gamma, basis))
-            return self.coords.join(x_loc, v_u / u_diag, v_p @ spread + p @ right) / m
+            x_u = (v_u - ratio * (v_p * p).sum(-1)) / u_diag  # J⁻ᵀ, D's block, J⁻¹ on u
+            rows = (ratio * x_u).unsqueeze(-1) * p  # J⁻¹ on P: X − diag(s'x_u/s)P
+            if self.gauge_free:  # less PA, A from the rotation content Pᵀ(X − rows)
+                cross = h @ spread + gram @ right - p.mT @ rows
+                right = right - rotation_coefficients(cross, (gamma, basis))
+            return self.coords.join(x_loc, x_u, v_p @ spread + p @ right - rows) / m
 
         return apply
