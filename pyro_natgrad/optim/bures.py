@@ -86,9 +86,7 @@ class Bures:
     def __post_init__(self) -> None:
         if self.scheme not in _SCHEMES:
             raise ValueError(f"Bures: scheme must be one of {_SCHEMES}, got {self.scheme!r}")
-        if not (isinstance(self.iters, int) and not isinstance(self.iters, bool)
-                and self.iters > 0):
-            raise ValueError(f"Bures: iters must be a positive integer, got {self.iters!r}")
+        require_counts(self, ("iters",), prefix="Bures: ")
         if not isinstance(self.framed, bool):
             raise ValueError(f"Bures: framed must be True or False, got {self.framed!r}")
 
