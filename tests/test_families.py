@@ -305,12 +305,13 @@ def test_scaled_low_rank_kl_matches_torch(dtype, tol):
                 torch.randn(2, 9, r, generator=g, dtype=dtype))
 
     p, q = draw(3), draw(4)
-    for a, b in ((p, q), (q, p)):
-        theirs = kl_divergence(*(dist.LowRankMultivariateNormal(m, s.unsqueeze(-1) * f, s ** 2)
-                                 for m, s, f in (a, b)))
-        torch.testing.assert_close(scaled_low_rank_kl(a, b), theirs, rtol=tol, atol=tol)
-    torch.testing.assert_close(scaled_low_rank_kl(p, p), torch.zeros(2, dtype=dtype),
-                               rtol=0.0, atol=10 * tol)
+    built = [dist.LowRankMultivariateNormal(m, s.unsqueeze(-1) * f, s ** 2) for m, s, f in (p, q)]
+    for ours, theirs in zip(scaled_low_rank_kl(p, q), (kl_divergence(*built),
+                                                        kl_divergence(*built[::-1])),
+                            strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    for same in scaled_low_rank_kl(p, p):
+        torch.testing.assert_close(same, torch.zeros(2, dtype=dtype), rtol=0.0, atol=10 * tol)
 
 
 def test_gaussian_flat_size_is_checked():

@@ -77,29 +77,38 @@ def cholesky_to_cov_gradient(scale_tril: Tensor, grad_tril: Tensor) -> Tensor:
     return 0.5 * (out + out.mT)
 
 
-def scaled_low_rank_kl(p: Params, q: Params) -> Tensor:
-    """KL(N(m, S(I + PPᵀ)S) ‖ N(m', S'(I + P'P'ᵀ)S')) from ``p`` = (m, s, P) and ``q`` =
-    (m', s', P'), S = diag s (AutoLowRankMultivariateNormal's Σ = WWᵀ + diag D with W = SP,
-    D = s²), in O(d r²), neither Σ formed: with A = S'⁻¹S = diag a, C = I + PᵀP,
+def scaled_low_rank_kl(p: Params, q: Params) -> tuple[Tensor, Tensor]:
+    """(KL(p ‖ q), KL(q ‖ p)) for p = N(m, S(I + PPᵀ)S) and q = N(m', S'(I + P'P'ᵀ)S') given as
+    (m, s, P) and (m', s', P'), S = diag s (AutoLowRankMultivariateNormal's Σ = WWᵀ + diag D
+    with W = SP, D = s²), in O(d r²), neither Σ formed: with A = S'⁻¹S = diag a, C = I + PᵀP,
     C' = I + P'ᵀP' = L'L'ᵀ and e = S'⁻¹(m' − m), by Woodbury and the determinant lemma,
-    2 KL = Σaᵢ² + |AP|² − tr(C'⁻¹(AP')ᵀAP') − |L'⁻¹P'ᵀ(AP, e)|² + |e|² − d
-    + 2Σ log(s'ᵢ/sᵢ) + log|C'| − log|C|. Leading dimensions are a batch."""
+    2 KL(p ‖ q) = Σaᵢ² + |AP|² − tr(C'⁻¹(AP')ᵀAP') − |L'⁻¹P'ᵀ(AP, e)|² + |e|² − d
+    + 2Σ log(s'ᵢ/sᵢ) + log|C'| − log|C|, and KL(q ‖ p) the same with the roles swapped (both
+    share the two r × r factorizations). Leading dimensions are a batch."""
+    chol_p, chol_q = _capacitance(p[2]), _capacitance(q[2])
+    log_ratio = 2 * (q[1].log() - p[1].log()).sum(-1) + _logdet(chol_q) - _logdet(chol_p)
+    return (0.5 * (_spread(p, q, chol_q) + log_ratio),
+            0.5 * (_spread(q, p, chol_p) - log_ratio))
+
+
+def _capacitance(factor: Tensor) -> Tensor:
+    """The Cholesky factor of I + PᵀP."""
+    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    return torch.linalg.cholesky(eye + factor.mT @ factor)
+
+
+def _spread(p: Params, q: Params, chol_q: Tensor) -> Tensor:
+    """2 KL(p ‖ q) less its log-determinant terms (:func:`scaled_low_rank_kl`)."""
     m, s, factor = p
     m2, s2, factor2 = q
     a = (s / s2).unsqueeze(-1)
     e = ((m2 - m) / s2).unsqueeze(-1)
-    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-    eye2 = torch.eye(factor2.shape[-1], dtype=factor2.dtype, device=factor2.device)
-    chol = torch.linalg.cholesky(eye + factor.mT @ factor)
-    chol2 = torch.linalg.cholesky(eye2 + factor2.mT @ factor2)
     scaled2 = a * factor2  # AP'
     projected = torch.linalg.solve_triangular(
-        chol2, factor2.mT @ torch.cat([a * factor, e], -1), upper=False)
-    trace = torch.cholesky_solve(scaled2.mT @ scaled2, chol2).diagonal(dim1=-2, dim2=-1).sum(-1)
-    two_kl = (a.square().sum((-2, -1)) + (a * factor).square().sum((-2, -1)) - trace
-              - projected.square().sum((-2, -1)) + e.square().sum((-2, -1)) - s.shape[-1]
-              + 2 * (s2.log() - s.log()).sum(-1) + _logdet(chol2) - _logdet(chol))
-    return 0.5 * two_kl
+        chol_q, factor2.mT @ torch.cat([a * factor, e], -1), upper=False)
+    trace = torch.cholesky_solve(scaled2.mT @ scaled2, chol_q).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (a.square().sum((-2, -1)) + (a * factor).square().sum((-2, -1)) - trace
+            - projected.square().sum((-2, -1)) + e.square().sum((-2, -1)) - s.shape[-1])
 
 
 def _logdet(tril: Tensor) -> Tensor:

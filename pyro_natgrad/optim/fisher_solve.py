@@ -226,8 +226,8 @@ def _coordinates_kl(fisher: ScaledLowRankFisher) -> Callable[[Mapping[str, Tenso
 
     def kl(values: Mapping[str, Tensor]) -> float:
         new = tuple(t.to(torch.float64) for t in coords.scaled(values))
-        both = max(float(scaled_low_rank_kl(current, new)), float(scaled_low_rank_kl(new, current)))
-        return both * fisher.multiplicity
+        forward, backward = scaled_low_rank_kl(current, new)
+        return max(float(forward), float(backward)) * fisher.multiplicity
 
     return kl
 
