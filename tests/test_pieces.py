@@ -361,3 +361,26 @@ def test_require_counts_names_the_option_and_its_value(value, low, ok):
     else:
         with pytest.raises(ValueError, match=f"^iters must be an integer >= {low}, got "):
             require_counts(owner, ("iters",), low)
+
+
+def test_a_stateful_piece_serves_one_live_optimizer():
+    """Two optimizers given the same piece object would share its state (a PflugCeiling's
+    ceiling, a KLTrustRegion's radii): the second is refused with a message that names the
+    piece and both roles; a piece of an optimizer that is gone may be given again."""
+    import gc
+
+    def guide():
+        pyro.sample("z", pyro.distributions.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    ceiling, region = pyro_natgrad.optim.PflugCeiling(), pyro_natgrad.optim.KLTrustRegion()
+    first = pyro_natgrad.NaturalGradient(guide, stationarity=ceiling, trust_region=region)
+    with pytest.raises(ValueError, match="PflugCeiling given as this WassersteinGradient's "
+                                         "stationarity is also the stationarity of another "
+                                         "NaturalGradient"):
+        pyro_natgrad.WassersteinGradient(guide, stationarity=ceiling)
+    with pytest.raises(ValueError, match="KLTrustRegion .* trust_region"):
+        pyro_natgrad.NaturalGradient(guide, trust_region=region)
+    pyro_natgrad.NaturalGradient(guide, stationarity=pyro_natgrad.optim.PflugCeiling())
+    del first
+    gc.collect()
+    pyro_natgrad.WassersteinGradient(guide, stationarity=ceiling, trust_region=region)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -42,6 +43,7 @@ __all__ = ["GeometricOptim", "StepRefusedWarning"]
 
 STATE_VERSION = 2
 _PIECES = ("step_size", "stationarity", "trust_region", "momentum")
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
 
 
 class StepRefusedWarning(UserWarning):
@@ -128,6 +130,21 @@ class GeometricOptim(PyroOptim):
     def _stateful(self) -> dict[str, object]:
         """Pieces with per-group state, by name (subclasses add theirs)."""
         return {name: getattr(self, name) for name in _PIECES}
+
+    def _claim_pieces(self) -> None:
+        """Called at the end of a subclass's ``__init__``: a stateful piece object may belong to
+        one live optimizer only (two sharing a PflugCeiling would share its ceiling, two sharing
+        a KLTrustRegion its radii)."""
+        mine = {id(p): name for name, p in self._stateful().items() if p is not None}
+        for other in list(_LIVE):
+            for name, piece in other._stateful().items():
+                if piece is not None and id(piece) in mine:
+                    raise ValueError(
+                        f"the {type(piece).__name__} given as this {type(self).__name__}'s "
+                        f"{mine[id(piece)]} is also the {name} of another "
+                        f"{type(other).__name__}: pieces hold state, so each optimizer needs "
+                        f"its own (build a new {type(piece).__name__} for each)")
+        _LIVE.add(self)
 
     # ----- the learning rate ----------------------------------------------------------------------
     @property

@@ -61,7 +61,8 @@ class NaturalGradient(GeometricOptim):
     :param solve: ``"auto"`` or a :class:`~.fisher_solve.FisherSolve` (form, damping, draws).
     :param on_nonfinite: ``"warn"`` (refuse the step, warn, keep the params) or ``"raise"``.
 
-    Pieces hold state: give each optimizer its own.
+    Pieces hold state: give each optimizer its own (a piece object that another live
+    optimizer holds is refused).
     """
 
     def __init__(self, guide: Callable, lr: float = 0.5, *,
@@ -100,6 +101,7 @@ class NaturalGradient(GeometricOptim):
         if self.mirror is not None and not isinstance(self.mirror, Mirror):
             raise TypeError(f"mirror must be 'auto', a Mirror or None, got {mirror!r}")
         self.solve = solve
+        self._claim_pieces()
 
     def _stateful(self) -> dict[str, object]:
         domain = self.mirror.domain if self.mirror is not None else None

@@ -85,6 +85,7 @@ class WassersteinGradient(GeometricOptim):
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,
                          on_nonfinite=on_nonfinite)
         self.metric, self.solve, self.bures = metric, solve, bures
+        self._claim_pieces()
 
     def _method(self, group: Group) -> str:
         if self.metric == "pushforward":
