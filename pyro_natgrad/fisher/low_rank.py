@@ -27,6 +27,7 @@ the P block's solve of g_P. Set-up O(d r² + r³), each application O(d r²).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -59,6 +60,17 @@ class ScaledLowRankFisher:
         self.s, self.ds, self.p = self.coords.s, self.coords.ds, self.coords.p
         self.operator = LowRankFisher(self.coords.args())
 
+    @cached_property
+    def _spectrum(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(G, γ, Q, (C⁻¹)ᵢᵢ): G = PᵀP = QΓQᵀ (γ clamped at 0) and the diagonal of
+        C⁻¹ = (I + PPᵀ)⁻¹, 1 − |(PQ)ᵢ|²/(1 + γ) by Woodbury; shared by :meth:`trace` and
+        :meth:`preconditioner`, which a step calls once each."""
+        gram = self.p.mT @ self.p
+        gamma, basis = torch.linalg.eigh(gram)
+        gamma = gamma.clamp_min(0)
+        c_inv_ii = 1 - ((self.p @ basis).square() / (1 + gamma)).sum(-1)
+        return gram, gamma, basis, c_inv_ii
+
     def mvp(self, v: Tensor) -> Tensor:
         """m·Jᵀ F J v (leading dimensions of ``v`` are a batch)."""
         v_loc, v_u, v_p = self.coords.split(v)
@@ -78,10 +90,7 @@ class ScaledLowRankFisher:
         P's coordinates, with tr K = Σγ/(1 + γ) and |C⁻¹P|²_F = Σγ/(1 + γ)² over the eigenvalues
         γ of PᵀP."""
         s, ds, p = self.s, self.ds, self.p
-        gamma, basis = torch.linalg.eigh(p.mT @ p)
-        gamma = gamma.clamp_min(0)
-        b = p @ basis
-        c_inv_ii = 1 - (b.square() / (1 + gamma)).sum(-1)  # (C⁻¹)ᵢᵢ by Woodbury
+        _, gamma, _, c_inv_ii = self._spectrum
         c_ii = 1 + p.square().sum(-1)
         k = gamma / (1 + gamma)
         trace_k = k.sum()
@@ -108,15 +117,11 @@ class ScaledLowRankFisher:
         inv_e = (1 + mu * cov_diag).reciprocal()
         loc_capacitance = torch.linalg.cholesky(eye / mu + (w.mT * inv_e) @ w)
         # P: G = PᵀP = QΓQᵀ, K = G(I + G)⁻¹ has eigenvalues κ = γ/(1 + γ) in the same basis
-        gram = p.mT @ p
-        gamma, basis = torch.linalg.eigh(gram)
-        gamma = gamma.clamp_min(0)
+        gram, gamma, basis, c_inv_ii = self._spectrum
         shift = gamma / (1 + gamma) + mu  # a_j = κ_j + μ, per column of VQ
-        b = p @ basis  # PQ: PPᵀ = BBᵀ, BᵀB = Γ
         spread = basis / shift @ basis.mT  # Q diag(1/a) Qᵀ
-        # D: ½(Σ⁻¹)ᵢᵢ² with u's damping, in u's units; (C⁻¹)ᵢᵢ = 1 − |Bᵢ|²/(1 + γ) by Woodbury
+        # D: ½(Σ⁻¹)ᵢᵢ² with u's damping, in u's units
         ratio = ds / s
-        c_inv_ii = 1 - (b.square() / (1 + gamma)).sum(-1)
         u_diag = 2 * (ratio * c_inv_ii).square() + mu
 
         def apply(v: Tensor) -> Tensor:
@@ -127,7 +132,8 @@ class ScaledLowRankFisher:
             # per column ỹ_j of Y = VQ: (a_j I + μBBᵀ)⁻¹ỹ_j = (ỹ_j − B diag(1/(a_j/μ + γ))Bᵀỹ_j)
             # / a_j, then C· = I + BBᵀ and back by Qᵀ; with H = PᵀV, T = QᵀHQ / (a_j/μ + γᵢ),
             # ZQᵀ = V·Q diag(1/a)Qᵀ − P·M, M = Q(T diag(1/a))Qᵀ, and X = ZQᵀ + P(PᵀZQᵀ) where
-            # PᵀZQᵀ = H·Q diag(1/a)Qᵀ − G·M: three products of d rows in all
+            # PᵀZQᵀ = H·Q diag(1/a)Qᵀ − G·M: three products of d rows (a fourth, Pᵀ of the
+            # rows term, for the gauge projection)
             h = p.mT @ v_p
             t = basis.mT @ h @ basis / (shift.unsqueeze(-2) / mu + gamma.unsqueeze(-1))
             mixed = basis @ (t / shift) @ basis.mT
