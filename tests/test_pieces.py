@@ -3,6 +3,7 @@ the mechanism it pins."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pyro
@@ -367,8 +368,6 @@ def test_a_stateful_piece_serves_one_live_optimizer():
     """Two optimizers given the same piece object would share its state (a PflugCeiling's
     ceiling, a KLTrustRegion's radii): the second is refused with a message that names the
     piece and both roles; a piece of an optimizer that is gone may be given again."""
-    import gc
-
     def guide():
         pyro.sample("z", pyro.distributions.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
 
