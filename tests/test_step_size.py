@@ -109,6 +109,25 @@ def test_two_step_test_keeps_its_anchor_across_a_rejected_step_and_forgets_stale
     assert pflug.anchor is None
 
 
+def test_invariant_window_applies_only_to_steps_reported_affine_invariant():
+    """Three stationary judgements (r = ½ each) end a window of 3 for an invariant step and
+    lower the ceiling; for any other step the window stays 10."""
+    stationary = Judgement(descent=True, change=-0.1, ratio=0.5, accepted=True)
+    for invariant, ceiling in ((True, 0.5), (False, 1.0)):
+        pflug = PflugCeiling(window=10, invariant_window=3)
+        pflug.start(1.0)
+        for _ in range(3):
+            pflug.update(stationary, 1.0, invariant=invariant)
+        assert pflug.ceiling == ceiling
+    plain = PflugCeiling(window=10)
+    plain.start(1.0)
+    for _ in range(3):
+        plain.update(stationary, 1.0, invariant=True)
+    assert plain.ceiling == 1.0  # no invariant_window: the window is 10 for every step
+    with pytest.raises(ValueError, match="invariant_window"):
+        PflugCeiling(invariant_window=0)
+
+
 def test_pflug_ceiling_works_without_the_bold_driver():
     ceilings = _run(None, PflugCeiling(), noise=1.0, steps=200)
     assert ceilings[-1] < 0.5 * 2**-3

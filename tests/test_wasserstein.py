@@ -358,6 +358,25 @@ def test_autoguides_fit_with_trace_elbo(make):
     assert error < 0.05, f"max |Δmean|/sd = {float(error):.3f}"
 
 
+@pytest.mark.parametrize("make,bures,invariant", [
+    (AutoMultivariateNormal, Bures(), True),
+    (AutoMultivariateNormal, Bures(framed=False), False),
+    (AutoMultivariateNormal, Bures(scheme="explicit"), False),
+    (AutoDiagonalNormal, Bures(), False), (AutoLowRankMultivariateNormal, Bures(), False)],
+    ids=["full", "full-unframed", "full-explicit", "diagonal", "low-rank"])
+def test_only_the_framed_full_covariance_step_takes_the_invariant_window(make, bures, invariant):
+    """The stationarity test's shorter window (``PflugCeiling.invariant_window``, 3 at the
+    defaults) is for the framed forward–backward step of a full covariance only."""
+    X, y, _, _ = _data()
+    pyro.set_rng_seed(0)
+    guide = make(_model())
+    opt = WassersteinGradient(guide, bures=bures)
+    assert opt.stationarity.invariant_window == 3
+    SVI(_model(), guide, opt, Trace_ELBO()).step(X, y)
+    assert [opt._invariant(g) for g in opt._groups] == [invariant]
+    assert opt._pending["invariant"] is invariant
+
+
 # ----- the default step: forward–backward with h = ρ / curvature (issue 16) --------------------
 def test_default_full_covariance_step_is_the_forward_backward_step_computed_by_hand():
     """One default step on a Cholesky guide = Diao et al.'s forward–backward step in q's frame
@@ -434,8 +453,8 @@ def _errors_at_defaults(mean, cov, seed, steps=300):
 
 def test_advancedvi_target_converges_at_defaults_and_stays():
     """AdvancedVI.jl's test target (d = 5, mean 5·1, Σ = 0.09·I), 3 seeds: both errors ≤ 0.1×
-    their initial values at step 100 and at every step 100–300 (measured max: mean 0.0017–0.0031,
-    covariance 0.0097–0.011). The explicit step at lr 0.1 diverged here (1 − 2·0.1/0.09 < −1)."""
+    their initial values at step 100 and at every step 100–300 (measured max: mean 0.0019–0.0031,
+    covariance 0.0071–0.012). The explicit step at lr 0.1 diverged here (1 − 2·0.1/0.09 < −1)."""
     for seed in range(3):
         late = _errors_at_defaults(5 * torch.ones(5, dtype=F64), 0.09 * torch.eye(5, dtype=F64),
                                    seed)[99:]
@@ -443,17 +462,15 @@ def test_advancedvi_target_converges_at_defaults_and_stays():
 
 
 def test_dense_target_converges_at_defaults():
-    """A dense target (eigenvalues 0.1–10), 3 seeds, max over steps 100–300 of the relative
-    errors. Measured: mean 0.029–0.062, covariance 0.073, 0.100 and 0.104 (16-particle noise of Ĥ
-    along the wide direction: the maximum of a noisy error over 200 steps), so the covariance
-    bound is on the mean over seeds, with 0.125× for each. The floor for any method that sees
-    only SVI's gradients: Σ̂ = (running mean of every Ĥ, all drawn at the optimum)⁻¹ has a
-    worst error 0.023–0.074 (mean 0.053) over the same steps, seeds 0–9 (the defaults: mean
-    0.075, 3 of 10 seeds above 0.1)."""
+    """A dense target (eigenvalues 0.1–10), 3 seeds: both relative errors ≤ 0.1 at every step
+    100–300. Measured maxima: mean 0.050 / 0.076 / 0.025, covariance 0.087 / 0.059 / 0.091
+    (16-particle noise of Ĥ along the wide direction, the maximum over 200 steps); over seeds
+    0–29, 4 seeds exceed 0.1 (the largest 0.158). The floor for any method that sees only SVI's
+    gradients: Σ̂ = (running mean of every Ĥ, all drawn at the optimum)⁻¹ has a worst
+    covariance error 0.023–0.074 (mean 0.053) over the same steps, seeds 0–9."""
     late = torch.stack([_errors_at_defaults(*_dense_target(), seed)[99:].max(0).values
                         for seed in range(3)])
-    assert late[:, 0].le(0.1).all(), late
-    assert late[:, 1].mean() <= 0.1 and late[:, 1].le(0.125).all(), late
+    assert late.le(0.1).all(), late
 
 
 def test_narrow_far_case_converges_at_defaults():

@@ -121,6 +121,11 @@ class GeometricOptim(PyroOptim):
     def _method(self, group: Group) -> str:
         raise NotImplementedError
 
+    def _invariant(self, group: Group) -> bool:
+        """Whether the group's step is affine invariant, for the stationarity test's window
+        (:class:`~.step_size.PflugCeiling`'s ``invariant_window``)."""
+        return False
+
     def _reads_distributions(self, group: Group) -> bool:
         """Whether the group's step reads its sites' distributions (``Site.fn``, ``Site.base``,
         the reader's trace), not only their structure and the params: then the guide is re-run
@@ -214,16 +219,18 @@ class GeometricOptim(PyroOptim):
         # θ₀ for undo: the value this optimizer left where the leaf was verified equal to it
         before = {n: self._after[n] if n in kept else leaves[n].detach().clone()
                   for g in groups for n in g.param_names}
-        stepped, taken = set(), {}
+        stepped, taken, invariant = set(), {}, True
         for group in groups:
             accepted = self._step_group(group, leaves, grads, rate)
             if accepted is not None:
                 stepped.update(group.param_names)
+                invariant = invariant and self._invariant(group)
                 if accepted.kl is not None:
                     taken[group.param_names] = accepted.kl
         if stepped and (self.step_size is not None or self.stationarity is not None):
             self._pending = {"theta": {n: before[n] for n in stepped},
-                             "grad": {n: grads[n] for n in stepped}, "kl": taken}
+                             "grad": {n: grads[n] for n in stepped}, "kl": taken,
+                             "invariant": invariant}
 
     def _refuse_nonfinite(self, groups: list[Group], leaves: dict[str, Tensor],
                           grads: dict[str, Tensor]) -> bool:
@@ -289,7 +296,8 @@ class GeometricOptim(PyroOptim):
     def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor],
                 step: Step | None = None) -> None:
         if self.stationarity is not None:
-            self.stationarity.update(judgement, self._lr, step)
+            self.stationarity.update(judgement, self._lr, step,
+                                     invariant=pending.get("invariant", False))
         if self.trust_region is not None:
             for key, kl in pending["kl"].items():
                 self.trust_region.update(key, _count(key, leaves), kl, judgement)

@@ -131,6 +131,11 @@ class PflugCeiling:
     ceiling stays at lr. Noise in stiff directions outweighs slow travel in flat ones in either
     ratio: the test judges the step as a whole.
 
+    ``invariant_window`` (None: ``window`` always) is the window of a step the optimizer reports
+    as affine invariant (every direction settles alike, c = 1 − ρa with a ≈ 1, so the iterate
+    reaches its stationary spread within a few steps of a rate change and a shorter window
+    suffices); the ceiling then falls sooner, towards the noise-optimal rate ≈ 1/(2t).
+
     State: the ceiling, the window's sum and count, and (``lag=2``) the start of the last
     accepted step, its params and gradient.
     """
@@ -140,6 +145,7 @@ class PflugCeiling:
     min_lr: float = 1e-4
     lag: int = 1
     growth: float = 0.5
+    invariant_window: int | None = None
     ceiling: float | None = None  # None until the optimizer sets it to its lr
     drift: float = 0.0
     count: int = 0
@@ -148,23 +154,30 @@ class PflugCeiling:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.window, int) and self.window > 0 and 0 < self.shrink < 1
-                and 0 < self.min_lr <= 1 and self.lag in (1, 2) and 0 < self.growth <= 2):
+                and 0 < self.min_lr <= 1 and self.lag in (1, 2) and 0 < self.growth <= 2
+                and (self.invariant_window is None or isinstance(self.invariant_window, int)
+                     and self.invariant_window > 0)):
             raise ValueError(f"PflugCeiling needs an integer window > 0, 0 < shrink < 1, "
-                             f"0 < min_lr <= 1, lag 1 or 2 and 0 < growth <= 2, got {self!r}")
+                             f"0 < min_lr <= 1, lag 1 or 2, 0 < growth <= 2 and an "
+                             f"invariant_window that is None or an integer > 0, got {self!r}")
 
     def start(self, lr: float) -> None:
         self.ceiling = lr if self.ceiling is None else self.ceiling
 
-    def update(self, judgement: Judgement, lr: float, step: Step | None = None) -> None:
+    def update(self, judgement: Judgement, lr: float, step: Step | None = None,
+               invariant: bool = False) -> None:
         """Counts the judged ``step`` (lag 1: ``judgement`` itself; lag 2: the move from the
-        start of the previous accepted step to the end of this one, when this one is accepted)."""
+        start of the previous accepted step to the end of this one, when this one is accepted);
+        ``invariant``: the step was affine invariant (``invariant_window`` applies)."""
         if self.lag == 2:
             judgement = self._lagged(judgement, step)
         if judgement is None or not judgement.descent:
             return
         self.drift += min(1.0, max(-1.0, judgement.ratio))
         self.count += 1
-        if self.count >= self.window * (lr / self.ceiling) ** self.growth:
+        window = self.window if not invariant or self.invariant_window is None \
+            else self.invariant_window
+        if self.count >= window * (lr / self.ceiling) ** self.growth:
             if self.drift > 0:
                 self.ceiling = max(self.min_lr * lr, self.ceiling * self.shrink)
             self.drift, self.count = 0.0, 0

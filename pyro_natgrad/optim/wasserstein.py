@@ -49,8 +49,9 @@ class WassersteinGradient(GeometricOptim):
         along the coupling of the others), a KLTrustRegion, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`), a BoldDriver, or None.
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5 and the
-        two-step test, which a Bures step that overshoots a stiff direction does not fool), a
-        PflugCeiling, or None.
+        two-step test, which a Bures step that overshoots a stiff direction does not fool; window
+        3 when every group takes the framed full-covariance Bures step, which is affine
+        invariant at the optimum), a PflugCeiling, or None.
     :param bures: ``"auto"`` or a :class:`~.bures.Bures` (scheme, Lanczos steps).
     :param solve: ``"auto"`` or a :class:`~.bures.MetricSolve` (form, damping, draws).
     :param base_optim: torch optimizer class for params outside the guide's distributions;
@@ -79,7 +80,7 @@ class WassersteinGradient(GeometricOptim):
         if trust_region == "auto":
             trust_region = KLTrustRegion(bound_exact=False)
         if stationarity == "auto":
-            stationarity = PflugCeiling(window=5, lag=2)
+            stationarity = PflugCeiling(window=5, lag=2, invariant_window=3)
         super().__init__(guide, lr, trust_region=trust_region,
                          step_size=BoldDriver() if step_size == "auto" else step_size,
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,
@@ -95,6 +96,15 @@ class WassersteinGradient(GeometricOptim):
         if all(s.family is not None and s.family.name in _GAUSSIANS for s in group.sites):
             return "bures_metric"
         return "pushforward"
+
+    def _invariant(self, group: Group) -> bool:
+        """The framed forward–backward step of a MultivariateNormal site: in q's frame its
+        curvature LᵀĤL → I at the optimum, so every direction contracts alike (a Normal site's
+        elementwise step is not: on a correlated posterior its directions settle at different
+        speeds)."""
+        return (self._method(group) == "bures" and self.bures.framed
+                and self.bures.scheme == "forward_backward"
+                and group.sites[0].family.name == "MultivariateNormal")
 
     def _reads_distributions(self, group: Group) -> bool:
         return self._method(group) != "bures"  # the closed-form step reads params and structure
