@@ -25,10 +25,12 @@ def jvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
     needed, so it works on any live graph)."""
     w = torch.zeros_like(output, requires_grad=True)
     jt_w = vjp(output, inputs, w, create_graph=True)
-    if not jt_w.requires_grad:  # no double backward (e.g. implicit reparameterization): J·v
-        return (jacobian(output, inputs) @ v).reshape(output.shape)
-    (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(output) if jv is None else jv
+    jv = None
+    if jt_w.requires_grad:
+        (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True, allow_unused=True)
+    if jv is None:  # no double backward through the graph: J·v from J's rows
+        return (_reverse_jacobian(output, inputs) @ v).reshape(output.shape)
+    return jv
 
 
 def gram_mvp(output: Tensor, inputs: Sequence[Tensor], v: Tensor) -> Tensor:
@@ -53,9 +55,11 @@ def jacobian(output: Tensor, inputs: Sequence[Tensor]) -> Tensor:
         (columns,) = torch.autograd.grad(jt_w, w, eye, retain_graph=True, allow_unused=True,
                                          is_grads_batched=True)
     except RuntimeError:  # an op without a batching rule: one pass per column
-        columns = torch.stack([jvp(output, inputs, e) for e in eye])
-    if columns is None:
-        return torch.zeros(n, d, dtype=output.dtype, device=output.device)
+        columns = [torch.autograd.grad(jt_w, w, e, retain_graph=True, allow_unused=True)[0]
+                   for e in eye]
+        columns = None if any(c is None for c in columns) else torch.stack(columns)
+    if columns is None:  # Jᵀw does not reach w: a once-differentiable rule (the implicit
+        return _reverse_jacobian(output, inputs)  # reparameterization of Beta, Dirichlet)
     return columns.reshape(d, n).T
 
 

@@ -154,7 +154,9 @@ class MetricSolve:
     (module docstring).
 
     :param framed: an AutoLowRankMultivariateNormal group (``form`` None or ``"cg"``) steps in
-        q's frame (module docstring); False: with the plain Bures metric.
+        q's frame (module docstring), and the pushforward metric and its measured length are
+        taken in q's frame, per element of the draws (a dimensionless rate); False: the plain
+        Bures and pushforward metrics.
     :param relative_damping: the framed solve's metric also gets ``relative_damping``·tr F / dim θ
         (as :class:`~pyro_natgrad.optim.fisher_solve.FisherSolve`'s).
     :param form: ``"dense"``, ``"diag"`` or ``"cg"``; default dense up to ``dense_max`` params,
@@ -204,13 +206,14 @@ class MetricSolve:
         else:
             g = flat([grads[n] for n in key])
             built = PushforwardMetric([(s.fn, s.scale) for s in group.sites], theta,
-                                      self.num_samples)
+                                      self.num_samples, framed=self.framed)
         form = self.form or ("cg" if structured is not None
                              else "dense" if g.numel() <= self.dense_max else "cg")
         direction = solve_metric(built, g, form, self.damping, self.cg_iters, self.cg_rtol)
         step = linear_proposal(f"{metric}_metric" if metric == "bures" else metric, key, theta,
                                direction, float(direction @ built.mvp(direction)))
-        length = _coupled_length(group, self.num_samples)
+        length = _coupled_length(group, self.num_samples,
+                                 built.frames if isinstance(built, PushforwardMetric) else None)
 
         def candidate(rate: float) -> Candidate:
             c = step.candidate(rate)
@@ -231,23 +234,30 @@ class MetricSolve:
         return Proposal("bures_framed", step.candidate, exact=False)
 
 
-def _coupled_length(group: Group, num_samples: int,
+def _coupled_length(group: Group, num_samples: int, frames: list[Tensor] | None = None,
                     seed: int = 0) -> Callable[[poutine.Trace], float]:
-    """½ Σ_sites scale·E|T_θ'(ε) − T_θ(ε)|² with the same draws ε for q and the re-built q'
+    """½ Σ_sites scale·E|F⁻¹(T_θ'(ε) − T_θ(ε))|² with the same draws ε for q and the re-built q'
     (``rsample`` under one fixed seed, the global RNG state restored): the squared length of a
     step along the reparameterization coupling, an upper bound on ½W₂²(q, q') whose quadratic
-    model is ½ρ²dᵀGd with the pushforward metric G = E[JᵀJ]. Unlike the model it sees a scale
-    written through exp grow exponentially with its unconstrained step."""
-    def draws(fn) -> Tensor:
+    model is ½ρ²dᵀGd with the pushforward metric G = E[JᵀF⁻²J] (F: each site's ``frames``,
+    per-element standard deviations; 1 without). Unlike the model it sees a scale written
+    through exp grow exponentially with its unconstrained step. A site of independent
+    univariate elements (its base's event shape is ()) pairs the sorted draws per element, the
+    quantile coupling, optimal in one dimension: torch's Gamma and Beta samplers draw by
+    rejection, so one seed does not couple two nearby q's, while their implicit
+    reparameterization gradients are the quantile coupling's."""
+    def draws(site: Site, fn) -> Tensor:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            return fn.rsample((num_samples,))
+            z = fn.rsample((num_samples,))
+        return z.sort(0).values if site.base.event_shape == torch.Size() else z
 
-    current = [(s.name, s.scale, draws(s.fn)) for s in group.sites]
+    frames = frames or [1.0] * len(group.sites)
+    current = [(s, draws(s, s.fn), f) for s, f in zip(group.sites, frames, strict=True)]
 
     def length(trace: poutine.Trace) -> float:
-        total = sum(scale * float((draws(trace.nodes[name]["fn"]) - z).square().sum())
-                    for name, scale, z in current)
+        total = sum(s.scale * float(((draws(s, trace.nodes[s.name]["fn"]) - z) / f)
+                                    .square().sum()) for s, z, f in current)
         return 0.5 * total / num_samples
 
     return length

@@ -37,20 +37,23 @@ class WassersteinGradient(GeometricOptim):
     metric for any other reparameterized site (:class:`~.bures.MetricSolve`).
 
     :param guide: the guide object passed to SVI.
-    :param lr: step size ρ. For the default closed-form and framed steps it is dimensionless
-        (:class:`~.bures.Bures`: the fraction of 1 / curvature the step takes); for the other
-        linear metric steps and ``Bures(scheme="explicit")`` it has the units of 1 / curvature
-        of the loss (the step-size policy and the trust region correct too large a value).
+    :param lr: step size ρ. For the default closed-form and framed steps (the pushforward step
+        included, taken in q's frame) it is dimensionless (:class:`~.bures.Bures`: the fraction
+        of 1 / curvature the step takes); for the plain Bures metric of other Gaussian groups,
+        ``MetricSolve(framed=False)`` and ``Bures(scheme="explicit")`` it has the units of
+        1 / curvature of the loss (the step-size policy and the trust region correct too large
+        a value).
     :param metric: ``"auto"`` (Bures–Wasserstein for Gaussian sites, pushforward elsewhere) or
         ``"pushforward"`` for every site.
     :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion` with
         ``bound_exact=False``: no bound on closed-form Bures steps; on linear steps the adaptive
-        radius, ½√n at the start, on the exact KL of a framed step and on the squared W₂ length
-        along the coupling of the others), a KLTrustRegion, or None.
+        radius, ½√n at the start, on the exact KL of a framed low-rank step and on the squared
+        W₂ length along the coupling of the others, in q's frame for a pushforward step), a
+        KLTrustRegion, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`), a BoldDriver, or None.
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5 and the
         two-step test, which a Bures step that overshoots a stiff direction does not fool; window
-        3 when every group takes the framed full-covariance Bures step, which is affine
+        4 when every group takes the framed full-covariance Bures step, which is affine
         invariant at the optimum), a PflugCeiling, or None.
     :param bures: ``"auto"`` or a :class:`~.bures.Bures` (scheme, Lanczos steps).
     :param solve: ``"auto"`` or a :class:`~.bures.MetricSolve` (form, damping, draws).
@@ -80,7 +83,7 @@ class WassersteinGradient(GeometricOptim):
         if trust_region == "auto":
             trust_region = KLTrustRegion(bound_exact=False)
         if stationarity == "auto":
-            stationarity = PflugCeiling(window=5, lag=2, invariant_window=3)
+            stationarity = PflugCeiling(window=5, lag=2, invariant_window=4)
         super().__init__(guide, lr, trust_region=trust_region,
                          step_size=BoldDriver() if step_size == "auto" else step_size,
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,

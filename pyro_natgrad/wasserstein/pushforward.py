@@ -20,10 +20,16 @@ from ..fisher.autodiff import gram_mvp, jacobian
 
 
 class PushforwardMetric:
-    """G = E[JᵀJ] over the sites of one group, each site's draws weighted by its ELBO scale."""
+    """G = E[JᵀJ] over the sites of one group, each site's draws weighted by its ELBO scale.
+
+    ``framed``: in q's frame, G = E[JᵀV⁻¹J] with V the per-element variance of q's draws (the
+    transport cost |V^-½(z' − z)|², measured in q's own standard deviations: a dimensionless
+    metric, E[JᵀV⁻¹J] = diag(1/σ², 1) in (m, log σ) for a location-scale site, half its Fisher
+    on the scale). ``frames`` holds each site's standard deviations (ones when not framed; an
+    element whose draws do not vary keeps 1)."""
 
     def __init__(self, sites: Sequence[tuple[Distribution, float]], leaves: Sequence[Tensor],
-                 num_samples: int):
+                 num_samples: int, framed: bool = False):
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         for fn, _ in sites:
@@ -32,8 +38,11 @@ class PushforwardMetric:
                                  "it has no pushforward Wasserstein metric")
         self.leaves = list(leaves)
         self.num_samples = num_samples
-        self.z = torch.cat([(scale ** 0.5 * fn.rsample((num_samples,))).reshape(-1)
-                            for fn, scale in sites])
+        draws = [fn.rsample((num_samples,)) for fn, _ in sites]
+        self.frames = [draw_frame(z) if framed else torch.ones_like(z[0]) for z in draws]
+        self.z = torch.cat([(scale ** 0.5 * z / frame).reshape(-1)
+                            for z, frame, (_, scale) in zip(draws, self.frames, sites,
+                                                            strict=True)])
 
     def dense(self) -> Tensor:
         j = jacobian(self.z, self.leaves)
@@ -45,3 +54,10 @@ class PushforwardMetric:
     def mvp(self, v: Tensor) -> Tensor:
         """G v = E[Jᵀ(J v)] without forming J."""
         return gram_mvp(self.z, self.leaves, v) / self.num_samples
+
+
+def draw_frame(z: Tensor) -> Tensor:
+    """Per-element standard deviation of draws ``z`` (leading dimension), detached; 1 where the
+    draws do not vary or are not finite."""
+    sd = z.detach().std(0, correction=0)
+    return torch.where(torch.isfinite(sd) & (sd > 0), sd, torch.ones_like(sd))
