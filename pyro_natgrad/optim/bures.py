@@ -23,10 +23,11 @@
   (:class:`~pyro_natgrad.optim.fisher_solve.FisherSolve`) of a gradient whose covariance part
   is doubled, its rate dimensionless and its length the exact KL. Other Gaussian groups (and
   ``framed=False``) take the plain Bures metric (:class:`~pyro_natgrad.wasserstein.BuresMetric`,
-  a rate in units of 1 / curvature); other reparameterized sites the pushforward metric E[JᵀJ]
-  of their sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`). A plain linear
-  step's length is measured, not only modelled: ½E|T_θ'(ε) − T_θ(ε)|² along the
-  reparameterization coupling (:func:`_coupled_length`).
+  a rate in units of 1 / curvature); other reparameterized sites the pushforward metric of
+  their sampling map (:class:`~pyro_natgrad.wasserstein.PushforwardMetric`), by default in q's
+  frame, E[JᵀV⁻¹J] with V the variance of q's draws per element (a dimensionless rate). A linear
+  step's length in its own metric is measured, not only modelled: ½E|F⁻¹(T_θ'(ε) − T_θ(ε))|²
+  along the reparameterization coupling (:func:`_coupled_length`).
 """
 
 from __future__ import annotations
@@ -241,22 +242,22 @@ def _coupled_length(group: Group, num_samples: int, frames: list[Tensor] | None 
     step along the reparameterization coupling, an upper bound on ½W₂²(q, q') whose quadratic
     model is ½ρ²dᵀGd with the pushforward metric G = E[JᵀF⁻²J] (F: each site's ``frames``,
     per-element standard deviations; 1 without). Unlike the model it sees a scale written
-    through exp grow exponentially with its unconstrained step. A site of independent
-    univariate elements (its base's event shape is ()) pairs the sorted draws per element, the
-    quantile coupling, optimal in one dimension: torch's Gamma and Beta samplers draw by
-    rejection, so one seed does not couple two nearby q's, while their implicit
-    reparameterization gradients are the quantile coupling's."""
-    def draws(site: Site, fn) -> Tensor:
+    through exp grow exponentially with its unconstrained step. The draws are paired sorted per
+    element (the quantile coupling of each marginal, optimal in one dimension, and never longer
+    than the pairing by seed): torch's Gamma, Beta and Dirichlet samplers draw by rejection, so
+    one seed does not couple two nearby q's, while their implicit reparameterization gradients
+    are the quantile coupling's. Marginals miss a rotation, which the quadratic model, the
+    floor of the measure, still sees."""
+    def draws(fn) -> Tensor:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            z = fn.rsample((num_samples,))
-        return z.sort(0).values if site.base.event_shape == torch.Size() else z
+            return fn.rsample((num_samples,)).sort(0).values
 
     frames = frames or [1.0] * len(group.sites)
-    current = [(s, draws(s, s.fn), f) for s, f in zip(group.sites, frames, strict=True)]
+    current = [(s, draws(s.fn), f) for s, f in zip(group.sites, frames, strict=True)]
 
     def length(trace: poutine.Trace) -> float:
-        total = sum(s.scale * float(((draws(s, trace.nodes[s.name]["fn"]) - z) / f)
+        total = sum(s.scale * float(((draws(trace.nodes[s.name]["fn"]) - z) / f)
                                     .square().sum()) for s, z, f in current)
         return 0.5 * total / num_samples
 
