@@ -694,10 +694,10 @@ def test_framed_pushforward_metric_of_a_normal_is_half_its_fisher_on_the_scale()
 def test_a_small_step_of_a_rejection_sampled_site_is_measured_small():
     """torch's Beta draws by rejection, so one seed does not couple Beta(1, 1) with
     Beta(0.999, 1): paired as drawn, the draws are independent (length ≈ 1.25 in q's
-    standard deviations). The length pairs the sorted draws of each element (the quantile
+    standard deviations). The length pairs a univariate site's sorted draws (the quantile
     coupling): what is left is the noise of two independent 64-draw samples (≈ 0.015)."""
     def site(fn):
-        return types.SimpleNamespace(name="p", scale=1.0, fn=fn)
+        return types.SimpleNamespace(name="p", scale=1.0, fn=fn, base=fn)
     q = dist.Beta(torch.tensor(1.0, dtype=F64), torch.tensor(1.0, dtype=F64))
     near = dist.Beta(torch.tensor(0.999, dtype=F64), torch.tensor(1.0, dtype=F64))
     with torch.random.fork_rng(devices=[]):

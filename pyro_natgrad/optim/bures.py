@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from pyro import poutine
 from torch import Tensor
-from torch.distributions import kl_divergence
+from torch.distributions import Dirichlet, kl_divergence
 
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site
@@ -242,22 +242,25 @@ def _coupled_length(group: Group, num_samples: int, frames: list[Tensor] | None 
     step along the reparameterization coupling, an upper bound on ½W₂²(q, q') whose quadratic
     model is ½ρ²dᵀGd with the pushforward metric G = E[JᵀF⁻²J] (F: each site's ``frames``,
     per-element standard deviations; 1 without). Unlike the model it sees a scale written
-    through exp grow exponentially with its unconstrained step. The draws are paired sorted per
-    element (the quantile coupling of each marginal, optimal in one dimension, and never longer
+    through exp grow exponentially with its unconstrained step. A site of independent univariate
+    elements, or a Dirichlet, pairs its draws sorted per element (the quantile coupling of each
+    marginal: optimal in one dimension, so exact for a product of univariates, and never longer
     than the pairing by seed): torch's Gamma, Beta and Dirichlet samplers draw by rejection, so
     one seed does not couple two nearby q's, while their implicit reparameterization gradients
-    are the quantile coupling's. Marginals miss a rotation, which the quadratic model, the
-    floor of the measure, still sees."""
-    def draws(fn) -> Tensor:
+    are the quantile coupling's. Other multivariate sites (Gaussians, flows) keep the pairing by
+    seed, a smooth map of the noise: their marginals would miss a rotation."""
+    def draws(site: Site, fn) -> Tensor:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            return fn.rsample((num_samples,)).sort(0).values
+            z = fn.rsample((num_samples,))
+        quantile = site.base.event_shape == torch.Size() or isinstance(site.base, Dirichlet)
+        return z.sort(0).values if quantile else z
 
     frames = frames or [1.0] * len(group.sites)
-    current = [(s, draws(s.fn), f) for s, f in zip(group.sites, frames, strict=True)]
+    current = [(s, draws(s, s.fn), f) for s, f in zip(group.sites, frames, strict=True)]
 
     def length(trace: poutine.Trace) -> float:
-        total = sum(s.scale * float(((draws(trace.nodes[s.name]["fn"]) - z) / f)
+        total = sum(s.scale * float(((draws(s, trace.nodes[s.name]["fn"]) - z) / f)
                                     .square().sum()) for s, z, f in current)
         return 0.5 * total / num_samples
 
