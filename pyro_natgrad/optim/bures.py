@@ -249,19 +249,21 @@ def _coupled_length(group: Group, num_samples: int, frames: list[Tensor] | None 
     one seed does not couple two nearby q's, while their implicit reparameterization gradients
     are the quantile coupling's. Other multivariate sites (Gaussians, flows) keep the pairing by
     seed, a smooth map of the noise: their marginals would miss a rotation."""
-    def draws(site: Site, fn) -> Tensor:
+    def draws(fn, quantile: bool) -> Tensor:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             z = fn.rsample((num_samples,))
-        quantile = site.base.event_shape == torch.Size() or isinstance(site.base, Dirichlet)
         return z.sort(0).values if quantile else z
 
     frames = frames or [1.0] * len(group.sites)
-    current = [(s, draws(s, s.fn), f) for s, f in zip(group.sites, frames, strict=True)]
+    current = []
+    for site, frame in zip(group.sites, frames, strict=True):
+        quantile = site.base.event_shape == torch.Size() or isinstance(site.base, Dirichlet)
+        current.append((site.name, site.scale, quantile, draws(site.fn, quantile), frame))
 
     def length(trace: poutine.Trace) -> float:
-        total = sum(s.scale * float(((draws(s, trace.nodes[s.name]["fn"]) - z) / f)
-                                    .square().sum()) for s, z, f in current)
+        total = sum(scale * float(((draws(trace.nodes[name]["fn"], quantile) - z) / frame)
+                                  .square().sum()) for name, scale, quantile, z, frame in current)
         return 0.5 * total / num_samples
 
     return length

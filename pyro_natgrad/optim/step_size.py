@@ -175,8 +175,8 @@ class PflugCeiling:
             return
         self.drift += min(1.0, max(-1.0, judgement.ratio))
         self.count += 1
-        window = self.window if not invariant or self.invariant_window is None \
-            else self.invariant_window
+        window = (self.invariant_window if invariant and self.invariant_window is not None
+                  else self.window)
         if self.count >= window * (lr / self.ceiling) ** self.growth:
             if self.drift > 0:
                 self.ceiling = max(self.min_lr * lr, self.ceiling * self.shrink)

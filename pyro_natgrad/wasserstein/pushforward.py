@@ -39,7 +39,7 @@ class PushforwardMetric:
         self.leaves = list(leaves)
         self.num_samples = num_samples
         draws = [fn.rsample((num_samples,)) for fn, _ in sites]
-        self.frames = [draw_frame(z) if framed else torch.ones_like(z[0]) for z in draws]
+        self.frames = [_draw_frame(z) if framed else torch.ones_like(z[0]) for z in draws]
         self.z = torch.cat([(scale ** 0.5 * z / frame).reshape(-1)
                             for z, frame, (_, scale) in zip(draws, self.frames, sites,
                                                             strict=True)])
@@ -56,7 +56,7 @@ class PushforwardMetric:
         return gram_mvp(self.z, self.leaves, v) / self.num_samples
 
 
-def draw_frame(z: Tensor) -> Tensor:
+def _draw_frame(z: Tensor) -> Tensor:
     """Per-element standard deviation of draws ``z`` (leading dimension), detached; 1 where the
     draws do not vary or are not finite."""
     sd = z.detach().std(0, correction=0)
