@@ -87,6 +87,21 @@ def test_kl_both_ways_equal_torch(dtype, tol):
     torch.testing.assert_close(step.reverse_kl, kl_divergence(new, q), rtol=tol, atol=tol)
 
 
+def test_model_kl_is_the_second_order_term_of_the_exact_kl():
+    """½ρ²|v|² + ¼ρ²|S|²_F per element: the exact KL's ratio to it tends to 1 as ρ → 0 (the
+    error is O(ρ)), and it scales as ρ² exactly."""
+    direction = gaussian_direction(*_problem((3,), 6, seed=3))
+    errors = []
+    for rate in (1e-2, 1e-3, 1e-4):
+        exact = natural_step(direction, rate).kl
+        errors.append(float((exact / direction.model_kl(rate) - 1).abs().max()))
+    assert errors[2] < 1e-3 and errors[2] < errors[1] < errors[0], errors
+    torch.testing.assert_close(direction.model_kl(0.2), 4 * direction.model_kl(0.1))
+    v, s = direction.whitened_loc, direction.whitened_cov
+    torch.testing.assert_close(direction.model_kl(0.1), 0.005 * ((v * v).sum(-1)
+                                                                 + 0.5 * (s * s).sum((-2, -1))))
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_lift_adds_its_directions_to_the_whitened_precision(shared):
     """natural_step(..., lift=(U, a)) is the step with B = I + ρ_Λ S + U diag(a) Uᵀ: its KL equals

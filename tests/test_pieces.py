@@ -17,6 +17,7 @@ from pyro_natgrad.optim import (
     Candidate,
     HeavyBall,
     Judgement,
+    KLAim,
     KLTrustRegion,
     PrecisionShortening,
     Retraction,
@@ -100,6 +101,57 @@ def test_rate_for_kl_solves_the_quadratic_model_and_halves_a_measured_kl_at_most
 def test_trust_region_rejects_bad_options(bad):
     with pytest.raises(ValueError, match="KLTrustRegion"):
         KLTrustRegion(**bad)
+
+
+def test_trust_region_bound_is_decided_once_the_step_cannot_be_unbounded():
+    """``decided``: the bound does not depend on the step at hand. A trusted group's clean
+    exact step may be unbounded (not decided) until the group is distrusted; first-order steps
+    and exact steps without ``bound_exact`` are always decided. Querying changes no state."""
+    region = KLTrustRegion()
+    assert not region.decided(KEY, exact=True) and region.decided(KEY, exact=False)
+    assert region.radius == {} and region.distrusted == set()
+    region.bound(KEY, 16, exact=True, clean=False)  # a repaired step distrusts the group
+    assert region.decided(KEY, exact=True)
+    assert KLTrustRegion(bound_exact=False).decided(KEY, exact=True)
+    assert KLTrustRegion(trust_clean=False).decided(KEY, exact=True)
+
+
+def test_kl_aim_starts_where_the_calibrated_model_meets_the_bound():
+    """The first candidate's rate: none without a calibration, a model or a finite bound, or
+    where c·model(rate) is within the bound; else rate·√(bound / (c·model(rate))), at which
+    the calibrated quadratic model equals the bound (never below 1% of the rate)."""
+    aim = KLAim()
+
+    def model(rate):
+        return 8.0 * rate ** 2
+
+    assert aim.first(KEY, 0.5, model, bound=1.0) is None  # not calibrated yet
+    aim.record(KEY, kl=1.0, model=4.0)  # c = ¼
+    assert aim.ratio == {KEY: 0.25}
+    assert aim.first(KEY, 0.5, None, bound=1.0) is None
+    assert aim.first(KEY, 0.5, model, bound=math.inf) is None
+    assert aim.first(KEY, 0.5, model, bound=0.5) is None  # c·model(0.5) = 0.5: within
+    first = aim.first(KEY, 1.0, model, bound=0.5)  # c·model(1) = 2
+    assert first == pytest.approx(0.5) and 0.25 * model(first) == pytest.approx(0.5)
+    assert aim.first(KEY, 1.0, model, bound=1e-9) == 0.01
+    assert KLAim(calibrated=False).first(KEY, 1.0, model, bound=0.5) is None
+
+
+def test_kl_aim_holds_an_aimed_candidate_within_its_slack_and_keeps_its_state():
+    aim = KLAim(slack=0.1)
+    assert aim.within(2.0, aimed=False) == 2.0
+    assert aim.within(2.0, aimed=True) == pytest.approx(2.2)
+    for kl, model in [(None, 1.0), (math.nan, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, math.inf)]:
+        aim.record(KEY, kl, model)
+    assert aim.ratio == {}  # nothing measurable to calibrate from
+    aim.record(KEY, 3.0, 2.0)
+    copy = KLAim()
+    copy.load_state_dict(aim.state_dict())
+    assert copy.ratio == {KEY: 1.5}
+    copy.forget(KEY)
+    assert copy.ratio == {}
+    with pytest.raises(ValueError, match="KLAim: slack"):
+        KLAim(slack=-0.1)
 
 
 def test_heavy_ball_velocity_restarts_uphill_and_remembers_only_accepted_steps():

@@ -37,12 +37,12 @@ from .checks import all_finite, closed_form, finite, in_support, rebuild
 from .proposal import Candidate, Proposal
 from .step_size import BoldDriver, Judgement, PflugCeiling, Step, judge
 from .transforms import HeavyBall
-from .trust_region import KLTrustRegion, rate_for_kl
+from .trust_region import KLAim, KLTrustRegion, rate_for_kl
 
 __all__ = ["GeometricOptim", "StepRefusedWarning"]
 
 STATE_VERSION = 2
-_PIECES = ("step_size", "stationarity", "trust_region", "momentum")
+_PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
 
 
@@ -56,6 +56,8 @@ class GeometricOptim(PyroOptim):
     :param guide: the guide object passed to SVI (read for its structure; the same object).
     :param lr: the largest step; assigning ``opt.lr`` later rescales the step-size pieces.
     :param trust_region: a :class:`~.trust_region.KLTrustRegion` (or None: no bound).
+    :param aim: a :class:`~.trust_region.KLAim` (or None: a bounded step starts at the step
+        size's rate, and a rate solved for the bound is held to the bound exactly).
     :param step_size: a :class:`~.step_size.BoldDriver` (or None: every step is kept).
     :param stationarity: a :class:`~.step_size.PflugCeiling` (or None: the ceiling stays lr).
     :param momentum: a :class:`~.transforms.HeavyBall` (or None).
@@ -67,7 +69,7 @@ class GeometricOptim(PyroOptim):
 
     def __init__(self, guide: Callable, lr: float, *, trust_region: KLTrustRegion | None,
                  step_size: BoldDriver | None, stationarity: PflugCeiling | None,
-                 momentum: HeavyBall | None = None,
+                 momentum: HeavyBall | None = None, aim: KLAim | None = None,
                  base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
                  base_args: dict | None = None,
                  on_nonfinite: Literal["warn", "raise"] = "warn", max_backtracks: int = 20):
@@ -93,11 +95,12 @@ class GeometricOptim(PyroOptim):
         _check_piece("step_size", step_size, BoldDriver)
         _check_piece("stationarity", stationarity, PflugCeiling)
         _check_piece("momentum", momentum, HeavyBall)
+        _check_piece("aim", aim, KLAim)
         super().__init__(base_optim, dict(base_args or {"lr": 1e-2}))
         self.guide = guide
         self._lr = float(lr)
         self.trust_region, self.step_size = trust_region, step_size
-        self.stationarity, self.momentum = stationarity, momentum
+        self.stationarity, self.momentum, self.aim = stationarity, momentum, aim
         for piece in (step_size, stationarity):
             if piece is not None:
                 piece.start(self._lr)
@@ -323,7 +326,12 @@ class GeometricOptim(PyroOptim):
             self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
                                 f"factorized ({e}); step refused, params unchanged")
             return None
-        tried, problems, bound = rate, [], None
+        tried, problems, bound, aimed = rate, [], None, False
+        if self.aim is not None and self.trust_region is not None \
+                and self.trust_region.decided(key, proposal.exact):
+            bound = self._bound(key, leaves, proposal.exact, None)
+            first = self.aim.first(key, rate, proposal.model_kl, bound)
+            tried, aimed = (rate, False) if first is None else (first, True)
         for backtrack in range(self.max_backtracks + 1):
             try:
                 candidate = proposal.candidate(tried)
@@ -331,11 +339,15 @@ class GeometricOptim(PyroOptim):
                 candidate = None  # e.g. a covariance that is not positive definite
             if bound is None:  # set by the step at the full rate
                 bound = self._bound(key, leaves, proposal.exact, candidate)
-            problem = self._check(proposal, candidate, bound, leaves)
+            held = self.aim.within(bound, aimed) if self.aim is not None else bound
+            problem = self._check(proposal, candidate, held, leaves)
             problems.append(problem)
             if problem is None:
                 self._accept(group, candidate, leaves, proposal.method, backtrack)
+                if self.aim is not None and proposal.model_kl is not None:
+                    self.aim.record(key, candidate.kl, proposal.model_kl(candidate.rate))
                 return candidate
+            aimed = problem == "kl" and proposal.exact  # solved from its closed-form KL
             if problem in ("kl", "measured kl"):
                 tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl")
             else:

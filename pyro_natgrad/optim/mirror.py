@@ -71,8 +71,16 @@ class Mirror:
         anchor = args[0].detach().clone() if d_loc is not None else None
         dense = (family.name == "MultivariateNormal"
                  and args[0].shape[:-1] == args[1].shape[:-2])  # no covariance shared by locs
-        step = (self._gaussian(key, args, d_args, 1.0 / site.multiplicity) if dense
-                else self._natural(family, args, d_args, 1.0 / site.multiplicity))
+        model_kl = None
+        if dense:
+            direction = gaussian_direction(*args, *d_args)
+            step = self._gaussian(key, direction, d_args[0], 1.0 / site.multiplicity)
+
+            def model_kl(rate: float) -> float:
+                return site.multiplicity * float(
+                    direction.model_kl(rate / site.multiplicity).sum())
+        else:
+            step = self._natural(family, args, d_args, 1.0 / site.multiplicity)
 
         def candidate(rate: float) -> Candidate | None:
             with torch.no_grad():
@@ -88,7 +96,7 @@ class Mirror:
             return Candidate(Deferred(values), rate, kl * site.multiplicity, note,
                              anchor=anchor, repaired=bool(note))
 
-        return Proposal("natural", candidate, exact=True)
+        return Proposal("natural", candidate, exact=True, model_kl=model_kl)
 
     def _natural(self, family: ExponentialFamily, args: Params, d_args: Params,
                  scale: float) -> Step:
@@ -122,7 +130,7 @@ class Mirror:
 
         return step
 
-    def _gaussian(self, key: tuple[str, ...], args: Params, d_args: Params,
+    def _gaussian(self, key: tuple[str, ...], direction: GaussianDirection, d_loc: Tensor,
                   scale: float) -> Step:
         """N(m, LLᵀ) in its Cholesky factor (:mod:`~pyro_natgrad.families.gaussian_step`): the
         same step as :meth:`_natural`, with one d×d product per step, per rate one Cholesky
@@ -130,8 +138,6 @@ class Mirror:
         candidate's values are read (with the momentum's shift, when its KL is: KL = KL₀ +
         ½bᵀ(2a + b) for the mean shifted by s, a = L'⁻¹(m' − m) = −ρL'ᵀ∂L/∂m, b = L'⁻¹s; KL₀
         the unshifted KL)."""
-        (loc, tril), (d_loc, d_tril) = args, d_args
-        direction = gaussian_direction(loc, tril, d_loc, d_tril)
         repair = (self.domain.gaussian(direction, key) if self.domain is not None
                   else _unrepaired(direction))
 

@@ -16,7 +16,7 @@ from .mirror import Mirror
 from .proposal import Proposal
 from .step_size import BoldDriver, PflugCeiling
 from .transforms import HeavyBall, PrecisionShortening
-from .trust_region import KLTrustRegion
+from .trust_region import KLAim, KLTrustRegion
 
 __all__ = ["NaturalGradient"]
 
@@ -49,6 +49,9 @@ class NaturalGradient(GeometricOptim):
     :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion`: ½√n nats, except
         that natural steps that stay in the family's domain at the full rate are unbounded until
         one of the group's steps needs a repair or is rejected), a KLTrustRegion, or None.
+    :param aim: ``"auto"`` (a :class:`~.trust_region.KLAim`: a rate solved for the trust
+        region's bound is accepted within 10% of it, and a full-covariance Gaussian's first
+        candidate is aimed at the bound by its calibrated KL model), a KLAim, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`: rejected steps are undone
         and the rate shrinks), a BoldDriver, or None (every step is kept).
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with a window of 10
@@ -70,6 +73,7 @@ class NaturalGradient(GeometricOptim):
                  num_samples: int | None = None,
                  momentum: float | Auto | HeavyBall | None = "auto",
                  trust_region: KLTrustRegion | Auto | None = "auto",
+                 aim: KLAim | Auto | None = "auto",
                  step_size: BoldDriver | Auto | None = "auto",
                  stationarity: PflugCeiling | Auto | None = "auto",
                  base_optim: type[torch.optim.Optimizer] = torch.optim.Adam,
@@ -94,7 +98,8 @@ class NaturalGradient(GeometricOptim):
             else trust_region,
             step_size=BoldDriver() if step_size == "auto" else step_size,
             stationarity=PflugCeiling() if stationarity == "auto" else stationarity,
-            momentum=momentum, base_optim=base_optim, base_args=base_args,
+            momentum=momentum, aim=KLAim() if aim == "auto" else aim,
+            base_optim=base_optim, base_args=base_args,
             on_nonfinite=on_nonfinite)
         self.fisher = fisher
         self.mirror = Mirror() if mirror == "auto" else mirror

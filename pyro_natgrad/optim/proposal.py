@@ -66,12 +66,15 @@ class Proposal:
     """A group's step as a function of the rate, and how it is to be checked.
 
     ``exact``: the step is taken in a family's own coordinates, its domain and KL are checked as
-    it is built, so the guide need not be re-built at the candidate.
+    it is built, so the guide need not be re-built at the candidate. ``model_kl``: where the
+    proposal has one, a model of a candidate's KL at a rate that costs no candidate (for
+    :class:`~pyro_natgrad.optim.trust_region.KLAim`).
     """
 
     method: str
     candidate: Callable[[float], Candidate | None]
     exact: bool
+    model_kl: Callable[[float], float] | None = None
 
 
 def linear_proposal(method: str, names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
