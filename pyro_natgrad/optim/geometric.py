@@ -339,7 +339,8 @@ class GeometricOptim(PyroOptim):
                 candidate = None  # e.g. a covariance that is not positive definite
             if bound is None:  # set by the step at the full rate
                 bound = self._bound(key, leaves, proposal.exact, candidate)
-            held = self.aim.within(bound, aimed) if self.aim is not None else bound
+            held = (self.aim.within(bound, aimed and self.trust_region.adaptive)
+                    if self.aim is not None and self.trust_region is not None else bound)
             problem = self._check(proposal, candidate, held, leaves)
             problems.append(problem)
             if problem is None:

@@ -168,8 +168,9 @@ class KLAim:
     an exact step (a natural step in the family's coordinates) departs from that by a few
     percent (its precision fraction and lifted directions change with the rate), so a solved
     candidate lands just beyond the bound and would be shortened again. An exact candidate
-    whose rate was solved for the bound is accepted up to (1 + ``slack``)·bound. (A first-order
-    step's KL is its quadratic model, which a solved rate meets exactly.)
+    whose rate was solved for the bound is accepted up to (1 + ``slack``)·bound of an adaptive
+    radius (a fixed bound, :meth:`KLTrustRegion.fixed`, holds exactly). (A first-order step's KL
+    is its quadratic model, which a solved rate meets exactly.)
 
     Where the proposal offers a model of its KL that costs no candidate
     (:attr:`~pyro_natgrad.optim.proposal.Proposal.model_kl`: a full-covariance Gaussian's
