@@ -283,27 +283,30 @@ def ritz_pairs(matrix: Tensor, iters: int = 10, seed: int = 0) -> tuple[Tensor, 
     flat = matrix.reshape(-1, d, d)  # batched as one leading dimension: fused bmm updates
     basis = matrix.new_zeros(flat.shape[0], k, d)  # rows q_0 … q_{k-1}
     basis[:, 0] = (q / q.square().sum(-1, keepdim=True).sqrt()).reshape(-1, d)
-    alpha, beta = matrix.new_zeros(flat.shape[0], k), matrix.new_zeros(flat.shape[0], k)
     threshold = torch.finfo(matrix.dtype).eps ** 0.5
     tiny = torch.finfo(matrix.dtype).tiny
+    alphas, betas = [], []
     for j in range(k):
-        w = torch.bmm(basis[:, j:j + 1], flat)  # qᵀS = (Sq)ᵀ, S symmetric; (n, 1, d)
         done = basis[:, :j + 1]
+        done_t = done.mT
+        w = torch.bmm(basis[:, j:j + 1], flat)  # qᵀS = (Sq)ᵀ, S symmetric; (n, 1, d)
         scale = torch.linalg.vector_norm(w, dim=(-2, -1))
         # full reorthogonalization, two Gram–Schmidt passes ("twice is enough": one leaves the
         # next q off the basis); the first pass's coefficient on q_j is α_j = q_jᵀSq_j
-        coefficients = torch.bmm(w, done.mT)
-        alpha[:, j] = coefficients[:, 0, j]
+        coefficients = torch.bmm(w, done_t)
+        alphas.append(coefficients[:, 0, j])
         w = torch.baddbmm(w, coefficients, done, alpha=-1)
-        w = torch.baddbmm(w, torch.bmm(w, done.mT), done, alpha=-1)
+        w = torch.baddbmm(w, torch.bmm(w, done_t), done, alpha=-1)
         norm = torch.linalg.vector_norm(w, dim=(-2, -1))
         # an invariant subspace (β ≤ √eps·|Sq|): β = 0 and a zero vector next, so T gets zeros
-        beta[:, j] = torch.where(norm <= threshold * scale, 0.0, norm)
+        live = norm > threshold * scale
+        betas.append(norm * live)
         if j + 1 < k:
-            inverse = torch.where(beta[:, j] > 0, 1 / norm.clamp_min(tiny), 0.0)
-            basis[:, j + 1] = w[:, 0] * inverse[:, None]
-    alpha, beta, basis = (alpha.reshape(batch + (k,)), beta.reshape(batch + (k,)),
-                          basis.reshape(batch + (k, d)))
+            torch.mul(w[:, 0], (live / norm.clamp_min(tiny)).unsqueeze(-1),
+                      out=basis[:, j + 1])
+    alpha = torch.stack(alphas, -1).reshape(batch + (k,))
+    beta = torch.stack(betas, -1).reshape(batch + (k,))
+    basis = basis.reshape(batch + (k, d))
     tridiagonal = (torch.diag_embed(alpha) + torch.diag_embed(beta[..., :-1], 1)
                    + torch.diag_embed(beta[..., :-1], -1))
     theta, y = torch.linalg.eigh(tridiagonal)
