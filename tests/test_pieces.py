@@ -194,6 +194,43 @@ def test_precision_shortening_keeps_the_mean_rate_and_halves_the_precision_per_e
     assert PrecisionShortening().repair(family, eta, delta, dmu, None, 1.0, valid) is None
 
 
+def test_precision_shortening_runs_lanczos_only_where_a_ritz_pair_could_change_the_step(
+        monkeypatch):
+    """The full-covariance repair reads S's Ritz pairs (to skip indefinite rates and to lift
+    directions below the floor) only where ρ_Λ|S|_F ≥ 1 − floor could let an eigenvalue of
+    ρ_Λ S reach floor − 1; below that the step is the plain natural step and Lanczos is not
+    run. Above it, Lanczos runs once per direction, whatever the number of rates tried."""
+    from pyro_natgrad.families.gaussian_step import gaussian_direction, natural_step
+    from pyro_natgrad.optim import transforms
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return ritz_pairs(*args, **kwargs)
+
+    ritz_pairs = transforms.ritz_pairs
+    monkeypatch.setattr(transforms, "ritz_pairs", counted)
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    tril = torch.eye(d, dtype=torch.float64)
+    d_tril = torch.randn(d, d, generator=g, dtype=torch.float64).tril()
+    direction = gaussian_direction(torch.zeros(d, dtype=torch.float64), tril,
+                                   torch.ones(d, dtype=torch.float64), d_tril)
+    frobenius = float(direction.frobenius)
+    shortening = PrecisionShortening()
+    shortening.noisy.add(KEY)  # held to hold = 0.2: no lift while ρ|S|_F ≤ 0.8
+    step = shortening.gaussian(direction, KEY)
+    small = 0.7 / frobenius
+    found, note = step(small)
+    assert calls == [] and note == ""
+    plain = natural_step(direction, small)
+    assert torch.equal(found.kl, plain.kl) and torch.equal(found.scale_tril, plain.scale_tril)
+    for rate in (5.0 / frobenius, 2.0 / frobenius):  # may leave the domain: pairs needed
+        assert step(rate) is not None
+    assert calls == [1]
+
+
 def test_retraction_repairs_only_the_elements_that_left_the_domain():
     family = Normal()
     eta = family.args_to_natural(torch.zeros(2, dtype=torch.float64),

@@ -75,6 +75,11 @@ class GaussianDirection:
         return (self.whitened_loc.square().sum(-1),
                 self.whitened_cov.square().sum((-2, -1)))
 
+    @property
+    def frobenius(self) -> Tensor:
+        """|S|_F per batch element (≥ |λ| for every eigenvalue λ of S)."""
+        return self._squares[1].sqrt()
+
     def model_kl(self, rate: float) -> Tensor:
         """The quadratic model of :func:`natural_step`'s KL at ``rate`` = ρ = ρ_Λ, per batch
         element, before any factorization: ½ρ²|v|² + ¼ρ²|S|²_F (the KL's second-order term,

@@ -130,9 +130,10 @@ class PrecisionShortening:
     (:mod:`~pyro_natgrad.families.gaussian_step`): rates at which I + ρ_Λ S is indefinite by an
     upper bound θ ≥ λ_min(S) (ρ_Λ θ < −1) are skipped without a factorization; θ is the smaller
     of min Sᵢᵢ and the smallest Ritz value of ``lanczos_iters`` Lanczos steps, run once per
-    direction before the first Cholesky (Ritz values never lie below λ_min; Golub & Van Loan
-    2013, §10.1). The first rate tried below the full one is aimed at with the estimate θ − r
-    (r: the Ritz pair's residual norm); a Cholesky decides every rate it tries.
+    direction before the first Cholesky where ρ_Λ|S|_F does not already rule out such rates
+    and lifts (Ritz values never lie below λ_min; Golub & Van Loan 2013, §10.1). The first
+    rate tried below the full one is aimed at with the estimate θ − r (r: the Ritz pair's
+    residual norm); a Cholesky decides every rate it tries.
 
     State: the groups marked noisy (keyed by their param names)."""
 
@@ -178,20 +179,36 @@ class PrecisionShortening:
         """The step of N(m, LLᵀ) along ``direction`` at each rate, shortened where it leaves the
         domain and lifted to the floor (to ``hold`` where it stays in the domain and the group
         ``key`` is marked noisy; a shortened step marks it): per rate, one Cholesky when the step
-        stays in the domain or the estimate of λ_min(S) is right (Lanczos runs once per
-        direction, O(d²) per iteration)."""
+        stays in the domain or the estimate of λ_min(S) is right. Lanczos runs at most once per
+        direction (O(d²) per iteration), and not at all while ρ_Λ|S|_F shows that no eigenvalue
+        of ρ_Λ S reaches the floor − 1 (|λ| ≤ |S|_F): the Ritz pairs could change nothing."""
         held = self.hold if key in self.noisy else 0.0
         s = direction.whitened_cov
-        theta, vectors, residual = ritz_pairs(s, self.lanczos_iters)
         diagonal = s.diagonal(dim1=-2, dim2=-1).amin(-1)  # eᵢᵀSeᵢ ≥ λ_min(S)
-        bound = torch.minimum(diagonal, theta[..., 0])  # ≥ λ_min(S)
-        estimate = torch.minimum(diagonal, theta[..., 0] - residual[..., 0])  # of λ_min(S)
         limit = -(1 + torch.finfo(s.dtype).eps ** 0.5)
         smallest = 0.5 ** self.max_halvings
+        spectrum: list[tuple[Tensor, Tensor, Tensor]] = []
+
+        def ritz() -> tuple[Tensor, Tensor, Tensor]:
+            """S's Ritz pairs, on first need: (θ, vectors, residual norms)."""
+            if not spectrum:
+                spectrum.append(ritz_pairs(s, self.lanczos_iters))
+            return spectrum[0]
+
+        def within(scaled: Tensor, room: Tensor | float) -> bool:
+            """ρ_Λ λ ≥ −``room`` for every eigenvalue λ of S, by |λ| ≤ |S|_F (with a margin
+            for rounding): then neither a Ritz value nor min Sᵢᵢ can change the step, and the
+            Lanczos steps are not run."""
+            return bool((scaled * direction.frobenius <= 0.999 * room).all())
 
         def skip(fraction: Tensor, rate: float) -> Tensor:
             while True:  # halve while I + rate·fraction·S is indefinite by the bound, or a
                 # shortened one by the estimate
+                if not bool((fraction < 1).any()) and within(rate * fraction, 1.0):
+                    return fraction
+                theta, _, residual = ritz()
+                bound = torch.minimum(diagonal, theta[..., 0])  # ≥ λ_min(S)
+                estimate = torch.minimum(diagonal, theta[..., 0] - residual[..., 0])  # of λ_min
                 out = ((rate * fraction * bound < limit)
                        | ((fraction < 1) & (rate * fraction * estimate <= -1)))
                 out = out & (fraction >= smallest)
@@ -208,8 +225,9 @@ class PrecisionShortening:
             """(U, a) for ``natural_step``'s lift: B's Ritz directions below the floor (or
             ``hold``, unshortened)."""
             floor = floor_of(fraction)
-            if not bool((floor > 0).any()):
+            if not bool((floor > 0).any()) or within(rate * fraction, 1 - floor):
                 return None
+            theta, vectors, _ = ritz()
             lift = torch.where(floor[..., None] > 0, (floor[..., None] - 1 - (
                 rate * fraction)[..., None] * theta).clamp_min(0), 0.0)
             active = (lift > 0).reshape(-1, lift.shape[-1]).any(0)  # pairs lifted anywhere
