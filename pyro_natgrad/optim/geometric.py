@@ -57,7 +57,7 @@ class GeometricOptim(PyroOptim):
     :param lr: the largest step; assigning ``opt.lr`` later rescales the step-size pieces.
     :param trust_region: a :class:`~.trust_region.KLTrustRegion` (or None: no bound).
     :param aim: a :class:`~.trust_region.KLAim` (or None: a bounded step starts at the step
-        size's rate, and a rate solved for the bound is held to the bound exactly).
+        size's rate).
     :param step_size: a :class:`~.step_size.BoldDriver` (or None: every step is kept).
     :param stationarity: a :class:`~.step_size.PflugCeiling` (or None: the ceiling stays lr).
     :param momentum: a :class:`~.transforms.HeavyBall` (or None).
@@ -326,12 +326,12 @@ class GeometricOptim(PyroOptim):
             self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
                                 f"factorized ({e}); step refused, params unchanged")
             return None
-        tried, problems, bound, aimed = rate, [], None, False
+        tried, problems, bound = rate, [], None
         if self.aim is not None and self.trust_region is not None \
                 and self.trust_region.decided(key, proposal.exact):
             bound = self._bound(key, leaves, proposal.exact, None)
             first = self.aim.first(key, rate, proposal.model_kl, bound)
-            tried, aimed = (rate, False) if first is None else (first, True)
+            tried = rate if first is None else first
         for backtrack in range(self.max_backtracks + 1):
             try:
                 candidate = proposal.candidate(tried)
@@ -339,16 +339,13 @@ class GeometricOptim(PyroOptim):
                 candidate = None  # e.g. a covariance that is not positive definite
             if bound is None:  # set by the step at the full rate
                 bound = self._bound(key, leaves, proposal.exact, candidate)
-            held = (self.aim.within(bound, aimed and self.trust_region.adaptive)
-                    if self.aim is not None and self.trust_region is not None else bound)
-            problem = self._check(proposal, candidate, held, leaves)
+            problem = self._check(proposal, candidate, bound, leaves)
             problems.append(problem)
             if problem is None:
                 self._accept(group, candidate, leaves, proposal.method, backtrack)
                 if self.aim is not None and proposal.model_kl is not None:
                     self.aim.record(key, candidate.kl, proposal.model_kl(candidate.rate))
                 return candidate
-            aimed = problem == "kl" and proposal.exact  # solved from its closed-form KL
             if problem in ("kl", "measured kl"):
                 tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl")
             else:

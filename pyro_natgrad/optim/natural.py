@@ -49,9 +49,9 @@ class NaturalGradient(GeometricOptim):
     :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion`: ½√n nats, except
         that natural steps that stay in the family's domain at the full rate are unbounded until
         one of the group's steps needs a repair or is rejected), a KLTrustRegion, or None.
-    :param aim: ``"auto"`` (a :class:`~.trust_region.KLAim`: a rate solved for the trust
-        region's bound is accepted within 10% of it, and a full-covariance Gaussian's first
-        candidate is aimed at the bound by its calibrated KL model), a KLAim, or None.
+    :param aim: ``"auto"`` (a :class:`~.trust_region.KLAim`: a full-covariance Gaussian's
+        first candidate is aimed at the trust region's bound by its calibrated KL model), a
+        KLAim, or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`: rejected steps are undone
         and the rate shrinks), a BoldDriver, or None (every step is kept).
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with a window of 10

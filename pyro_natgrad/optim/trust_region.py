@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .options import require_numbers
 from .step_size import Judgement
 
 __all__ = ["KLAim", "KLTrustRegion", "rate_for_kl"]
@@ -162,45 +161,29 @@ def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool) -> float:
 
 @dataclass
 class KLAim:
-    """How a step that the trust region bounds is aimed at its bound.
-
-    A rate solved for the bound (:func:`rate_for_kl`) assumes KL ∝ rate²; the closed-form KL of
-    an exact step (a natural step in the family's coordinates) departs from that by a few
-    percent (its precision fraction and lifted directions change with the rate), so a solved
-    candidate lands just beyond the bound and would be shortened again. An exact candidate
-    whose rate was solved for the bound is accepted up to (1 + ``slack``)·bound of an adaptive
-    radius (a fixed bound, :meth:`KLTrustRegion.fixed`, holds exactly). (A first-order step's KL
-    is its quadratic model, which a solved rate meets exactly.)
+    """Where a step that the trust region bounds starts.
 
     Where the proposal offers a model of its KL that costs no candidate
     (:attr:`~pyro_natgrad.optim.proposal.Proposal.model_kl`: a full-covariance Gaussian's
     ½ρ²|Lᵀ∂L/∂m|² + ¼ρ²|S|²_F,
-    :meth:`~pyro_natgrad.families.gaussian_step.GaussianDirection.model_kl`)
-    and the group's bound does not depend on the step (:meth:`KLTrustRegion.decided`), the first
-    candidate takes the rate at which the model, scaled by the ratio c = KL/model of the group's
-    last accepted step, meets the bound, when the step size's rate lies beyond it: KL(ρ) ≈
-    c·model(ρ) with c measured one step before. A full-covariance candidate rejected by its KL
-    costs a Cholesky of the d×d precision; the model's costs one pass over S.
-
-    :param slack: an aimed candidate's tolerance, as a fraction of the bound.
-    :param calibrated: False: the first candidate always takes the step size's rate.
+    :meth:`~pyro_natgrad.families.gaussian_step.GaussianDirection.model_kl`) and the group's bound
+    does not depend on the step (:meth:`KLTrustRegion.decided`), the first candidate takes the
+    rate at which the model, scaled by the ratio c = KL/model of the group's last accepted step,
+    meets the bound, when the step size's rate lies beyond it: KL(ρ) ≈ c·model(ρ) with c measured
+    one step before. A full-covariance candidate rejected by its KL costs a Cholesky of the d×d
+    precision; the model's costs one pass over S. The bound itself is unchanged: an aimed
+    candidate beyond it is shortened as any other (:func:`rate_for_kl`).
 
     State: per group, c of its last accepted step.
     """
 
-    slack: float = 0.1
-    calibrated: bool = True
     ratio: dict[Key, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        require_numbers(self, ("slack",), "KLAim: ")
 
     def first(self, key: Key, rate: float, model: Callable[[float], float] | None,
               bound: float) -> float | None:
         """The first candidate's rate, aimed at ``bound`` by the calibrated model, where it
         puts the step at ``rate`` beyond the bound; else None (the step at ``rate``)."""
-        if not self.calibrated or model is None or key not in self.ratio \
-                or not math.isfinite(bound):
+        if model is None or key not in self.ratio or not math.isfinite(bound):
             return None
         predicted = self.ratio[key] * model(rate)
         if not predicted > bound:
@@ -212,10 +195,6 @@ class KLAim:
         if kl is not None and math.isfinite(kl) and kl > 0 and math.isfinite(model) \
                 and model > 0:
             self.ratio[key] = kl / model
-
-    def within(self, bound: float, aimed: bool) -> float:
-        """The bound an aimed candidate is held to."""
-        return bound * (1 + self.slack) if aimed else bound
 
     def forget(self, key: Key) -> None:
         self.ratio.pop(key, None)
