@@ -16,7 +16,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
-from pyro_natgrad.optim import FisherSolve, KLTrustRegion, Mirror, Retraction
+from pyro_natgrad.optim import FisherSolve, KLAim, KLTrustRegion, Mirror, Retraction
 
 from .conjugate import (
     CONJUGATE_SCALARS,
@@ -198,15 +198,17 @@ def test_parameter_space_option_uses_closed_form_fisher():
     assert abs(scale - post_prec**-0.5) < 0.2 * post_prec**-0.5
 
 
-@pytest.mark.parametrize("autoguide", [AutoMultivariateNormal, AutoDiagonalNormal])
-def test_state_round_trip_resumes_exactly(tmp_path, autoguide):
-    """Everything the next step reads survives ``save``/``load``: the step size, the KL radius
-    and, for the factorized guide, the momentum's previous mean."""
+@pytest.mark.parametrize("autoguide, aim", [(AutoMultivariateNormal, False),
+                                             (AutoMultivariateNormal, True),
+                                             (AutoDiagonalNormal, False)])
+def test_state_round_trip_resumes_exactly(tmp_path, autoguide, aim):
+    """Everything the next step reads survives ``save``/``load``: the step size, the KL radius,
+    for the factorized guide the momentum's previous mean, and a ``KLAim``'s calibration."""
     X, y, _, _ = linear_regression(torch.float64)
     model = regression_model()
     guide = autoguide(model)
     elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
-    opt = NaturalGradient(guide)
+    opt = NaturalGradient(guide, aim=KLAim() if aim else None)
     svi = SVI(model, guide, opt, elbo)
     for _ in range(4):  # then a step with momentum follows (not an undone one)
         svi.step(X, y)
@@ -220,7 +222,7 @@ def test_state_round_trip_resumes_exactly(tmp_path, autoguide):
         for k, v in store.named_parameters():
             v.copy_(params[k])
     torch.set_rng_state(rng)
-    resumed = NaturalGradient(guide)
+    resumed = NaturalGradient(guide, aim=KLAim() if aim else None)
     resumed.load(tmp_path / "opt.pt")
     second = [SVI(model, guide, resumed, elbo).step(X, y) for _ in range(6)]
     assert first == second
@@ -558,14 +560,14 @@ def _regression_8d(noise: float):
 
 
 def test_a_fixed_bound_holds_for_an_aimed_full_covariance_step():
-    """``KLTrustRegion.fixed(max_kl)`` with the default ``KLAim`` (the first candidate aimed at
-    the bound by a calibrated model, which may land beyond it): every natural step's KL ≤ 0.5
-    on an 8-d regression with AutoMultivariateNormal from Pyro's initial scale, and most steps
-    are held to it."""
+    """``KLTrustRegion.fixed(max_kl)`` with a ``KLAim`` (the first candidate aimed at the bound
+    by a calibrated model, which may land beyond it): every natural step's KL ≤ 0.5 on an 8-d
+    regression with AutoMultivariateNormal from Pyro's initial scale, and most steps are held
+    to it."""
     model = _regression_8d(noise=0.1)
     pyro.set_rng_seed(0)
     guide = AutoMultivariateNormal(model)
-    opt = NaturalGradient(guide, trust_region=KLTrustRegion.fixed(0.5))
+    opt = NaturalGradient(guide, trust_region=KLTrustRegion.fixed(0.5), aim=KLAim())
     svi = SVI(model, guide, opt, Trace_ELBO(num_particles=8))
     kls = []
     for _ in range(15):
