@@ -71,21 +71,16 @@ class GaussianDirection:
         return self.whitened_cov.flip(-2, -1)
 
     @cached_property
-    def _squares(self) -> tuple[Tensor, Tensor]:
-        return (self.whitened_loc.square().sum(-1),
-                self.whitened_cov.square().sum((-2, -1)))
-
-    @property
     def frobenius(self) -> Tensor:
-        """|S|_F per batch element (≥ |λ| for every eigenvalue λ of S)."""
-        return self._squares[1].sqrt()
+        """|S|_F per batch element (≥ |λ| for every eigenvalue λ of S); one d×d pass, once."""
+        return torch.linalg.vector_norm(self.whitened_cov, dim=(-2, -1))
 
     def model_kl(self, rate: float) -> Tensor:
         """The quadratic model of :func:`natural_step`'s KL at ``rate`` = ρ = ρ_Λ, per batch
         element, before any factorization: ½ρ²|v|² + ¼ρ²|S|²_F (the KL's second-order term,
-        tr B − d − log|B| ≈ ½ρ²|S|²_F and |U⁻¹v|² ≈ |v|²); one d×d pass, formed once."""
-        loc_term, cov_term = self._squares
-        return 0.5 * rate ** 2 * (loc_term + 0.5 * cov_term)
+        tr B − d − log|B| ≈ ½ρ²|S|²_F and |U⁻¹v|² ≈ |v|²)."""
+        return 0.5 * rate ** 2 * (self.whitened_loc.square().sum(-1)
+                                  + 0.5 * self.frobenius.square())
 
 
 @dataclass(frozen=True)
