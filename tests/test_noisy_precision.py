@@ -60,7 +60,6 @@ def test_a_noisy_full_covariance_fit_stays_inside_the_prior_and_beats_adam(seed)
     assert all(loss < value for value in baselines.values()), (loss, baselines)
 
 
-
 def _candidates(aim: bool, data, steps: int = 60) -> tuple[int, int, int]:
     """(natural steps, candidates rejected, steps whose first candidate was aimed below the
     step size's rate) over steps 10–``steps`` of seed 0."""

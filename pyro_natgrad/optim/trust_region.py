@@ -91,7 +91,7 @@ class KLTrustRegion:
         if exact and not self.bound_exact:
             return math.inf
         radius = self.radius.setdefault(key, self.start * self._root(n))
-        if exact and self.trust_clean and key not in self.distrusted:
+        if not self.decided(key, exact):  # a trusted group's exact step: clean ones unbounded
             if not clean:
                 self._distrust(key)
             elif 0 < self.judged.get(key, 0) < self.probation:  # on probation: bounded
