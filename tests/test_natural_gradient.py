@@ -200,10 +200,12 @@ def test_parameter_space_option_uses_closed_form_fisher():
 
 @pytest.mark.parametrize("autoguide, aim", [(AutoMultivariateNormal, False),
                                              (AutoMultivariateNormal, True),
-                                             (AutoDiagonalNormal, False)])
+                                             (AutoDiagonalNormal, False),
+                                             (AutoLowRankMultivariateNormal, False)])
 def test_state_round_trip_resumes_exactly(tmp_path, autoguide, aim):
     """Everything the next step reads survives ``save``/``load``: the step size, the KL radius,
-    for the factorized guide the momentum's previous mean, and a ``KLAim``'s calibration."""
+    for the factorized guide the momentum's previous mean, a ``KLAim``'s calibration, and for the
+    low-rank guide the ``VarianceAdaptation``'s last direction and average cosines."""
     X, y, _, _ = linear_regression(torch.float64)
     model = regression_model()
     guide = autoguide(model)
@@ -212,6 +214,8 @@ def test_state_round_trip_resumes_exactly(tmp_path, autoguide, aim):
     svi = SVI(model, guide, opt, elbo)
     for _ in range(4):  # then a step with momentum follows (not an undone one)
         svi.step(X, y)
+    if autoguide is AutoLowRankMultivariateNormal:
+        assert opt.get_state()["pieces"]["variance_adaptation"]["averages"]
     opt.save(tmp_path / "opt.pt")
     store = pyro.get_param_store()
     # restored in place: an AutoGuide's plain nn.Parameter (its loc) is not re-read from the store

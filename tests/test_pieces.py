@@ -467,3 +467,84 @@ def test_a_stateful_piece_serves_one_live_optimizer():
     del first
     gc.collect()
     pyro_natgrad.WassersteinGradient(guide, stationarity=ceiling, trust_region=region)
+
+
+def _adapt(adaptation, g, direction=None, sizes=(2000, 2000)):
+    return adaptation.caps(KEY, sizes, g, g if direction is None else direction)
+
+
+def test_variance_adaptation_reads_each_blocks_signal_fraction_from_successive_directions():
+    """φ = |s|²/(|s|² + σ²) per block from the cosine of successive directions: a block of pure
+    noise is capped at the floor, a noiseless one not at all, one with |s|² = σ² near ½; the
+    first direction of a group is never capped (a conjugate model's exact step stands)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 2000
+    signal = torch.randn(n, generator=gen, dtype=torch.float64)
+    adaptation = pyro_natgrad.optim.VarianceAdaptation()
+    caps = []
+    for _ in range(40):
+        noise = torch.randn(n, generator=gen, dtype=torch.float64)
+        half = signal + torch.randn(n, generator=gen, dtype=torch.float64)  # |s|² ≈ σ²
+        caps.append(adaptation.caps(KEY, (n, n, n), torch.cat([signal, noise, half]),
+                                    torch.cat([signal, noise, half])))
+    assert caps[0] == [1.0, 1.0, 1.0]
+    clean, pure, mixed = caps[-1]
+    assert clean == 1.0 and pure == adaptation.floor
+    assert 0.4 < mixed < 0.6
+
+
+def test_variance_adaptation_caps_an_overshooting_block_and_uses_the_metric_inner_product():
+    """A direction whose signal reverses every step (an overshoot) reads c = −1: the block is
+    capped at the floor. The cosine is taken in the metric's inner product gᵀδ, δ = F⁻¹g: a
+    badly scaled but consistent block (δ = 10⁴·g) is not capped."""
+    adaptation = pyro_natgrad.optim.VarianceAdaptation(floor=0.05)
+    g = torch.ones(4)
+    for sign in (1, -1, 1, -1, 1):
+        caps = adaptation.caps(KEY, (2, 2), torch.cat([sign * g[:2], g[2:]]),
+                               torch.cat([sign * g[:2], 1e4 * g[2:]]))
+    assert caps == [0.05, 1.0]
+
+
+def test_variance_adaptation_state_round_trip_forget_and_options():
+    adaptation = pyro_natgrad.optim.VarianceAdaptation()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        _adapt(adaptation, torch.randn(4000, generator=gen))
+    copy = pyro_natgrad.optim.VarianceAdaptation()
+    copy.load_state_dict(adaptation.state_dict())
+    g = torch.randn(4000, generator=gen)
+    assert _adapt(copy, g) == _adapt(adaptation, g)
+    adaptation.forget(KEY)
+    assert adaptation.current(KEY) == [] and _adapt(adaptation, g) == [1.0, 1.0]
+    for bad in ({"decay": 1.0}, {"floor": 0.0}, {"floor": 2.0}):
+        with pytest.raises(ValueError, match="VarianceAdaptation needs"):
+            pyro_natgrad.optim.VarianceAdaptation(**bad)
+
+
+def test_linear_proposal_with_caps_moves_each_param_at_its_capped_rate():
+    """θᵢ − min(ρ, capᵢ)·dᵢ, and the KL model ½ wᵀMw from the blocks' Gram matrix."""
+    from pyro_natgrad.optim.proposal import linear_proposal
+
+    theta = [torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    direction = torch.arange(1.0, 6.0, dtype=torch.float64)
+    gram = torch.tensor([[2.0, 0.5], [0.5, 3.0]], dtype=torch.float64)
+    proposal = linear_proposal("closed_form", ("a", "b"), theta, direction, gram, [1.0, 0.1])
+    c = proposal.candidate(0.5)
+    torch.testing.assert_close(c.values["a"], -0.5 * direction[:2])
+    torch.testing.assert_close(c.values["b"], -0.1 * direction[2:])
+    w = torch.tensor([0.5, 0.1], dtype=torch.float64)
+    assert c.kl == pytest.approx(0.5 * float(w @ gram @ w))
+    assert proposal.candidate(0.05).kl == pytest.approx(0.5 * 0.05 ** 2 * float(gram.sum()))
+
+
+def test_block_gram_is_the_damped_metric_between_the_params_blocks():
+    """Mᵢⱼ = dᵢᵀ(F + λI)dⱼ, one block per param; its sum is the whole direction's curvature."""
+    from pyro_natgrad.optim.fisher_solve import _block_gram, _Fixed
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    fisher, direction = a @ a.T, torch.randn(6, generator=gen, dtype=torch.float64)
+    gram = _block_gram(_Fixed(fisher), 0.1, direction, [2, 4])
+    damped = fisher + 0.1 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(gram[0, 1], direction[:2] @ damped[:2, 2:] @ direction[2:])
+    torch.testing.assert_close(gram.sum(), direction @ damped @ direction)

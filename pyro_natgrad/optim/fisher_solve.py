@@ -24,7 +24,7 @@ from ..pullback import scaled_low_rank_coordinates
 from .mirror import float64, kl64
 from .options import require_counts, require_numbers
 from .proposal import Candidate, Proposal, linear_proposal
-from .transforms import GaugeProjection
+from .transforms import GaugeProjection, VarianceAdaptation
 
 __all__ = ["FisherSolve", "FisherAverage"]
 
@@ -95,6 +95,11 @@ class FisherSolve:
     :param average: a :class:`FisherAverage` of dense/diagonal metrics across steps, or None.
     :param gauge: a :class:`~pyro_natgrad.optim.transforms.GaugeProjection` of the gradient
         before the solve, or None.
+    :param adaptation: a :class:`~pyro_natgrad.optim.transforms.VarianceAdaptation` of a
+        closed-form step (each param's rate capped at its block's estimated signal fraction), or
+        None. A Monte Carlo step is not capped: its metric F̂ is drawn afresh each step, so
+        successive directions also differ by F̂'s noise, and the caps' Gram matrix would cost a
+        metric product per param through the sampled scores.
     """
 
     form: Form | None = None
@@ -108,6 +113,7 @@ class FisherSolve:
     sampled_kl: bool = True
     average: FisherAverage | None = None
     gauge: GaugeProjection | None = field(default_factory=GaugeProjection)
+    adaptation: VarianceAdaptation | None = field(default_factory=VarianceAdaptation)
 
     def __post_init__(self) -> None:
         if self.form is not None and self.form not in _FORMS:
@@ -153,9 +159,16 @@ class FisherSolve:
         if self.relative_damping:
             damping += self.relative_damping * float(metric.trace()) / g.numel()
         direction = solve_metric(metric, g, form, damping, self.cg_iters, self.cg_rtol)
-        curvature = direction @ (metric.mvp(direction) + damping * direction)
+        sizes = [t.numel() for t in theta]
+        caps = (None if self.adaptation is None or monte_carlo
+                else self.adaptation.caps(key, sizes, g, direction))
         method = "monte_carlo" if monte_carlo else "closed_form"
-        step = linear_proposal(method, key, theta, direction, float(curvature))
+        if caps is None or min(caps) == 1.0:
+            curvature = direction @ (metric.mvp(direction) + damping * direction)
+            step = linear_proposal(method, key, theta, direction, float(curvature))
+        else:
+            step = linear_proposal(method, key, theta, direction,
+                                   _block_gram(metric, damping, direction, sizes), caps)
 
         closed = None if structured is None else _coordinates_kl(structured)
 
@@ -167,7 +180,20 @@ class FisherSolve:
             c.closed_form_kl = closed
             return c
 
-        return Proposal(method, candidate, exact=False)
+        return Proposal(method, candidate, exact=False, max_rate=step.max_rate)
+
+
+def _block_gram(metric, damping: float, direction: Tensor, sizes: list[int]) -> Tensor:
+    """Mᵢⱼ = dᵢᵀ(F + λI)dⱼ (float64) for the blocks dᵢ of ``direction`` (zero outside block i):
+    one metric product per block."""
+    blocks = []
+    for start, part in zip(torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist(),
+                           direction.split(sizes), strict=True):
+        block = torch.zeros_like(direction)
+        block[start:start + part.numel()] = part
+        blocks.append(block)
+    products = torch.stack([metric.mvp(b) + damping * b for b in blocks])
+    return (torch.stack(blocks) @ products.T).to(torch.float64)
 
 
 class _Fixed:

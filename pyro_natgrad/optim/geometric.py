@@ -332,6 +332,7 @@ class GeometricOptim(PyroOptim):
             bound = self._bound(key, leaves, proposal.exact, None)
             first = self.aim.first(key, rate, proposal.model_kl, bound)
             tried = rate if first is None else first
+        tried = min(tried, proposal.max_rate)
         for backtrack in range(self.max_backtracks + 1):
             try:
                 candidate = proposal.candidate(tried)

@@ -112,7 +112,20 @@ class NaturalGradient(GeometricOptim):
     def _stateful(self) -> dict[str, object]:
         domain = self.mirror.domain if self.mirror is not None else None
         return {**super()._stateful(), "fisher_average": self.solve.average,
+                "variance_adaptation": self.solve.adaptation,
                 "precision_floor": domain if isinstance(domain, PrecisionShortening) else None}
+
+    def diagnose(self) -> list[str]:
+        notes = super().diagnose()
+        adaptation = self.solve.adaptation
+        capped = [f"{name} ({cap:.2g})" for key in (adaptation.averages if adaptation else ())
+                  for name, cap in zip(key, adaptation.current(key), strict=True) if cap < 0.1]
+        if capped:
+            notes.append(
+                f"the natural direction of {', '.join(capped)} is mostly Monte Carlo noise, so "
+                "its rate is capped at that estimated signal fraction (VarianceAdaptation); more "
+                "particles (Trace_ELBO(num_particles=...)) would move it faster")
+        return notes
 
     def _method(self, group: Group) -> str:
         exp_family = all(s.family is not None for s in group.sites)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
 from pyro import poutine
 from torch import Tensor
 
@@ -68,23 +70,36 @@ class Proposal:
     ``exact``: the step is taken in a family's own coordinates, its domain and KL are checked as
     it is built, so the guide need not be re-built at the candidate. ``model_kl``: where the
     proposal has one, a model of a candidate's KL at a rate that costs no candidate (for
-    :class:`~pyro_natgrad.optim.trust_region.KLAim`).
+    :class:`~pyro_natgrad.optim.trust_region.KLAim`). ``max_rate``: every rate above it gives
+    the candidate it gives (a linear step whose params are all capped below the rate), so no
+    higher rate is tried.
     """
 
     method: str
     candidate: Callable[[float], Candidate | None]
     exact: bool
     model_kl: Callable[[float], float] | None = None
+    max_rate: float = math.inf
 
 
 def linear_proposal(method: str, names: tuple[str, ...], theta: list[Tensor], direction: Tensor,
-                    curvature: float) -> Proposal:
-    """θ − rate·d, with the metric's quadratic model ½ rate² dᵀGd as its KL."""
+                    curvature: float | Tensor, caps: list[float] | None = None) -> Proposal:
+    """θ − rate·d, with the metric's quadratic model ½ rate² dᵀGd as its KL. With ``caps`` (one
+    per param), param i moves min(rate, capᵢ)·dᵢ and ``curvature`` is the Gram matrix
+    Mᵢⱼ = dᵢᵀGdⱼ of the params' blocks: KL model ½ wᵀMw, wᵢ = min(rate, capᵢ)."""
     current = [t.detach().clone() for t in theta]
+    blocks = unflat(direction, current)
 
     def candidate(rate: float) -> Candidate:
-        values = {n: c - rate * d for n, c, d in
-                  zip(names, current, unflat(direction, current), strict=True)}
-        return Candidate(values, rate, 0.5 * rate ** 2 * curvature)
+        if caps is None:
+            steps = [rate] * len(blocks)
+            kl = 0.5 * rate ** 2 * float(curvature)
+        else:
+            steps = [min(rate, cap) for cap in caps]
+            w = torch.tensor(steps, dtype=curvature.dtype, device=curvature.device)
+            kl = 0.5 * float(w @ curvature @ w)
+        values = {n: c - s * d for n, c, d, s in zip(names, current, blocks, steps, strict=True)}
+        return Candidate(values, rate, kl)
 
-    return Proposal(method, candidate, exact=False)
+    return Proposal(method, candidate, exact=False,
+                    max_rate=math.inf if caps is None else max(caps))

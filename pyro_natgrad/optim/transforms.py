@@ -1,10 +1,11 @@
-"""Transforms of a step: momentum, domain repairs of a natural step, and the gauge projection of a
-gradient. Each is a small object with its own state (where it has any); the optimizer leaves a
-transform out when its option is None."""
+"""Transforms of a step: momentum, domain repairs of a natural step, the gauge projection of a
+gradient and the variance adaptation of a parameter-space direction. Each is a small object with
+its own state (where it has any); the optimizer leaves a transform out when its option is None."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,7 +24,8 @@ from ..guides import Group, Site
 from .options import require_counts
 from .proposal import Candidate
 
-__all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection"]
+__all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection",
+           "VarianceAdaptation"]
 
 Key = tuple[str, ...]
 Eta = tuple[Tensor, ...]
@@ -389,6 +391,79 @@ class GaugeProjection:
             if name in factors:
                 out[i] = without_rotations(leaves[name].detach(), out[i])
         return out
+
+
+@dataclass
+class VarianceAdaptation:
+    """Caps each param's rate in a parameter-space step at its block's estimated signal fraction,
+    θ_b ← θ_b − min(ρ, φ_b)·δ_b with φ_b = |s_b|² / (|s_b|² + σ_b²). Along a direction δ = s + n
+    with noise n of variance σ² and unit curvature (the metric's, which a natural step presumes)
+    the expected change of the loss at step w is −w|s|² + ½w²(|s|² + σ²), least at w = φ and
+    falling in w below it: so min(ρ, φ) is the better of the two (the variance adaptation of
+    Balles & Hennig 2018, "Dissecting Adam: the sign, magnitude and variance of stochastic
+    gradients", ICML, §3; here per param and in the metric's inner product
+    ⟨g, δ⟩ = gᵀ(F + λI)⁻¹g).
+
+    The optimizer sees one averaged gradient per step, not the particles', so φ is read from the
+    group's successive directions: with fresh noise each step and a signal that turns little in
+    one step, E[g_tᵀδ_{t−1}] = |s|² and E[g_tᵀδ_t] = |s|² + σ², so the cosine
+    c_t = g_tᵀδ_{t−1} / (g_tᵀδ_t · g_{t−1}ᵀδ_{t−1})^½ over the block estimates φ_b; its
+    exponential average of weight ``decay`` is used (cosines, not their terms, are averaged: the
+    terms shrink by orders of magnitude as a fit converges). The metric's coupling between blocks
+    is left out. A signal that reverses between steps (an overshoot) also reads as c ≤ 0: the
+    block's rate is capped at ``floor``. A group's first step is not capped.
+
+    State: per group, its last direction and each block's ⟨g, δ⟩ there, and each block's average
+    cosine.
+    """
+
+    decay: float = 0.8
+    floor: float = 0.01
+    last: dict[Key, tuple[Tensor, list[float]]] = field(default_factory=dict)
+    averages: dict[Key, list[float | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.decay < 1 and 0 < self.floor <= 1):
+            raise ValueError(f"VarianceAdaptation needs 0 <= decay < 1 and 0 < floor <= 1, "
+                             f"got {self!r}")
+
+    def caps(self, key: Key, sizes: Sequence[int], g: Tensor, direction: Tensor) -> list[float]:
+        """Reads the direction ``direction`` = (F + λI)⁻¹``g`` (flat, blocks of ``sizes``) and
+        returns each block's rate cap, clip(φ_b, floor, 1) (1: not capped)."""
+        parts = list(zip(g.split(list(sizes)), direction.split(list(sizes)), strict=True))
+        power = [float(gb @ db) for gb, db in parts]
+        previous = self.last.get(key)
+        self.last[key] = (direction.detach().clone(), power)
+        if previous is None or previous[0].shape != direction.shape:
+            self.averages[key] = [None] * len(parts)
+            return [1.0] * len(parts)
+        averages = self.averages[key]
+        for b, ((gb, _), old) in enumerate(zip(parts, previous[0].split(list(sizes)),
+                                              strict=True)):
+            scale = power[b] * previous[1][b]
+            if not (scale > 0 and math.isfinite(scale)):
+                continue  # a block the metric's coupling turns uphill, or a zero block: no reading
+            cosine = min(1.0, max(-1.0, float(gb @ old) / math.sqrt(scale)))
+            mean = cosine if averages[b] is None else averages[b]
+            averages[b] = self.decay * mean + (1 - self.decay) * cosine
+        return self.current(key)
+
+    def current(self, key: Key) -> list[float]:
+        """Each block's current cap (1 where nothing was read yet)."""
+        return [1.0 if a is None else min(1.0, max(self.floor, a))
+                for a in self.averages.get(key, ())]
+
+    def forget(self, key: Key) -> None:
+        self.last.pop(key, None)
+        self.averages.pop(key, None)
+
+    def state_dict(self) -> dict:
+        return {"last": {k: (d.clone(), list(p)) for k, (d, p) in self.last.items()},
+                "averages": {k: list(a) for k, a in self.averages.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = {tuple(k): (d.clone(), list(p)) for k, (d, p) in state["last"].items()}
+        self.averages = {tuple(k): list(v) for k, v in state["averages"].items()}
 
 
 def _probe_rotation_gauge(site: Site, names: tuple[str, ...], leaves: dict[str, Tensor]
