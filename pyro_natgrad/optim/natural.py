@@ -62,7 +62,8 @@ class NaturalGradient(GeometricOptim):
         (default ``{"lr": 0.01}``).
     :param mirror: ``"auto"`` (a :class:`~.mirror.Mirror` with precision shortening), a Mirror,
         or None (every group steps in parameter space).
-    :param solve: ``"auto"`` or a :class:`~.fisher_solve.FisherSolve` (form, damping, draws).
+    :param solve: ``"auto"`` or a :class:`~.fisher_solve.FisherSolve` (form, damping, draws, the
+        :class:`~.transforms.VarianceAdaptation` of closed-form steps).
     :param on_nonfinite: ``"warn"`` (refuse the step, warn, keep the params) or ``"raise"``.
 
     Pieces hold state: give each optimizer its own (a piece object that another live
@@ -116,6 +117,8 @@ class NaturalGradient(GeometricOptim):
                 "precision_floor": domain if isinstance(domain, PrecisionShortening) else None}
 
     def diagnose(self) -> list[str]:
+        """:meth:`GeometricOptim.diagnose`, and the params whose rate
+        :class:`~.transforms.VarianceAdaptation` caps below 0.1."""
         notes = super().diagnose()
         adaptation = self.solve.adaptation
         capped = [f"{name} ({cap:.2g})" for key in (adaptation.averages if adaptation else ())
