@@ -405,13 +405,16 @@ class VarianceAdaptation:
     ⟨g, δ⟩ = gᵀ(F + λI)⁻¹g).
 
     The optimizer sees one averaged gradient per step, not the particles', so φ is read from the
-    group's successive directions: with fresh noise each step and a signal that turns little in
-    one step, E[g_tᵀδ_{t−1}] = |s|² and E[g_tᵀδ_t] = |s|² + σ², so the cosine
-    c_t = g_tᵀδ_{t−1} / (g_tᵀδ_t · g_{t−1}ᵀδ_{t−1})^½ over the block estimates φ_b; its
-    exponential average of weight ``decay`` is used (cosines, not their terms, are averaged: the
-    terms shrink by orders of magnitude as a fit converges). The metric's coupling between blocks
-    is left out. A signal that reverses between steps (an overshoot) also reads as c ≤ 0: the
-    block's rate is capped at ``floor``. A group's first step is not capped.
+    group's successive directions, as the cosine c_t = g_tᵀδ_{t−1} / (g_tᵀδ_t · g_{t−1}ᵀδ_{t−1})^½
+    over the block, averaged over steps with weight ``decay`` (cosines, not their terms, are
+    averaged: the terms shrink by orders of magnitude as a fit converges). With fresh noise each
+    step, E[g_tᵀδ_t] = |s|² + σ², and on a quadratic of curvature a along the block (in the
+    metric) the step ρ_b taken between the readings turns the signal, E[g_tᵀδ_{t−1}] =
+    (1 − ρ_b a)|s|² − ρ_b a σ², so E[c] ≈ φ − ρ_b a and the cap settles at φ/(1 + a): the best
+    step φ/a for a stiff block, half of it at a = 1, short by 1/a on a flat one. An overshoot
+    reads as c ≤ 0 (the block's rate is capped at ``floor``); so does a signal turned by the
+    other blocks' moves (the metric's coupling between blocks is left out). A group's first step
+    is not capped.
 
     State: per group, its last direction and each block's ⟨g, δ⟩ there, and each block's average
     cosine.
