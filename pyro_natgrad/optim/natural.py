@@ -125,9 +125,10 @@ class NaturalGradient(GeometricOptim):
                   for name, cap in zip(key, adaptation.current(key), strict=True) if cap < 0.1]
         if capped:
             notes.append(
-                f"the natural direction of {', '.join(capped)} is mostly Monte Carlo noise, so "
-                "its rate is capped at that estimated signal fraction (VarianceAdaptation); more "
-                "particles (Trace_ELBO(num_particles=...)) would move it faster")
+                f"the successive natural directions of {', '.join(capped)} disagree (Monte Carlo "
+                "noise, or an overshoot), so its rate is capped at that estimated signal "
+                "fraction (VarianceAdaptation); where it is noise, more particles "
+                "(Trace_ELBO(num_particles=...)) would move it faster")
         return notes
 
     def _method(self, group: Group) -> str:
