@@ -495,14 +495,17 @@ def test_variance_adaptation_reads_each_blocks_signal_fraction_from_successive_d
 
 def test_variance_adaptation_caps_an_overshooting_block_and_uses_the_metric_inner_product():
     """A direction whose signal reverses every step (an overshoot) reads c = −1: the block is
-    capped at the floor. The cosine is taken in the metric's inner product gᵀδ, δ = F⁻¹g: a
-    badly scaled but consistent block (δ = 10⁴·g) is not capped."""
+    capped at the floor. The cosine is taken in the metric's inner product gᵀδ, δ = F⁻¹g: with
+    F = diag(10⁴, 1) and g alternating (1, ±a), a² = 10⁻⁴/3, it is (10⁻⁴ − a²)/(10⁻⁴ + a²) = ½,
+    where the Euclidean cosine of the gradients is ≈ 1 and that of the directions ≈ −1."""
     adaptation = pyro_natgrad.optim.VarianceAdaptation(floor=0.05)
-    g = torch.ones(4)
-    for sign in (1, -1, 1, -1, 1):
-        caps = adaptation.caps(KEY, (2, 2), torch.cat([sign * g[:2], g[2:]]),
-                               torch.cat([sign * g[:2], 1e4 * g[2:]]))
-    assert caps == [0.05, 1.0]
+    metric = torch.tensor([1e4, 1.0], dtype=torch.float64)
+    a = (1e-4 / 3) ** 0.5
+    for sign in (1, -1, 1, -1, 1, -1):
+        g = torch.tensor([sign, sign, 1.0, sign * a], dtype=torch.float64)
+        caps = adaptation.caps(KEY, (2, 2), g, torch.cat([g[:2], g[2:] / metric]))
+    assert caps[0] == 0.05
+    assert caps[1] == pytest.approx(0.5)
 
 
 def test_variance_adaptation_state_round_trip_forget_and_options():

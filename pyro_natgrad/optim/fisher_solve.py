@@ -186,14 +186,9 @@ class FisherSolve:
 def _block_gram(metric, damping: float, direction: Tensor, sizes: list[int]) -> Tensor:
     """Mᵢⱼ = dᵢᵀ(F + λI)dⱼ (float64) for the blocks dᵢ of ``direction`` (zero outside block i):
     one metric product per block."""
-    blocks = []
-    for start, part in zip(torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist(),
-                           direction.split(sizes), strict=True):
-        block = torch.zeros_like(direction)
-        block[start:start + part.numel()] = part
-        blocks.append(block)
+    blocks = torch.block_diag(*direction.split(sizes))  # row i: dᵢ in place, zeros elsewhere
     products = torch.stack([metric.mvp(b) + damping * b for b in blocks])
-    return (torch.stack(blocks) @ products.T).to(torch.float64)
+    return (blocks @ products.T).to(torch.float64)
 
 
 class _Fixed:

@@ -433,7 +433,8 @@ class VarianceAdaptation:
     def caps(self, key: Key, sizes: Sequence[int], g: Tensor, direction: Tensor) -> list[float]:
         """Reads the direction ``direction`` = (F + λI)⁻¹``g`` (flat, blocks of ``sizes``) and
         returns each block's rate cap, clip(φ_b, floor, 1) (1: not capped)."""
-        parts = list(zip(g.split(list(sizes)), direction.split(list(sizes)), strict=True))
+        sizes = list(sizes)
+        parts = list(zip(g.split(sizes), direction.split(sizes), strict=True))
         power = [float(gb @ db) for gb, db in parts]
         previous = self.last.get(key)
         self.last[key] = (direction.detach().clone(), power)
@@ -441,8 +442,7 @@ class VarianceAdaptation:
             self.averages[key] = [None] * len(parts)
             return [1.0] * len(parts)
         averages = self.averages[key]
-        for b, ((gb, _), old) in enumerate(zip(parts, previous[0].split(list(sizes)),
-                                              strict=True)):
+        for b, ((gb, _), old) in enumerate(zip(parts, previous[0].split(sizes), strict=True)):
             scale = power[b] * previous[1][b]
             if not (scale > 0 and math.isfinite(scale)):
                 continue  # a block the metric's coupling turns uphill, or a zero block: no reading
