@@ -1,12 +1,12 @@
 """Reading a Pyro guide: which params feed which sample site's distribution, and how.
 
-The reader runs the guide once under :func:`pyro.poutine.trace` (on the arguments of its last call,
-with the global RNG state restored afterwards), and for every latent sample site finds the
-unconstrained param-store leaves its distribution depends on (by autograd), the exponential family
-of its distribution (if any), and, where the map is invertible, a :class:`Parameterization`: how to
-write a new value of the distribution's arguments back into the guide's own params, and which
-param's rotations leave it unchanged. Nothing here knows about optimizers or the chain rule
-(:mod:`pyro_natgrad.pullback`).
+The reader runs the guide once under :func:`pyro.poutine.trace` (on the arguments of its last call
+and the subsample indices its plates drew then, with the global RNG state restored afterwards),
+and for every latent sample site finds the unconstrained param-store leaves its distribution
+depends on (by autograd), the exponential family of its distribution (if any), and, where the
+map is invertible, a :class:`Parameterization`: how to write a new value of the distribution's
+arguments back into the guide's own params, and which param's rotations leave it unchanged.
+Nothing here knows about optimizers or the chain rule (:mod:`pyro_natgrad.pullback`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pyro.infer.autoguide import (
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
 )
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
@@ -49,8 +51,10 @@ def record_args(guide: Callable) -> Callable:
 
     @functools.wraps(guide)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        wrapper.last_call = (args, kwargs)
-        return guide(*args, **kwargs)
+        with _SubsampleRecorder() as drawn:
+            out = guide(*args, **kwargs)
+        wrapper.last_call = (args, kwargs, drawn.values)
+        return out
 
     wrapper.last_call = None
     return wrapper
@@ -193,11 +197,13 @@ class Group:
 class GuideReader:
     """Finds the guide's latent sites and the param leaves behind each of them.
 
-    An ``nn.Module`` guide gets a forward pre-hook, :func:`_record_call`, a module-level function
-    that keeps the arguments of the guide's last call in a weak-keyed map, so neither the guide nor
-    the reader holds a trace or a tensor of the graph: both can be pickled, ``torch.save``-d and
+    An ``nn.Module`` guide gets a forward pre-hook and a forward hook, :func:`_record_call` and
+    :func:`_end_call`, module-level functions that keep the arguments of the guide's last call and
+    the subsample indices its plates drew in it in a weak-keyed map, so neither the guide nor the
+    reader holds a trace or a tensor of the graph: both can be pickled, ``torch.save``-d and
     deep-copied after any step (the caches ``last_trace`` and the dependency structure are
-    dropped, and rebuilt on the next :meth:`read`).
+    dropped, and rebuilt on the next :meth:`read`). The re-run replays those indices: the sites
+    read are the subsample the ELBO's gradient came from.
     """
 
     def __init__(self, guide: Callable):
@@ -211,12 +217,16 @@ class GuideReader:
         if isinstance(guide, torch.nn.Module) and not any(
                 hook is _record_call for hook in guide._forward_pre_hooks.values()):
             guide.register_forward_pre_hook(_record_call, with_kwargs=True)
+        if isinstance(guide, torch.nn.Module) and not any(
+                hook is _end_call for hook in guide._forward_hooks.values()):
+            guide.register_forward_hook(_end_call, with_kwargs=True, always_call=True)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "last_trace": None, "_structure": {}, "_last_read": None,
                 "reused": False}
 
-    def _recorded(self) -> tuple[tuple, dict] | None:
+    def _recorded(self) -> tuple[tuple, dict, dict[str, Tensor]] | None:
+        """(args, kwargs, subsample indices by plate) of the guide's last call, if recorded."""
         if isinstance(self.guide, torch.nn.Module):
             return _LAST_CALLS.get(self.guide)
         return getattr(self.guide, "last_call", None)
@@ -227,8 +237,9 @@ class GuideReader:
         depends on an earlier site's sample is built at the same value); without, Pyro's
         validation of distribution arguments is off (the params are the ones SVI just ran)."""
         recorded = self._recorded()
-        args, kwargs = recorded if recorded is not None else ((), {})
-        guide = self.guide if replay is None else poutine.replay(self.guide, trace=replay)
+        args, kwargs, drawn = recorded if recorded is not None else ((), {}, {})
+        guide = (_SubsampleReplay(drawn)(self.guide) if replay is None
+                 else poutine.replay(self.guide, trace=replay))
         # the current params' distributions were validated by the ELBO pass that gave the
         # gradients: their read skips Pyro's argument checks (a d×d pass or more per site);
         # a replay builds the guide at a candidate, which is checked
@@ -430,10 +441,52 @@ _AUTO_GUIDES: dict[type, tuple[str, tuple[str, ...], type[Parameterization]]] = 
 _LAST_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_RECORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _SubsampleRecorder(Messenger):
+    """Keeps the indices each subsampling plate draws inside it, by plate name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, Tensor] = {}
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and isinstance(msg["fn"], _Subsample):
+            self.values[msg["name"]] = msg["value"]
+
+
+class _SubsampleReplay(Messenger):
+    """Gives each subsampling plate named in ``values`` those indices instead of a new draw."""
+
+    def __init__(self, values: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if isinstance(msg["fn"], _Subsample) and msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            msg["done"] = True
+
+
 def _record_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """The forward pre-hook of an ``nn.Module`` guide: remembers the arguments of its last call
-    (by a module-level function and a weak-keyed map, so the guide stays picklable)."""
-    _LAST_CALLS[module] = (args, kwargs)
+    """The forward pre-hook of an ``nn.Module`` guide: starts recording the call's subsample
+    indices (:func:`_end_call` keeps them with the call's arguments; module-level functions and
+    weak-keyed maps, so the guide stays picklable)."""
+    recorder = _SubsampleRecorder()
+    recorder.__enter__()
+    _RECORDERS[module] = (recorder, args, kwargs)
+
+
+def _end_call(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """The forward hook (run also when the call raised): the arguments and subsample indices of
+    the guide's last call, kept in a weak-keyed map."""
+    recorder, args, kwargs = _RECORDERS.pop(module)
+    if _PYRO_STACK and _PYRO_STACK[-1] is recorder:
+        recorder.__exit__(None, None, None)
+    else:  # the call raised past handlers it entered: remove the recorder and what is above it
+        recorder.__exit__(RuntimeError, None, None)
+    _LAST_CALLS[module] = (args, kwargs, recorder.values)
 
 
 def is_real(constraint: constraints.Constraint) -> bool:

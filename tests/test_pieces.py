@@ -426,6 +426,46 @@ def test_guide_reader_reuses_an_autoguide_read_only_while_nothing_it_was_read_fr
     assert not reader.reused and len(calls) == 3
 
 
+@pytest.mark.parametrize("kind", ["AutoNormal", "record_args"])
+def test_guide_reader_reads_the_subsample_the_guides_last_call_drew(kind):
+    """The reader re-runs the guide on the indices its subsampling plates drew in its last call
+    (the batch the ELBO's gradient came from), not on a new draw; the global RNG is left as it
+    was; a raised call leaves no handler behind."""
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    from pyro_natgrad.guides import GuideReader
+
+    pyro.clear_param_store()
+
+    def model():
+        with pyro.plate("N", 100, subsample_size=10):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def custom():
+        loc = pyro.param("loc", torch.zeros(100))
+        with pyro.plate("N", 100, subsample_size=10) as i:
+            pyro.sample("z", dist.Normal(loc[i], 1.0))
+
+    guide = AutoNormal(model) if kind == "AutoNormal" else pyro_natgrad.record_args(custom)
+    reader = GuideReader(guide)
+    drawn = [pyro.poutine.trace(guide).get_trace().nodes["N"]["value"] for _ in range(3)][-1]
+    state = torch.get_rng_state()
+    for _ in range(2):
+        assert torch.equal(reader.trace().nodes["N"]["value"], drawn)
+    assert torch.equal(torch.get_rng_state(), state)
+    class Fails(pyro.poutine.messenger.Messenger):
+        def _pyro_sample(self, msg):
+            if msg["name"] != "N":
+                raise RuntimeError("a site failed")
+
+    with pytest.raises(RuntimeError, match="a site failed"), Fails():
+        guide()
+    assert not _PYRO_STACK
+    pyro.clear_param_store()
+
+
 @pytest.mark.parametrize("value, ok", [(0, True), (2.5, True), (-1e-9, False),
                                        (math.nan, False), (True, False), ("1", False)])
 def test_require_numbers_names_the_option_and_its_value(value, ok):
@@ -506,6 +546,24 @@ def test_variance_adaptation_caps_an_overshooting_block_and_uses_the_metric_inne
         caps = adaptation.caps(KEY, (2, 2), g, torch.cat([g[:2], g[2:] / metric]))
     assert caps[0] == 0.05
     assert caps[1] == pytest.approx(0.5)
+
+
+def test_variance_adaptation_reads_a_subsampled_block_where_both_steps_moved():
+    """Local params under a subsampled plate: each step's gradient is zero outside its batch, so
+    successive directions are orthogonal there whatever their signal. A noiseless signal read on
+    random batches of a quarter of the coordinates is not capped (it was capped at the floor
+    when the cosine ran over the whole block); pure noise on the same batches still is."""
+    gen = torch.Generator().manual_seed(2)
+    n = 400
+    signal = torch.randn(n, generator=gen, dtype=torch.float64)
+    adaptation = pyro_natgrad.optim.VarianceAdaptation()
+    for _ in range(30):
+        batch = torch.zeros(n, dtype=torch.bool)
+        batch[torch.randperm(n, generator=gen)[:n // 4]] = True
+        noise = torch.randn(n, generator=gen, dtype=torch.float64)
+        g = torch.cat([signal * batch, noise * batch])
+        caps = adaptation.caps(KEY, (n, n), g, g)
+    assert caps[0] == 1.0 and caps[1] == adaptation.floor
 
 
 def test_variance_adaptation_state_round_trip_forget_and_options():
