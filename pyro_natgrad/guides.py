@@ -12,6 +12,8 @@ Nothing here knows about optimizers or the chain rule (:mod:`pyro_natgrad.pullba
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -54,6 +56,7 @@ def record_args(guide: Callable) -> Callable:
         with _SubsampleRecorder() as drawn:
             out = guide(*args, **kwargs)
         wrapper.last_call = (args, kwargs, drawn.values)
+        _keep_batch(wrapper, drawn.values)
         return out
 
     wrapper.last_call = None
@@ -210,10 +213,13 @@ class GuideReader:
         self.guide = guide
         self.last_trace: poutine.Trace | None = None
         self.reused = False  # the latest read returned the previous read's groups
+        self._warned = False  # the warning of several batches per step was given
         self._structure: dict[tuple, tuple] = {}
         # (fingerprint, groups, the recorded call and the leaves: held so that no identity in
         # the fingerprint is reused)
         self._last_read: tuple[tuple, list[Group], Any, tuple] | None = None
+        if not isinstance(guide, torch.nn.Module) and not hasattr(guide, "last_call"):
+            _check_runs_without_arguments(guide)
         if isinstance(guide, torch.nn.Module) and not any(
                 hook is _record_call for hook in guide._forward_pre_hooks.values()):
             guide.register_forward_pre_hook(_record_call, with_kwargs=True)
@@ -238,6 +244,8 @@ class GuideReader:
         validation of distribution arguments is off (the params are the ones SVI just ran)."""
         recorded = self._recorded()
         args, kwargs, drawn = recorded if recorded is not None else ((), {}, {})
+        if replay is None:
+            self._check_batches(_BATCHES.pop(self.guide, []))
         guide = (_SubsampleReplay(drawn)(self.guide) if replay is None
                  else poutine.replay(self.guide, trace=replay))
         # the current params' distributions were validated by the ELBO pass that gave the
@@ -264,9 +272,29 @@ class GuideReader:
                     "plain functions wrapped once with `guide = pyro_natgrad.record_args(guide)` "
                     "(then pass the wrapped guide to SVI and to the optimizer); if this is the "
                     "model, build the optimizer on the guide") from e
+            finally:
+                _BATCHES.pop(self.guide, None)  # this run's own (replayed) batch
         if replay is None:
             self.last_trace = trace
         return trace
+
+    def _check_batches(self, batches: list[dict[str, Tensor]]) -> None:
+        """Warns (once) when the guide's calls since the last read drew different batches: the
+        gradient then sums several batches' terms, and the read sees the last one only."""
+        if self._warned or len(batches) < 2:
+            return
+        last = batches[-1]
+        if all(b.keys() == last.keys() and all(torch.equal(b[n], last[n]) for n in b)
+               for b in batches[:-1]):
+            return
+        self._warned = True
+        warnings.warn(
+            f"guide {_name(self.guide)} drew {len(batches)} different subsamples of plate(s) "
+            f"{sorted(last)} since the optimizer last read it (unvectorized particles each draw "
+            "their own batch): the gradient sums their terms, but the step reads the last batch "
+            "only, so local params of the others are stepped without their curvature; use "
+            "Trace_ELBO(num_particles=..., vectorize_particles=True), or one particle",
+            UserWarning, stacklevel=4)
 
     def read(self, leaves: dict[str, Tensor], *, reuse: bool = False) -> list[Group]:
         """Latent sites grouped by shared params; ``leaves`` are the params being optimized. A
@@ -439,6 +467,7 @@ _AUTO_GUIDES: dict[type, tuple[str, tuple[str, ...], type[Parameterization]]] = 
 }
 
 _LAST_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # guide → [indices by plate]
 
 
 _RECORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -487,6 +516,13 @@ def _end_call(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -
     else:  # the call raised past handlers it entered: remove the recorder and what is above it
         recorder.__exit__(RuntimeError, None, None)
     _LAST_CALLS[module] = (args, kwargs, recorder.values)
+    _keep_batch(module, recorder.values)
+
+
+def _keep_batch(guide: Callable, drawn: dict[str, Tensor]) -> None:
+    """Adds a call's subsample indices to those drawn since the reader last ran the guide."""
+    if drawn:
+        _BATCHES.setdefault(guide, []).append(drawn)
 
 
 def is_real(constraint: constraints.Constraint) -> bool:
@@ -507,6 +543,26 @@ def _signature(value: Any) -> Any:
     if isinstance(value, dict):
         return "dict", tuple((k, _signature(v)) for k, v in value.items())
     return "object", id(value)
+
+
+def _check_runs_without_arguments(guide: Callable) -> None:
+    """Raises at once for a plain callable guide (a function, or a bound method such as a
+    VAE's ``vae.guide``) that needs arguments: nothing records them, so it could not be re-run."""
+    try:
+        signature = inspect.signature(guide)
+    except (TypeError, ValueError):  # no signature to read: found at the first re-run instead
+        return
+    required = [p.name for p in signature.parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                        p.KEYWORD_ONLY)]
+    if required:
+        raise TypeError(
+            f"guide {_name(guide)} takes arguments ({', '.join(required)}) that the optimizer "
+            "could not record: it re-runs the guide on the arguments of its last call, which it "
+            "records for nn.Module guides (every AutoGuide and PyroModule) and for callables "
+            "wrapped once with `guide = pyro_natgrad.record_args(guide)` (a function or a bound "
+            "method such as `vae.guide`); pass the wrapped guide to SVI and to the optimizer; "
+            "if this is the model, build the optimizer on the guide")
 
 
 def _name(guide: Callable) -> str:

@@ -191,7 +191,7 @@ def test_the_unwrapped_model_passed_as_the_guide_gets_both_remedies():
     guide = AutoNormal(model)
     with pytest.raises(TypeError, match=r"record_args.*if this is the model, build the "
                                         "optimizer on the guide"):
-        SVI(model, guide, NaturalGradient(model), Trace_ELBO()).step(y)
+        SVI(model, guide, NaturalGradient(model), Trace_ELBO()).step(y)  # refused when built
 
 
 def _svi_nesting(guide, optim) -> SVI:

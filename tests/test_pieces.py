@@ -429,8 +429,9 @@ def test_guide_reader_reuses_an_autoguide_read_only_while_nothing_it_was_read_fr
 @pytest.mark.parametrize("kind", ["AutoNormal", "record_args"])
 def test_guide_reader_reads_the_subsample_the_guides_last_call_drew(kind):
     """The reader re-runs the guide on the indices its subsampling plates drew in its last call
-    (the batch the ELBO's gradient came from), not on a new draw; the global RNG is left as it
-    was; a raised call leaves no handler behind."""
+    (the batch the ELBO's gradient came from), not on a new draw, and warns once where calls
+    since its last read drew several batches (unvectorized particles); the global RNG is left
+    as it was; a raised call leaves no handler behind."""
     import pyro.distributions as dist
     from pyro.infer.autoguide import AutoNormal
     from pyro.poutine.runtime import _PYRO_STACK
@@ -452,9 +453,13 @@ def test_guide_reader_reads_the_subsample_the_guides_last_call_drew(kind):
     reader = GuideReader(guide)
     drawn = [pyro.poutine.trace(guide).get_trace().nodes["N"]["value"] for _ in range(3)][-1]
     state = torch.get_rng_state()
-    for _ in range(2):
+    with pytest.warns(UserWarning, match="3 different subsamples of plate"):
         assert torch.equal(reader.trace().nodes["N"]["value"], drawn)
+    assert torch.equal(reader.trace().nodes["N"]["value"], drawn)
     assert torch.equal(torch.get_rng_state(), state)
+    for _ in range(2):  # warned once per reader
+        guide()
+    reader.trace()
     class Fails(pyro.poutine.messenger.Messenger):
         def _pyro_sample(self, msg):
             if msg["name"] != "N":

@@ -248,6 +248,24 @@ def test_options_are_checked_when_the_optimizer_is_built(kwargs, error, match):
         NaturalGradient(record_args(_guide), **kwargs)
 
 
+def test_a_guide_that_needs_unrecorded_arguments_is_refused_when_the_optimizer_is_built():
+    """A plain function or a bound method (a VAE's ``vae.guide``) that takes arguments cannot be
+    re-run unless ``record_args`` wraps it: refused at once, not at the first step; wrapped, or
+    taking no arguments, it is accepted."""
+
+    class Vae(torch.nn.Module):
+        def guide(self, x, idx=None):
+            return _guide(x)
+
+    for guide in (_guide, Vae().guide):
+        with pytest.raises(TypeError, match="record_args"):
+            NaturalGradient(guide)
+        with pytest.raises(TypeError, match="record_args"):
+            WassersteinGradient(guide)
+        NaturalGradient(record_args(guide))
+    NaturalGradient(lambda: _guide(torch.ones(3, dtype=torch.float64)))
+
+
 def test_set_state_names_what_does_not_fit():
     x = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
     guide = record_args(_guide)

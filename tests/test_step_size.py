@@ -150,6 +150,30 @@ def test_bold_driver_shrinks_on_a_rejected_step_and_grows_back_to_the_ceiling():
     assert bold.rate == 1e-4  # the floor, min_lr · lr
 
 
+def test_bold_driver_counts_steps_rejected_at_its_floor_as_far_too_long():
+    """``stuck``: rejected descent steps in a row at the floor whose Pflug ratio r > 3 (on a
+    quadratic, four times past the line's minimum); an accepted step, a milder overshoot or a
+    step above the floor starts the count again."""
+    bold = BoldDriver()
+    bold.start(1.0)
+    far = Judgement(descent=True, change=5.0, ratio=15.0, accepted=False)
+    mild = Judgement(descent=True, change=0.1, ratio=1.5, accepted=False)
+    good = Judgement(descent=True, change=-1.0, ratio=-0.5, accepted=True)
+    for _ in range(14):  # 1 → 2⁻¹⁴ < 10⁻⁴: the floor
+        bold.update(far, lr=1.0, ceiling=1.0)
+    assert bold.rate == 1e-4 and bold.stuck == 0
+    for expected in (1, 2, 3):
+        bold.update(far, lr=1.0, ceiling=1.0)
+        assert bold.stuck == expected
+    bold.update(mild, lr=1.0, ceiling=1.0)
+    assert bold.stuck == 0
+    bold.update(far, lr=1.0, ceiling=1.0)
+    bold.update(good, lr=1.0, ceiling=1.0)
+    assert bold.stuck == 0 and bold.rate == pytest.approx(1.5e-4)
+    bold.update(far, lr=1.0, ceiling=1.0)  # from above the floor
+    assert bold.stuck == 0
+
+
 @pytest.mark.parametrize("piece", [BoldDriver, PflugCeiling])
 def test_step_size_state_round_trip(piece):
     bold, pflug = BoldDriver(), PflugCeiling(lag=2)

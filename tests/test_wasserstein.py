@@ -801,3 +801,26 @@ def test_pushforward_step_is_bounded_by_its_measured_length():
             ends[name] = Trace_ELBO(num_particles=2000, vectorize_particles=True).loss(
                 problem.model, guide, *problem.data)
     assert ends["w2"] <= ends["ng"] + 1.0, ends
+
+
+def test_a_rejected_step_at_the_step_size_floor_is_warned():
+    """lr = 10⁶ on a mean-field guide: the rate falls to its floor (min_lr·lr = 100, still far too
+    long) and every step there is rejected and undone; the fit cannot move, and says so (after
+    20 rejections in a row there) instead of returning the initial params silently."""
+    from pyro.infer.autoguide import AutoNormal
+
+    y = torch.randn(20, generator=torch.Generator().manual_seed(0)) + 2
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, WassersteinGradient(guide, lr=1e6), Trace_ELBO(num_particles=8))
+    with pytest.warns(StepRefusedWarning, match="20 steps in a row at the step size's floor"):
+        for _ in range(90):
+            svi.step(y)
+    pyro.clear_param_store()

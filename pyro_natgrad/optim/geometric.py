@@ -46,6 +46,9 @@ _PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
 
 
+STUCK = 20  # steps in a row at the step size's floor rejected as too long, warned of
+
+
 class StepRefusedWarning(UserWarning):
     """A step was refused (non-finite gradient, or no valid step was found) or undone."""
 
@@ -294,6 +297,13 @@ class GeometricOptim(PyroOptim):
         if judgement.accepted:
             return False
         self._restore(pending["theta"], leaves)
+        if isinstance(self.step_size, BoldDriver) and self.step_size.stuck == STUCK:
+            warnings.warn(
+                f"{STUCK} steps in a row at the step size's floor (BoldDriver.min_lr × lr = "
+                f"{self.step_size.min_lr:g} × {self._lr:g}) were rejected and undone: the "
+                "gradients at their ends say each went four times past the minimum along it, "
+                "and no shorter step is tried, so the fit is not moving: lr is too large for "
+                "this problem (try a smaller lr)", StepRefusedWarning, stacklevel=3)
         return True
 
     def _update(self, judgement: Judgement, pending: dict, leaves: dict[str, Tensor],

@@ -63,13 +63,16 @@ class BoldDriver:
     """Multiplicative rate control: ×``shrink`` after a rejected step, ×``grow`` after an
     accepted one, within [``min_lr``·lr, ceiling] (Battiti 1989, "Accelerated backpropagation
     learning: two optimization methods"). ``tolerance``: the loss rise a step may show and still
-    be accepted. A rejected step is undone by the optimizer."""
+    be accepted. A rejected step is undone by the optimizer. ``stuck`` counts the steps rejected
+    in a row at the floor as four times too long, Pflug's r > 3 (the optimizer warns: the fit
+    cannot move)."""
 
     grow: float = 1.5
     shrink: float = 0.5
     min_lr: float = 1e-4
     tolerance: float = 0.0
     rate: float | None = None  # None until the optimizer sets it to its lr
+    stuck: int = 0  # steps in a row rejected at the floor as four times too long
 
     def __post_init__(self) -> None:
         if not (self.grow >= 1 and 0 < self.shrink < 1 and 0 < self.min_lr <= 1
@@ -82,6 +85,10 @@ class BoldDriver:
 
     def update(self, judgement: Judgement, lr: float, ceiling: float) -> None:
         floor = self.min_lr * lr
+        # a descent step at the floor that went four times past its line's minimum (r > 3: on a
+        # quadratic the best length is 1/(1 + r) of it) says the floor itself is too long
+        overshot = judgement.descent and not judgement.accepted and judgement.ratio > 3
+        self.stuck = self.stuck + 1 if overshot and self.rate <= floor * (1 + 1e-9) else 0
         if judgement.accepted:
             self.rate = min(ceiling, self.rate * self.grow)
         else:
@@ -91,10 +98,10 @@ class BoldDriver:
         self.rate *= factor
 
     def state_dict(self) -> dict:
-        return {"rate": self.rate}
+        return {"rate": self.rate, "stuck": self.stuck}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rate = state["rate"]
+        self.rate, self.stuck = state["rate"], state.get("stuck", 0)
 
 
 class Step(NamedTuple):
