@@ -115,7 +115,7 @@ class ScaledUnitCholesky(Parameterization):
     constraints: tuple[constraints.Constraint, ...]
 
     def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        if self.constraints[2] is constraints.unit_lower_cholesky:  # U = tril(u, −1) + I:
+        if is_unit_lower_cholesky(self.constraints[2]):  # U = tril(u, −1) + I:
             loc, scale = (transform_to(c)(values[n])  # L = s·tril(u, −1) + diag(s), one pass
                           for n, c in zip(self.param_names[:2], self.constraints[:2],
                                           strict=True))
@@ -493,7 +493,19 @@ def is_real(constraint: constraints.Constraint) -> bool:
     """The constraint is the real line (or independent reals): its transform is the identity."""
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
-    return constraint is constraints.real
+    return _is(constraint, constraints.real)
+
+
+def is_unit_lower_cholesky(constraint: constraints.Constraint) -> bool:
+    """The constraint is Pyro's ``unit_lower_cholesky``: its transform is x ↦ tril(x, −1) + I."""
+    return _is(constraint, constraints.unit_lower_cholesky)
+
+
+def _is(constraint: constraints.Constraint, singleton: constraints.Constraint) -> bool:
+    """``constraint`` is the parameterless ``singleton``, compared by class: a pickled, deep-copied
+    or ``torch.load``-ed guide holds a new instance of it (``is`` would tell them apart, and an
+    unpickled guide would take other code paths, with other round-off, than the original)."""
+    return type(constraint) is type(singleton)
 
 
 def _signature(value: Any) -> Any:
