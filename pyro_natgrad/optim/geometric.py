@@ -44,6 +44,10 @@ __all__ = ["GeometricOptim", "StepRefusedWarning"]
 STATE_VERSION = 2
 _PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
+# get_state's entries besides "version", with their types
+_ENTRIES: dict[str, tuple[type, ...]] = {
+    "base": (dict,), "num_steps": (int,), "pending": (dict, type(None)), "after": (dict,),
+    "nonfinite_streak": (int,), "pieces": (dict,)}
 
 
 class StepRefusedWarning(UserWarning):
@@ -490,16 +494,11 @@ class GeometricOptim(PyroOptim):
                            if piece is not None}}
 
     def set_state(self, state: dict) -> None:
-        """Loads :meth:`get_state`'s output; raises ValueError naming what does not fit (another
-        version, a piece this optimizer lacks, params whose shapes differ from the store's)."""
-        if "version" not in state:
-            if "geometry" in state:
-                raise ValueError("this optimizer state was saved by an earlier version of "
-                                 "pyro_natgrad and cannot be loaded")
-            return super().set_state(state)  # a plain PyroOptim state
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"optimizer state version {state['version']} is not "
-                             f"{STATE_VERSION}")
+        """Loads :meth:`get_state`'s output (:meth:`load`: :meth:`save`'s file); raises TypeError
+        for anything but a dict, and ValueError naming what does not fit (not such a state, such
+        as a plain Pyro optimizer's or the param store's; another version; a missing entry; a
+        piece this optimizer lacks; params whose shapes differ from the store's)."""
+        self._check_state(state)
         pieces = self._stateful()
         for name in state["pieces"]:
             if pieces.get(name) is None:
@@ -513,6 +512,37 @@ class GeometricOptim(PyroOptim):
         self._nonfinite_streak = state["nonfinite_streak"]
         for name, piece_state in state["pieces"].items():
             pieces[name].load_state_dict(piece_state)
+
+    def _check_state(self, state: object) -> None:
+        """Raises unless ``state`` is a dict of :meth:`get_state`'s version and entries."""
+        cls = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{cls}.set_state takes the dict that get_state() returns, got "
+                            f"{type(state).__name__}")
+        if "version" not in state:
+            if "geometry" in state:
+                raise ValueError("this optimizer state was saved by an earlier version of "
+                                 "pyro_natgrad and cannot be loaded")
+            if set(state) == {"params", "constraints"}:
+                what = "the param store's state: load it with pyro.get_param_store().load"
+            elif state and all(isinstance(v, dict) and "state" in v for v in state.values()):
+                what = ("a plain Pyro optimizer's state (param name -> torch optimizer state), "
+                        "which does not carry this optimizer's step sizes, trust radii and "
+                        "pending step")
+            else:
+                what = f"a dict of {sorted(map(str, state))[:4]}" if state else "empty"
+            raise ValueError(f"not a {cls} state (no 'version' entry; it is {what}): set_state "
+                             "takes what get_state() returned, load what save() wrote")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"optimizer state version {state['version']} is not "
+                             f"{STATE_VERSION}")
+        missing = sorted(set(_ENTRIES) - set(state))
+        if missing:
+            raise ValueError(f"the {cls} state lacks the entries {missing}")
+        for key, kinds in _ENTRIES.items():
+            if not isinstance(state[key], kinds):
+                raise ValueError(f"the {cls} state's {key!r} is a {type(state[key]).__name__}; "
+                                 f"get_state() gives {' or '.join(k.__name__ for k in kinds)}")
 
 
 def _check_lr(lr: float) -> None:
