@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
 from pyro_natgrad.families import Normal
@@ -314,6 +314,24 @@ def test_a_fit_stuck_at_the_smallest_step_says_so():
         svi.step(x)
         notes.update(opt.diagnose())
     assert any("at its floor" in note for note in notes)
+
+
+@pytest.mark.parametrize("guide_class,factorized", [(AutoNormal, True),
+                                                     (AutoMultivariateNormal, False)])
+def test_the_lowered_step_size_note_suggests_a_full_covariance_guide_only_to_a_factorized_one(
+        guide_class, factorized):
+    """The note on a step size lowered by the stationarity test names a factorized guide's
+    slow travel on a correlated posterior, and a full-covariance guide as the remedy, only for a
+    factorized guide; the other remedies are named for both."""
+    x = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
+    guide = guide_class(_model)
+    opt = NaturalGradient(guide)
+    SVI(_model, guide, opt, Trace_ELBO(num_particles=4, vectorize_particles=True)).step(x)
+    opt.stationarity.rescale(0.1)  # as the test does after successive moves disagree
+    (note,) = opt.diagnose()
+    assert "lowered to" in note and "num_particles" in note and "growth=1.0" in note
+    assert ("factorized guide" in note) is factorized
+    assert ("full-covariance guide" in note) is factorized
 
 
 @pytest.mark.parametrize("make,saves", [

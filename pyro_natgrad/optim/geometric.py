@@ -44,6 +44,7 @@ __all__ = ["GeometricOptim", "StepRefusedWarning"]
 STATE_VERSION = 2
 _PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
+_CORRELATED = ("MultivariateNormal", "LowRankMultivariateNormal")  # families with a covariance
 # get_state's entries besides "version", with their types
 _ENTRIES: dict[str, tuple[type, ...]] = {
     "base": (dict,), "num_steps": (int,), "pending": (dict, type(None)), "after": (dict,),
@@ -437,14 +438,18 @@ class GeometricOptim(PyroOptim):
         """What limits the fit now, in words, with the remedy (empty when nothing does)."""
         notes = []
         if self.stationarity is not None and self.stationarity.ceiling < self._lr:
+            factorized = self._factorized()
+            remedies = ("more particles (Trace_ELBO(num_particles=...)), a full-covariance guide,"
+                        if factorized else "more particles (Trace_ELBO(num_particles=...))")
             notes.append(
                 f"the step size was lowered to {self.stationarity.ceiling:.3g} "
                 f"({100 * self.stationarity.ceiling / self._lr:.2g}% of lr = {self._lr:g}) by "
                 "the stationarity test: successive moves disagree, so Monte Carlo noise now "
-                "dominates the step (a factorized guide on a correlated posterior may still be "
-                "travelling slowly); more particles (Trace_ELBO(num_particles=...)), a "
-                "full-covariance guide, or stationarity=PflugCeiling(growth=1.0) for a long fit "
-                "would fit closer")
+                "dominates the step"
+                + (" (a factorized guide on a correlated posterior may still be travelling "
+                   "slowly)" if factorized else "")
+                + f"; {remedies} or stationarity=PflugCeiling(growth=1.0) for a long fit would "
+                "fit closer")
         if self.step_size is not None and self.step_size.rate <= self.step_size.min_lr * self._lr:
             notes.append(
                 f"the step size is at its floor ({self.step_size.rate:.3g}): steps keep being "
@@ -454,6 +459,15 @@ class GeometricOptim(PyroOptim):
             notes.append(f"the last step was refused at guide site(s) {', '.join(refused)}: "
                          f"{self.last_step[refused[0]]['note']}")
         return notes
+
+    def _factorized(self) -> bool:
+        """Whether the guide (as of the latest step) is factorized (mean-field): every site is of
+        a known family without a covariance between latent variables, so neither a
+        MultivariateNormal or LowRankMultivariateNormal nor a distribution of no known family
+        (a normalizing flow)."""
+        sites = [s for group in self._groups for s in group.sites]
+        return bool(sites) and all(s.family is not None and s.family.name not in _CORRELATED
+                                   for s in sites)
 
     # ----- what it does ---------------------------------------------------------------------------
     def base_params(self) -> list[str]:
