@@ -34,7 +34,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
-from .families import ExponentialFamily, family_of, unwrap
+from .families import ExponentialFamily, family_of, mask_multiplicity, unwrap
 from .fisher.monte_carlo import draw
 
 __all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args"]
@@ -313,7 +313,16 @@ class GuideReader:
             if node["type"] != "sample" or node["is_observed"]:
                 continue
             fn = node["fn"]
-            base, copies = unwrap(fn)
+            try:
+                base, copies = unwrap(fn)
+                if node.get("mask") is not None:  # poutine.mask: the ELBO masks log q with it
+                    copies *= mask_multiplicity(node["mask"])
+            except ValueError as e:
+                raise ValueError(
+                    f"guide site {name!r}: {e}; split the site so that each part's mask is one "
+                    "value (the elements kept at one sample site, in the model and the guide, "
+                    "the masked-out ones at another or at none), or fit this guide with a plain "
+                    "Pyro optimizer such as pyro.optim.Adam") from e
             if type(base).__name__ == "Delta":
                 continue
             site_scale = node.get("scale", 1.0)
