@@ -219,8 +219,8 @@ class DistributedOptim(PyroOptim):
         return {"wrapped": self.optim.get_state(), "num_calls": self.num_calls}
 
     def set_state(self, state: dict) -> None:
-        if "wrapped" not in state:  # the wrapped optimizer's own state
-            return self.optim.set_state(state)
+        if not isinstance(state, dict) or "wrapped" not in state:
+            return self.optim.set_state(state)  # the wrapped optimizer's own (it checks it)
         self.optim.set_state(state["wrapped"])
         self.num_calls = state["num_calls"]
 

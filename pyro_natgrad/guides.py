@@ -36,7 +36,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
-from .families import ExponentialFamily, family_of, unwrap
+from .families import ExponentialFamily, family_of, mask_multiplicity, unwrap
 from .fisher.monte_carlo import draw
 
 __all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args"]
@@ -118,7 +118,7 @@ class ScaledUnitCholesky(Parameterization):
     constraints: tuple[constraints.Constraint, ...]
 
     def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        if self.constraints[2] is constraints.unit_lower_cholesky:  # U = tril(u, −1) + I:
+        if is_unit_lower_cholesky(self.constraints[2]):  # U = tril(u, −1) + I:
             loc, scale = (transform_to(c)(values[n])  # L = s·tril(u, −1) + diag(s), one pass
                           for n, c in zip(self.param_names[:2], self.constraints[:2],
                                           strict=True))
@@ -341,7 +341,16 @@ class GuideReader:
             if node["type"] != "sample" or node["is_observed"]:
                 continue
             fn = node["fn"]
-            base, copies = unwrap(fn)
+            try:
+                base, copies = unwrap(fn)
+                if node.get("mask") is not None:  # poutine.mask: the ELBO masks log q with it
+                    copies *= mask_multiplicity(node["mask"])
+            except ValueError as e:
+                raise ValueError(
+                    f"guide site {name!r}: {e}; split the site so that each part's mask is one "
+                    "value (the elements kept at one sample site, in the model and the guide, "
+                    "the masked-out ones at another or at none), or fit this guide with a plain "
+                    "Pyro optimizer such as pyro.optim.Adam") from e
             if type(base).__name__ == "Delta":
                 continue
             site_scale = node.get("scale", 1.0)
@@ -529,7 +538,19 @@ def is_real(constraint: constraints.Constraint) -> bool:
     """The constraint is the real line (or independent reals): its transform is the identity."""
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
-    return constraint is constraints.real
+    return _is(constraint, constraints.real)
+
+
+def is_unit_lower_cholesky(constraint: constraints.Constraint) -> bool:
+    """The constraint is Pyro's ``unit_lower_cholesky``: its transform is x ↦ tril(x, −1) + I."""
+    return _is(constraint, constraints.unit_lower_cholesky)
+
+
+def _is(constraint: constraints.Constraint, singleton: constraints.Constraint) -> bool:
+    """``constraint`` is the parameterless ``singleton``, compared by class: a pickled, deep-copied
+    or ``torch.load``-ed guide holds a new instance of it (``is`` would tell them apart, and an
+    unpickled guide would take other code paths, with other round-off, than the original)."""
+    return type(constraint) is type(singleton)
 
 
 def _signature(value: Any) -> Any:

@@ -19,7 +19,14 @@ from torch import Tensor
 from torch.distributions import transform_to
 
 from .fisher.linalg import unflat
-from .guides import Group, Parameterization, ScaledLowRank, ScaledUnitCholesky, is_real
+from .guides import (
+    Group,
+    Parameterization,
+    ScaledLowRank,
+    ScaledUnitCholesky,
+    is_real,
+    is_unit_lower_cholesky,
+)
 
 __all__ = ["args_gradient", "coordinate_gradient", "ScaledLowRankCoordinates",
            "scaled_low_rank_coordinates"]
@@ -57,7 +64,7 @@ def _scaled_unit_cholesky(param: ScaledUnitCholesky, args: Sequence[Tensor],
     U = L/s (rows), ∂L/∂Lᵢⱼ = g_Uᵢⱼ/sᵢ + δᵢⱼ(∂L/∂sᵢ − Σₖ g_Uᵢₖ Lᵢₖ/sᵢ²), ∂L/∂s through the
     scale's transform by autograd (a vector); two d×d passes instead of autograd's graph."""
     loc_constraint, scale_constraint, unit_constraint = param.constraints
-    if not (is_real(loc_constraint) and unit_constraint is constraints.unit_lower_cholesky):
+    if not (is_real(loc_constraint) and is_unit_lower_cholesky(unit_constraint)):
         return None
     (_, tril), (g_loc, g_scale, g_unit) = args, grads
     scale = tril.diagonal(dim1=-2, dim2=-1).detach()

@@ -468,6 +468,37 @@ def test_guide_reader_reads_the_subsample_the_guides_last_call_drew(kind):
     with pytest.raises(RuntimeError, match="a site failed"), Fails():
         guide()
     assert not _PYRO_STACK
+
+
+def test_guide_reader_counts_a_poutine_mask_and_names_a_site_whose_mask_varies():
+    """A site under ``poutine.mask`` counts as a MaskedDistribution does (all False: no copies,
+    not stepped); a mask that differs between a site's elements, by ``.mask()`` or
+    ``poutine.mask``, raises naming the site and the way out."""
+    import pyro.distributions as dist
+    from pyro import poutine
+
+    from pyro_natgrad.guides import GuideReader
+
+    def guide(mask_a, mask_b):
+        loc = pyro.param("loc", torch.zeros(3))
+        pyro.sample("a", dist.Normal(loc, 1.0).mask(mask_a).to_event(1))
+        with poutine.mask(mask=mask_b):
+            pyro.sample("b", dist.Normal(pyro.param("m", torch.zeros(3)), 1.0).to_event(1))
+
+    guide = pyro_natgrad.record_args(guide)
+    every, none, some = torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool), \
+        torch.tensor([True, False, True])
+    store = pyro.get_param_store()
+    for mask_b, read in [(every, ["a", "b"]), (none, ["a"]), (False, ["a"])]:
+        guide(every, mask_b)
+        leaves = {n: store.get_param(n).unconstrained() for n in sorted(store.keys())}
+        groups = GuideReader(guide).read(leaves)
+        assert sorted(s.name for g in groups for s in g.sites) == read
+    for masks, site in [((some, every), "'a'"), ((every, some), "'b'")]:
+        guide(*masks)
+        with pytest.raises(ValueError, match=f"guide site {site}: .*mask differs.*split the "
+                                             "site"):
+            GuideReader(guide).read(leaves)
     pyro.clear_param_store()
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradient, record_args
 from pyro_natgrad.families import Normal
@@ -285,6 +285,37 @@ def test_set_state_names_what_does_not_fit():
     assert isinstance(KLTrustRegion().state_dict()["radius"], dict)
 
 
+def test_set_state_refuses_what_is_not_its_state(tmp_path):
+    """set_state and load take only get_state's and save's output: anything else raises, naming
+    what it is, and leaves the optimizer as it was."""
+    x = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
+    guide = record_args(_guide)
+    guide(x)
+    opt = NaturalGradient(guide)
+    svi = SVI(_model, guide, opt, Trace_ELBO(num_particles=4, vectorize_particles=True))
+    svi.step(x)
+    state = opt.get_state()
+    adam = {"loc": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0]}]}}
+    with pytest.raises(TypeError, match="takes the dict that get_state.. returns, got NoneType"):
+        opt.set_state(None)
+    with pytest.raises(ValueError, match="not a NaturalGradient state .* it is empty"):
+        opt.set_state({})
+    with pytest.raises(ValueError, match="plain Pyro optimizer's state"):
+        opt.set_state(adam)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    with pytest.raises(ValueError, match=r"param store's state: load it with pyro.get_param"):
+        opt.load(tmp_path / "params.pt")
+    with pytest.raises(ValueError, match=r"lacks the entries \['pieces'\]"):
+        opt.set_state({k: v for k, v in state.items() if k != "pieces"})
+    with pytest.raises(ValueError, match="'num_steps' is a str; get_state.. gives int"):
+        opt.set_state({**state, "num_steps": "1"})
+    assert opt.num_steps == 1 and opt._pending is not None
+    opt.save(tmp_path / "opt.pt")
+    resumed = NaturalGradient(guide)
+    resumed.load(tmp_path / "opt.pt")
+    assert resumed.num_steps == 1
+
+
 @pytest.mark.filterwarnings("ignore:no valid step:pyro_natgrad.StepRefusedWarning")
 def test_a_fit_stuck_at_the_smallest_step_says_so():
     """WassersteinGradient's lr (a variance) far above a narrow posterior's (sd ≈ 0.02): steps
@@ -301,6 +332,24 @@ def test_a_fit_stuck_at_the_smallest_step_says_so():
         svi.step(x)
         notes.update(opt.diagnose())
     assert any("at its floor" in note for note in notes)
+
+
+@pytest.mark.parametrize("guide_class,factorized", [(AutoNormal, True),
+                                                     (AutoMultivariateNormal, False)])
+def test_the_lowered_step_size_note_suggests_a_full_covariance_guide_only_to_a_factorized_one(
+        guide_class, factorized):
+    """The note on a step size lowered by the stationarity test names a factorized guide's
+    slow travel on a correlated posterior, and a full-covariance guide as the remedy, only for a
+    factorized guide; the other remedies are named for both."""
+    x = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
+    guide = guide_class(_model)
+    opt = NaturalGradient(guide)
+    SVI(_model, guide, opt, Trace_ELBO(num_particles=4, vectorize_particles=True)).step(x)
+    opt.stationarity.rescale(0.1)  # as the test does after successive moves disagree
+    (note,) = opt.diagnose()
+    assert "lowered to" in note and "num_particles" in note and "growth=1.0" in note
+    assert ("factorized guide" in note) is factorized
+    assert ("full-covariance guide" in note) is factorized
 
 
 @pytest.mark.parametrize("make,saves", [

@@ -37,7 +37,7 @@ def unwrap(d: Distribution) -> tuple[Distribution, float]:
         if isinstance(d, Independent):
             d = d.base_dist
         elif isinstance(d, MaskedDistribution):
-            multiplicity *= _mask_multiplicity(d._mask)
+            multiplicity *= mask_multiplicity(d._mask)
             d = d.base_dist
         elif isinstance(d, ExpandedDistribution):
             multiplicity *= math.prod(d.batch_shape) / math.prod(d.base_dist.batch_shape)
@@ -46,15 +46,18 @@ def unwrap(d: Distribution) -> tuple[Distribution, float]:
             return d, multiplicity
 
 
-def _mask_multiplicity(mask: bool | torch.Tensor) -> float:
+def mask_multiplicity(mask: bool | torch.Tensor) -> float:
+    """The copies a mask leaves of each element: 1 for True (or all True), 0 for False (or all
+    False); raises ValueError for a mask that differs between elements."""
     if isinstance(mask, bool):
         return float(mask)
     if bool(mask.all()):
         return 1.0
     if not bool(mask.any()):
         return 0.0
-    raise ValueError("a MaskedDistribution whose mask differs between batch elements has no single "
-                     "multiplicity: only masks that are all True or all False are supported")
+    raise ValueError("a MaskedDistribution or poutine.mask whose mask differs between batch "
+                     "elements has no single multiplicity: only masks that are all True or all "
+                     "False are supported")
 
 
 def family_of(d: Distribution) -> ExponentialFamily | None:
@@ -76,7 +79,7 @@ def family_of(d: Distribution) -> ExponentialFamily | None:
 
 
 __all__ = [
-    "ExponentialFamily", "Params", "FAMILIES", "family_of", "unwrap", "Normal",
+    "ExponentialFamily", "Params", "FAMILIES", "family_of", "unwrap", "mask_multiplicity", "Normal",
     "MultivariateNormal", "LowRankMultivariateNormal", "Gamma", "Exponential", "Beta", "Dirichlet",
     "Categorical", "Bernoulli", "Poisson",
 ]

@@ -7,11 +7,10 @@ from collections.abc import Iterable
 
 import pyro
 import torch
-from pyro.distributions.constraints import unit_lower_cholesky
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
-from ..guides import GuideReader, is_real
+from ..guides import GuideReader, is_real, is_unit_lower_cholesky
 from .proposal import Candidate
 
 __all__ = ["all_finite", "closed_form", "finite", "in_support", "rebuild"]
@@ -104,4 +103,4 @@ def _measured(candidate: Candidate, kl: float | None) -> str | None:
 def _total(constraint: constraints.Constraint) -> bool:
     """The constraint's transform maps every finite value to a finite point of its support:
     the identity of the reals, or x ↦ tril(x, −1) + I (Pyro's ``unit_lower_cholesky``)."""
-    return is_real(constraint) or constraint is unit_lower_cholesky
+    return is_real(constraint) or is_unit_lower_cholesky(constraint)

@@ -44,6 +44,11 @@ __all__ = ["GeometricOptim", "StepRefusedWarning"]
 STATE_VERSION = 2
 _PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
+_CORRELATED = ("MultivariateNormal", "LowRankMultivariateNormal")  # families with a covariance
+# get_state's entries besides "version", with their types
+_ENTRIES: dict[str, tuple[type, ...]] = {
+    "base": (dict,), "num_steps": (int,), "pending": (dict, type(None)), "after": (dict,),
+    "nonfinite_streak": (int,), "pieces": (dict,)}
 
 
 STUCK = 20  # steps in a row at the step size's floor rejected as too long, warned of
@@ -180,9 +185,8 @@ class GeometricOptim(PyroOptim):
 
     # ----- the step -----------------------------------------------------------------------------
     def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
-        store = pyro.get_param_store()
         # SVI passes a set: order the params by name, so that a run does not depend on hashing
-        leaves = dict(sorted((store.param_name(p), p) for p in params))
+        leaves = dict(sorted(_named(params)))
         grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in leaves.items()}
         self._groups = groups = self._read(leaves)
@@ -444,14 +448,18 @@ class GeometricOptim(PyroOptim):
         """What limits the fit now, in words, with the remedy (empty when nothing does)."""
         notes = []
         if self.stationarity is not None and self.stationarity.ceiling < self._lr:
+            factorized = self._factorized()
+            remedies = ("more particles (Trace_ELBO(num_particles=...)), a full-covariance guide,"
+                        if factorized else "more particles (Trace_ELBO(num_particles=...))")
             notes.append(
                 f"the step size was lowered to {self.stationarity.ceiling:.3g} "
                 f"({100 * self.stationarity.ceiling / self._lr:.2g}% of lr = {self._lr:g}) by "
                 "the stationarity test: successive moves disagree, so Monte Carlo noise now "
-                "dominates the step (a factorized guide on a correlated posterior may still be "
-                "travelling slowly); more particles (Trace_ELBO(num_particles=...)), a "
-                "full-covariance guide, or stationarity=PflugCeiling(growth=1.0) for a long fit "
-                "would fit closer")
+                "dominates the step"
+                + (" (a factorized guide on a correlated posterior may still be travelling "
+                   "slowly)" if factorized else "")
+                + f"; {remedies} or stationarity=PflugCeiling(growth=1.0) for a long fit would "
+                "fit closer")
         if self.step_size is not None and self.step_size.rate <= self.step_size.min_lr * self._lr:
             notes.append(
                 f"the step size is at its floor ({self.step_size.rate:.3g}): steps keep being "
@@ -462,14 +470,21 @@ class GeometricOptim(PyroOptim):
                          f"{self.last_step[refused[0]]['note']}")
         return notes
 
+    def _factorized(self) -> bool:
+        """Whether the guide (as of the latest step) is factorized (mean-field): every site is of
+        a known family without a covariance between latent variables, so neither a
+        MultivariateNormal or LowRankMultivariateNormal nor a distribution of no known family
+        (a normalizing flow)."""
+        sites = [s for group in self._groups for s in group.sites]
+        return bool(sites) and all(s.family is not None and s.family.name not in _CORRELATED
+                                   for s in sites)
+
     # ----- what it does ---------------------------------------------------------------------------
     def base_params(self) -> list[str]:
         """The params the base optimizer steps (as of the latest step): those outside every guide
         distribution's arguments, such as model params or a GP's kernel hyperparameters."""
         owned = {n for group in self._groups for s in group.sites for n in s.param_names}
-        store = pyro.get_param_store()
-        names = (store.param_name(p) for p in self.optim_objs)
-        return [n for n in names if n is not None and n not in owned]
+        return [n for n, _ in _named(self.optim_objs) if n is not None and n not in owned]
 
     def summary(self) -> str:
         """Every param the optimizer has seen: the guide site it feeds and the method of its step
@@ -503,16 +518,11 @@ class GeometricOptim(PyroOptim):
                            if piece is not None}}
 
     def set_state(self, state: dict) -> None:
-        """Loads :meth:`get_state`'s output; raises ValueError naming what does not fit (another
-        version, a piece this optimizer lacks, params whose shapes differ from the store's)."""
-        if "version" not in state:
-            if "geometry" in state:
-                raise ValueError("this optimizer state was saved by an earlier version of "
-                                 "pyro_natgrad and cannot be loaded")
-            return super().set_state(state)  # a plain PyroOptim state
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"optimizer state version {state['version']} is not "
-                             f"{STATE_VERSION}")
+        """Loads :meth:`get_state`'s output (:meth:`load`: :meth:`save`'s file); raises TypeError
+        for anything but a dict, and ValueError naming what does not fit (not such a state, such
+        as a plain Pyro optimizer's or the param store's; another version; a missing entry; a
+        piece this optimizer lacks; params whose shapes differ from the store's)."""
+        self._check_state(state)
         pieces = self._stateful()
         for name in state["pieces"]:
             if pieces.get(name) is None:
@@ -526,6 +536,37 @@ class GeometricOptim(PyroOptim):
         self._nonfinite_streak = state["nonfinite_streak"]
         for name, piece_state in state["pieces"].items():
             pieces[name].load_state_dict(piece_state)
+
+    def _check_state(self, state: object) -> None:
+        """Raises unless ``state`` is a dict of :meth:`get_state`'s version and entries."""
+        cls = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{cls}.set_state takes the dict that get_state() returns, got "
+                            f"{type(state).__name__}")
+        if "version" not in state:
+            if "geometry" in state:
+                raise ValueError("this optimizer state was saved by an earlier version of "
+                                 "pyro_natgrad and cannot be loaded")
+            if set(state) == {"params", "constraints"}:
+                what = "the param store's state: load it with pyro.get_param_store().load"
+            elif state and all(isinstance(v, dict) and "state" in v for v in state.values()):
+                what = ("a plain Pyro optimizer's state (param name -> torch optimizer state), "
+                        "which does not carry this optimizer's step sizes, trust radii and "
+                        "pending step")
+            else:
+                what = f"a dict of {sorted(map(str, state))[:4]}" if state else "empty"
+            raise ValueError(f"not a {cls} state (no 'version' entry; it is {what}): set_state "
+                             "takes what get_state() returned, load what save() wrote")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"optimizer state version {state['version']} is not "
+                             f"{STATE_VERSION}")
+        missing = sorted(set(_ENTRIES) - set(state))
+        if missing:
+            raise ValueError(f"the {cls} state lacks the entries {missing}")
+        for key, kinds in _ENTRIES.items():
+            if not isinstance(state[key], kinds):
+                raise ValueError(f"the {cls} state's {key!r} is a {type(state[key]).__name__}; "
+                                 f"get_state() gives {' or '.join(k.__name__ for k in kinds)}")
 
 
 def _check_lr(lr: float) -> None:
@@ -553,6 +594,20 @@ def _check_shapes(state: dict) -> None:
             raise ValueError(f"optimizer state for param {name!r} has shape "
                              f"{tuple(value.shape)}, the param store's is "
                              f"{tuple(store.get_param(name).unconstrained().shape)}")
+
+
+def _named(params: Iterable[Tensor]) -> list[tuple[str | None, Tensor]]:
+    """Each param with its name in Pyro's param store (None if it is not there). A tensor the
+    store holds under several names takes the least of them: an AutoNormalizingFlow keeps its first
+    weight also as ``_prototype_tensor``, and which name ``store.param_name`` returns depends on
+    the order they were registered in, which unpickling changes; the optimizer's state is keyed by
+    the name, so the name must depend on the names alone."""
+    store = pyro.get_param_store()
+    least: dict[int, str] = {}
+    for name, p in store.named_parameters():
+        if id(p) not in least or name < least[id(p)]:
+            least[id(p)] = name
+    return [(least.get(id(p)), p) for p in params]
 
 
 def _own_copy(value: Tensor, leaf: Tensor) -> bool:
