@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from scipy.special import logsumexp
 
+_MIN_TAIL = 5  # fewest distinct ratios a Pareto tail is fitted to (both lines need 5 draws)
+
 
 def _arviz() -> ModuleType:
     with warnings.catch_warnings():
@@ -30,16 +32,22 @@ def is_arviz_1(az: ModuleType | None = None) -> bool:
     return int(az.__version__.split(".")[0]) >= 1
 
 
-def from_dict(groups: dict[str, dict[str, np.ndarray]], *, dims: dict[str, list[str]]) -> Any:
+def from_dict(
+    groups: dict[str, dict[str, np.ndarray]],
+    *,
+    dims: dict[str, list[str]],
+    coords: dict[str, np.ndarray] | None = None,
+) -> Any:
     """InferenceData (0.x) or DataTree (1.x) from ``{group: {variable: array}}``.
 
-    Arrays of sample groups lead with (chain, draw); ``dims`` names the remaining axes.
-    0.x takes one keyword argument per group, 1.x the nested dict itself.
+    Arrays of sample groups lead with (chain, draw); ``dims`` names the remaining axes and
+    ``coords`` gives the labels of some of them (else 0, 1, ...). 0.x takes one keyword argument
+    per group, 1.x the nested dict itself.
     """
     az = _arviz()
     if is_arviz_1(az):
-        return az.from_dict(groups, dims=dims)
-    return az.from_dict(**groups, dims=dims)
+        return az.from_dict(groups, dims=dims, coords=coords)
+    return az.from_dict(**groups, dims=dims, coords=coords)
 
 
 def psislw(log_ratios: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarray, float]:
@@ -53,20 +61,28 @@ def psislw(log_ratios: np.ndarray, r_eff: float = 1.0) -> tuple[np.ndarray, floa
     within a factor e^(1/S) of the others, so a weighted mean moves from the plain one by less
     than 1/S of the draws' range, below its Monte Carlo error. Their differences are rounding
     (float32 log densities of an exact guide take a handful of values) and the Pareto fit is not
-    defined on such ties: uniform weights and k̂ = −∞ (bounded weights) on both lines. Where
-    ArviZ 1.x cannot fit the tail otherwise (ties) k̂ is NaN, which reads as unreliable.
+    defined on such ties: uniform weights and k̂ = −∞ (bounded weights) on both lines.
+
+    A tail of fewer than 5 distinct values has no Pareto fit either. The tail is the largest
+    M = ⌊min(S/5, 3√(S/r_eff))⌋ ratios (1.x's M; 0.x rounds up) less those equal to the next
+    largest (0.x's rule); 0.x returns k̂ = ∞ for fewer than 5 draws there, 1.x raises on one value.
+    A guide on a discrete support gives such ties: raw weights, normalized, and k̂ = NaN on both
+    lines; whether the weights are bounded (a finite support) is for the caller to say.
     """
     log_ratios = np.asarray(log_ratios, dtype=np.float64)
-    if np.ptp(log_ratios) <= 1.0 / len(log_ratios):
-        return np.full_like(log_ratios, -np.log(len(log_ratios))), -np.inf
+    num = len(log_ratios)
+    if np.ptp(log_ratios) <= 1.0 / num:
+        return np.full_like(log_ratios, -np.log(num)), -np.inf
+    ordered = np.sort(log_ratios)
+    tail_length = int(min(num / 5, 3 * np.sqrt(num / r_eff)))
+    tail = ordered[num - tail_length :]
+    if len(np.unique(tail[tail > ordered[num - tail_length - 1]])) < _MIN_TAIL:
+        return log_ratios - logsumexp(log_ratios), np.nan
     az = _arviz()
     if is_arviz_1(az):
         from arviz_stats.base import array_stats
 
-        try:
-            log_weights, k_hat = array_stats.psislw(-log_ratios, r_eff=r_eff)
-        except ValueError:  # "All tail values are the same": no tail to fit
-            log_weights, k_hat = log_ratios, np.nan
+        log_weights, k_hat = array_stats.psislw(-log_ratios, r_eff=r_eff)
     else:
         log_weights, k_hat = az.psislw(log_ratios, reff=r_eff)
     log_weights = np.asarray(log_weights, dtype=np.float64)

@@ -13,6 +13,10 @@ enumerated in ``TraceEnum_ELBO``) is summed out of log p(x, z) by enumeration, �
 (Pyro's tensor contraction, as ``TraceEnum_ELBO`` does), and its draws are taken from its exact
 conditional posterior d ~ p(d | z, x) (``infer_discrete``), so that (z, d) ~ q(z) p(d | z, x). A
 hidden latent without finite support cannot be summed out: both functions refuse it by name.
+The pointwise log-likelihood log p(y_i | z) sums it out observation by observation, which needs
+it in exactly the observation's plates and no other observation depending on it (a mixture's
+assignment); ``to_inference_data`` refuses any other by name. A plate that subsamples its data
+(``subsample_size``) would give each draw another subsample: both functions refuse it by name.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.infer import infer_discrete
 from pyro.infer.util import plate_log_prob_sum
 from pyro.ops.contract import contract_to_tensor
@@ -57,6 +62,78 @@ def _sample_sites(trace: Trace, keep: Callable[[Message], bool]) -> dict[str, Me
     return {
         name: site for name, site in trace.nodes.items() if site["type"] == "sample" and keep(site)
     }
+
+
+def _observed_mask(site: Message) -> torch.Tensor:
+    """Which entries of an observation's log density count, in its shape: the mask of
+    ``poutine.mask`` (``obs_mask``'s ``<name>_observed`` site too) and of ``Distribution.mask``."""
+    log_prob = site["unscaled_log_prob"]
+    keep = torch.ones(log_prob.shape, dtype=torch.bool, device=log_prob.device)
+    fn_mask = site["fn"]._mask if isinstance(site["fn"], MaskedDistribution) else None
+    for mask in (site["mask"], fn_mask):
+        if mask is not None:
+            keep = keep & torch.as_tensor(mask, dtype=torch.bool, device=log_prob.device)
+    return keep
+
+
+def _refuse_subsampling(*traces: Trace) -> None:
+    """ValueError naming a plate that subsamples its data (each run draws another subsample)."""
+    for trace in traces:
+        for site in _sample_sites(trace, lambda site: True).values():
+            for frame in site["cond_indep_stack"]:
+                if frame.full_size is not None and frame.size != frame.full_size:
+                    raise ValueError(
+                        f"plate '{frame.name}' subsamples {frame.size} of its {frame.full_size} "
+                        "entries: each draw would see another subsample, and the diagnostics "
+                        "need the full data; run them without subsample_size"
+                    )
+
+
+class _NotPointwise(ValueError):
+    """The draws do not give an observation's pointwise log-likelihood log p(y_i | z)."""
+
+
+def _marginal_log_lik(
+    joint_trace: Trace, hidden: frozenset[str], enum_dim: int
+) -> dict[str, torch.Tensor]:
+    """log p(y_i | z) of each observation that depends on a latent hidden from the guide, from an
+    enumerated trace (enumeration dims from ``enum_dim`` leftwards): the latents it depends on
+    (and theirs) summed out entry by entry. _NotPointwise naming them unless each lies in exactly
+    the observation's plates and no other observation depends on it."""
+
+    def enum_dims(site: Message) -> set[int]:
+        log_prob = site["unscaled_log_prob"]
+        return {d for d in range(-log_prob.dim(), enum_dim + 1) if log_prob.shape[d] > 1}
+
+    def plates(site: Message) -> frozenset[str]:
+        return frozenset(frame.name for frame in site["cond_indep_stack"] if frame.vectorized)
+
+    latent = {name: joint_trace.nodes[name] for name in hidden}
+    own = {name: cast(dict, site["infer"])["_enumerate_dim"] for name, site in latent.items()}
+    observed = _sample_sites(joint_trace, _is_observation)
+    marginals = {}
+    for name, site in observed.items():
+        dims, needed = enum_dims(site), set[str]()
+        while new := {h for h in latent if own[h] in dims} - needed:
+            needed |= new
+            dims |= set().union(*(enum_dims(latent[h]) for h in new))
+        if not needed:
+            continue
+        shared = [o for o in observed if o != name and enum_dims(observed[o]) & dims]
+        if shared or any(plates(latent[h]) != plates(site) for h in needed):
+            raise _NotPointwise(
+                f"site '{name}' depends on {', '.join(repr(h) for h in sorted(needed))}, latent "
+                "of the model that the guide does not sample: its pointwise log-likelihood "
+                "log p(y_i | z) needs them summed out for each observation alone, which holds only "
+                "for latents in exactly the observation's plates that no other observation "
+                "depends on"
+                + (f" (so does {', '.join(repr(o) for o in shared)})" if shared else "")
+            )
+        total = site["unscaled_log_prob"]
+        for h in needed:
+            total = total + latent[h]["unscaled_log_prob"]
+        marginals[name] = total.logsumexp(tuple(range(-total.dim(), enum_dim + 1)))
+    return marginals
 
 
 class _RedrawObservations(UnconditionMessenger):
@@ -144,6 +221,7 @@ class _Draws:
     latent: dict[str, torch.Tensor]  # (S, *site shape), the model's constrained space
     predictive: dict[str, torch.Tensor]  # (S, *obs shape): y_rep ~ p(y | z)
     log_lik: dict[str, torch.Tensor]  # (S, *obs batch shape): log p(y_i | z), unscaled
+    mask: dict[str, torch.Tensor]  # (S, *obs batch shape): which entries are observations
     log_joint: torch.Tensor  # (S,): log p(x, z)
     log_q: torch.Tensor  # (S,): log q(z)
 
@@ -163,13 +241,14 @@ def _collect(
     num: int,
     log_joint: torch.Tensor,
     log_q: torch.Tensor,
+    marginals: Mapping[str, torch.Tensor],
 ) -> _Draws:
     """Read ``num`` draws off the traces, reshaped to the sites' shapes in ``prototype`` (a model
-    trace of one draw). A tensor whose size is not ``num`` times the prototype's is an error."""
+    trace of one draw); ``marginals`` replace the observations' log densities where given. A
+    tensor whose size is not ``num`` times the prototype's is an error."""
     _, model_trace, predictive_trace, _ = traces
 
-    def take(trace: Trace, name: str, key: Literal["value", "unscaled_log_prob"]) -> torch.Tensor:
-        tensor: Any = trace.nodes[name][key]
+    def take(name: str, tensor: Any, key: Literal["value", "unscaled_log_prob"]) -> torch.Tensor:
         shape = cast(torch.Tensor, prototype.nodes[name][key]).shape
         if tensor.numel() != num * shape.numel():
             raise ValueError(
@@ -178,13 +257,28 @@ def _collect(
             )
         return tensor.reshape(num, *shape)
 
+    def log_lik(name: str) -> torch.Tensor:
+        log_prob = model_trace.nodes[name]["unscaled_log_prob"]
+        if name in marginals:  # to the observation's shape, as its log density
+            marginal = marginals[name]
+            marginal = marginal.reshape(marginal.shape[max(marginal.dim() - log_prob.dim(), 0) :])
+            log_prob = marginal.expand(log_prob.shape)
+        return take(name, log_prob, "unscaled_log_prob")
+
     observed = _sample_sites(prototype, _is_observation)
     return _Draws(
         latent={
-            name: take(model_trace, name, "value") for name in _sample_sites(prototype, _is_latent)
+            name: take(name, model_trace.nodes[name]["value"], "value")
+            for name in _sample_sites(prototype, _is_latent)
         },
-        predictive={name: take(predictive_trace, name, "value") for name in observed},
-        log_lik={name: take(model_trace, name, "unscaled_log_prob") for name in observed},
+        predictive={
+            name: take(name, predictive_trace.nodes[name]["value"], "value") for name in observed
+        },
+        log_lik={name: log_lik(name) for name in observed},
+        mask={
+            name: take(name, _observed_mask(model_trace.nodes[name]), "unscaled_log_prob")
+            for name in observed
+        },
         log_joint=log_joint.reshape(num),
         log_q=log_q.reshape(num),
     )
@@ -210,6 +304,7 @@ def _draw_vectorized(
     prototype: tuple[Trace, ...],
     hidden: frozenset[str],
     num_samples: int,
+    pointwise: bool,
 ) -> _Draws:
     dim = -_max_plate_nesting(*prototype[:2]) - 1
 
@@ -222,6 +317,7 @@ def _draw_vectorized(
 
     traces = _traces(model, guide, args, kwargs, wrap, hidden, enum_dim=dim - 1)
     guide_trace, _, _, joint_trace = traces
+    marginals = _marginal_log_lik(joint_trace, hidden, dim - 1) if pointwise and hidden else {}
     guide_trace.pack_tensors()
     joint_trace.pack_tensors(guide_trace.plate_to_symbol)
     symbol = guide_trace.plate_to_symbol[_DRAW_PLATE]
@@ -231,6 +327,7 @@ def _draw_vectorized(
         num_samples,
         _log_joint(joint_trace, symbol),
         plate_log_prob_sum(guide_trace, symbol),
+        marginals,
     )
 
 
@@ -241,17 +338,12 @@ def _draw_one(
     kwargs: dict,
     prototype: tuple[Trace, ...],
     hidden: frozenset[str],
+    pointwise: bool,
 ) -> _Draws:
-    traces = _traces(
-        model,
-        guide,
-        args,
-        kwargs,
-        lambda fn: fn,
-        hidden,
-        enum_dim=-_max_plate_nesting(*prototype[:2]) - 1,
-    )
+    enum_dim = -_max_plate_nesting(*prototype[:2]) - 1
+    traces = _traces(model, guide, args, kwargs, lambda fn: fn, hidden, enum_dim)
     guide_trace, _, _, joint_trace = traces
+    marginals = _marginal_log_lik(joint_trace, hidden, enum_dim) if pointwise and hidden else {}
     joint_trace.pack_tensors()
     return _collect(
         traces,
@@ -259,42 +351,71 @@ def _draw_one(
         1,
         _log_joint(joint_trace),
         torch.as_tensor(guide_trace.log_prob_sum()),
+        marginals,
     )
+
+
+def _reason(error: Exception, limit: int = 400) -> str:
+    """An error on one line, less the table of trace shapes that Pyro appends, cut at ``limit``."""
+    words = str(error).split("\nTrace Shapes:")[0].split()
+    text = " ".join([f"{type(error).__name__}:", *words])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @torch.no_grad()
 def _draw(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_samples: int
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_samples: int,
+    pointwise: bool = False,
 ) -> tuple[_Draws, Trace]:
-    """``num_samples`` draws, and a model trace of one draw (site shapes, plates, observations)."""
+    """``num_samples`` draws, and a model trace of one draw (site shapes, plates, observations).
+    With ``pointwise``, the draws' ``log_lik`` is log p(y_i | z) with hidden latents summed out
+    (else their log densities at the drawn hidden latents)."""
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     prototype = _traces(model, guide, args, kwargs, lambda fn: fn)
+    _refuse_subsampling(*prototype[:2])
     hidden = _hidden_latents(*prototype[:2])
     try:
-        draws = _draw_vectorized(model, guide, args, kwargs, prototype, hidden, num_samples)
+        draws = _draw_vectorized(
+            model, guide, args, kwargs, prototype, hidden, num_samples, pointwise
+        )
+    except _NotPointwise:
+        raise
     except Exception as error:  # whatever stops the vectorized pass, the loop may still work
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         warnings.warn(
-            f"model and guide could not be run vectorized over draws ({reason}); "
+            f"model and guide could not be run vectorized over draws ({_reason(error)}); "
             f"drawing {num_samples} samples one at a time",
             stacklevel=3,
         )
         draws = _Draws.cat(
-            [_draw_one(model, guide, args, kwargs, prototype, hidden) for _ in range(num_samples)]
+            [
+                _draw_one(model, guide, args, kwargs, prototype, hidden, pointwise)
+                for _ in range(num_samples)
+            ]
         )
     return draws, prototype[1]
 
 
 def _dim_names(name: str, site: Mapping[str, Any]) -> list[str]:
     """Axis names of a site's value: the plate's name for a plate's axis, else ``<site>_dim_<i>``
-    (ArviZ's default)."""
-    value_dims = site["value"].dim()
-    names = [f"{name}_dim_{i}" for i in range(value_dims)]
-    batch_dims = value_dims - len(site["fn"].event_shape)
+    (ArviZ's default). A ``pyro.deterministic`` value that is all event (Pyro's default
+    ``event_dim``) has no batch axes: there a plate's dim, counted from the right of the value,
+    is the plate's axis where its size is the plate's."""
+    value = site["value"]
+    names = [f"{name}_dim_{i}" for i in range(value.dim())]
+    batch_dims = value.dim() - len(site["fn"].event_shape)
+    all_event = batch_dims == 0 and bool((site["infer"] or {}).get("_deterministic"))
     for frame in site["cond_indep_stack"]:
-        if frame.vectorized and 0 <= batch_dims + frame.dim:
+        if not frame.vectorized:
+            continue
+        if 0 <= batch_dims + frame.dim:
             names[batch_dims + frame.dim] = frame.name
+        elif all_event and -value.dim() <= frame.dim and value.shape[frame.dim] == frame.size:
+            names[frame.dim] = frame.name
     return names
 
 
@@ -324,10 +445,24 @@ def _numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def _observed_entries(name: str, mask: torch.Tensor) -> np.ndarray | None:
+    """Which entries of an observation (S, *batch shape) count, the same in every draw; None
+    where all do. ValueError naming the site where they differ between draws."""
+    if mask.all():
+        return None
+    if not (mask == mask[:1]).all():
+        raise ValueError(
+            f"site '{name}': which of its entries are masked differs between draws (the mask "
+            "depends on a latent), so it has no pointwise log-likelihood"
+        )
+    return _numpy(mask[0])
+
+
 def to_inference_data(
     model: Callable, guide: Callable, *args: Any, num_samples: int = 1000, **kwargs: Any
 ) -> Any:
-    """ArviZ InferenceData (a DataTree under ArviZ 1.x) of ``num_samples`` draws z ~ q, one chain.
+    """ArviZ InferenceData (a DataTree under ArviZ 1.x) of ``num_samples`` ≥ 2 draws z ~ q, one
+    chain.
 
     Groups: ``posterior`` (every latent site of the model, and ``pyro.deterministic`` sites, in the
     model's constrained space and the model's shapes), ``posterior_predictive`` (each observed site
@@ -335,8 +470,17 @@ def to_inference_data(
     ``az.loo``; Vehtari, Gelman & Gabry 2017), ``observed_data`` and ``constant_data`` (the model's
     tensor arguments, less those passed as observations). An axis that a vectorized
     ``pyro.plate`` indexes is named after the plate. ``args``/``kwargs`` go to model and guide.
+
+    Masked observations (``poutine.mask``, ``obs_mask``, ``Distribution.mask``) are not
+    observations: a site with masked entries keeps only its unmasked ones in
+    ``posterior_predictive``, ``log_likelihood`` and ``observed_data``, along one axis
+    ``<site>_unmasked`` labelled by their flat index in the site's batch shape (the row, for one
+    plate); a site masked entirely is left out. A mask that differs between draws is refused.
+    A latent hidden from the guide (module docstring) is summed out of log p(y_i | z); one that
+    does not lie in exactly the observation's plates, or that another observation also depends
+    on, is refused, as is a subsampled plate.
     """
-    draws, prototype = _draw(model, guide, args, kwargs, num_samples)
+    draws, prototype = _draw(model, guide, args, kwargs, num_samples, pointwise=True)
     observed = _sample_sites(prototype, _is_observation)
     named = {**_sample_sites(prototype, _is_latent), **observed}
     dims = {name: _dim_names(name, site) for name, site in named.items()}
@@ -352,7 +496,23 @@ def to_inference_data(
             if id(v) not in observed_ids
         },
     }
-    return _arviz_compat.from_dict({g: v for g, v in groups.items() if v}, dims=dims)
+    coords = {}
+    for name, mask in draws.mask.items():
+        keep = _observed_entries(name, mask)
+        if keep is None:
+            continue
+        for group, lead in (
+            ("posterior_predictive", 2),
+            ("log_likelihood", 2),
+            ("observed_data", 0),
+        ):
+            if keep.any():  # index the batch axes, after (chain, draw) in the sample groups
+                groups[group][name] = groups[group][name][(slice(None),) * lead + (keep,)]
+            else:  # masked entirely: not an observation
+                del groups[group][name]
+        dims[name] = [f"{name}_unmasked", *dims[name][keep.ndim :]]
+        coords[f"{name}_unmasked"] = np.flatnonzero(keep)
+    return _arviz_compat.from_dict({g: v for g, v in groups.items() if v}, dims=dims, coords=coords)
 
 
 _K_GOOD, _K_OK = 0.5, 0.7
@@ -370,6 +530,11 @@ class VIDiagnostics:
     §3: the estimate then needs impractically many draws); ``ess`` = 1 / Σ_s w̃_s² (Kong 1992) of
     the normalized smoothed weights. Latents the guide does not sample are summed out of p(x, z)
     and drawn from p(d | z, x) (module docstring).
+
+    k̂ = −∞ says the weights are bounded and there is no Pareto tail to fit: the ratios are flat,
+    or their largest values are tied and every latent has a finite support, so the ratios take
+    finitely many values (a discrete guide); the ESS then says how efficient the weights are.
+    k̂ = NaN: the largest ratios are tied but a support is infinite (no fit, and no bound known).
     """
 
     pareto_k: float
@@ -413,8 +578,13 @@ class VIDiagnostics:
             "ok": "usable, better with the PSIS-weighted estimates below",
             "unreliable": "q is far from the posterior; do not trust its estimates",
         }
+        if self.pareto_k == -np.inf:
+            meaning["good"] = "bounded weights, no Pareto tail to fit; the ESS says how efficient"
         if np.isnan(self.pareto_k):
-            meaning["unreliable"] = "no Pareto fit to the largest ratios, which are tied"
+            meaning["unreliable"] = (
+                "no Pareto fit to the largest ratios, which are tied, and no bound on the "
+                "weights: a latent's support is infinite"
+            )
         lines = [
             f"VI diagnostics: PSIS on {self.num_samples} draws from the guide",
             f"  Pareto k-hat = {self.pareto_k:.3f}: {self.verdict} ({meaning[self.verdict]})",
@@ -455,7 +625,8 @@ def vi_diagnostics(
     A continuous latent whose draws are all equal (a point-mass guide such as AutoDelta, which
     has no density against p(x, z)) is refused by name."""
     draws, prototype = _draw(model, guide, args, kwargs, num_samples)
-    for name, site in _sample_sites(prototype, lambda site: not site["is_observed"]).items():
+    latent_sites = _sample_sites(prototype, lambda site: not site["is_observed"])
+    for name, site in latent_sites.items():
         value = draws.latent[name]
         if not _is_discrete(site["fn"]) and (value == value[0]).all():
             raise ValueError(
@@ -471,6 +642,9 @@ def vi_diagnostics(
             "or the model's log density is not a number there"
         )
     log_weights, k_hat = _arviz_compat.psislw(log_ratios)
+    finite = all(getattr(s["fn"], "has_enumerate_support", False) for s in latent_sites.values())
+    if np.isnan(k_hat) and finite:  # a tied tail of finitely many ratio values: bounded weights
+        k_hat = -np.inf
     weights = np.exp(log_weights)
     latent = {name: _numpy(v).astype(np.float64) for name, v in draws.latent.items()}
     return VIDiagnostics(

@@ -132,10 +132,15 @@ def test_ratios_equal_to_rounding_are_flat():
         np.testing.assert_allclose(log_weights, -np.log(num), rtol=1e-12)
 
 
-def test_a_tail_of_ties_is_not_reported_reliable():
-    """Two-valued ratios (a discrete guide site): the largest 134 of 2000 are one value, a tail
-    the Pareto fit cannot take (0.x: k̂ = ∞; 1.x raises, here k̂ = NaN). Weights stay raw."""
+@pytest.mark.parametrize("ratios", ["two-valued", "four above a tie"])
+def test_a_tail_of_ties_has_no_pareto_fit(ratios):
+    """Ratios of a discrete guide site: the tail (the largest 134 of 2000, those above the next)
+    holds fewer than 5 distinct values, to which no Pareto tail can be fitted: k̂ = NaN on both
+    lines (0.x returned ∞ for either; 1.x raised on the first and fitted the second). Weights
+    stay raw, normalized."""
     log_ratios = np.where(np.arange(2000) % 3 == 0, np.log(0.7 / 0.5), np.log(0.3 / 0.5))
+    if ratios == "four above a tie":
+        log_ratios[:4] = np.log([1.5, 1.6, 1.7, 1.8])
     log_weights, k_hat = compat.psislw(log_ratios)
-    assert not k_hat <= 0.7
+    assert np.isnan(k_hat)
     np.testing.assert_allclose(log_weights, log_ratios - logsumexp(log_ratios), rtol=1e-12)

@@ -533,3 +533,221 @@ def test_full_rank_vi_matches_nuts_on_breast_cancer():
     report = vi_diagnostics(logistic_model, guide, X, y, num_samples=2000)
     psis_deviation = np.abs(report.means["w"] - nuts_mean) / nuts_sd
     assert psis_deviation.max() < 0.35
+
+
+def test_deterministic_in_a_plate_is_named_after_the_plate():
+    """pyro.deterministic's default event_dim makes its value all event: its plate axis is still
+    the plate's, so it lines up with its latent siblings (no silent (4, 4) broadcast); an axis
+    whose size is not the plate's keeps ArviZ's default name."""
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.deterministic("twice_z", 2 * z)
+            pyro.deterministic("spread", torch.stack([z.min(-1)[0], z.max(-1)[0]], -1))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    y = torch.zeros(4, dtype=torch.float64)
+    guide = AutoNormal(model)
+    post = to_inference_data(model, guide, y, num_samples=10).posterior
+    assert post["twice_z"].dims == post["z"].dims == ("chain", "draw", "data")
+    np.testing.assert_allclose((post["twice_z"] - 2 * post["z"]).values, 0.0)
+    assert post["spread"].dims == ("chain", "draw", "spread_dim_0")
+
+
+def masked_normal_model(kind):
+    """normal_model whose observations y_i with ~keep_i are masked out, three ways."""
+
+    def model(y, keep):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(M0, dtype=y.dtype), S0))
+        with pyro.plate("n", len(y)):
+            if kind == "poutine.mask":
+                with poutine.mask(mask=keep):
+                    pyro.sample("y", dist.Normal(mu, SIGMA), obs=y)
+            elif kind == "obs_mask":
+                pyro.sample("y", dist.Normal(mu, SIGMA), obs=y, obs_mask=keep)
+            else:
+                pyro.sample("y", dist.Normal(mu, SIGMA).mask(keep), obs=y)
+
+    return model
+
+
+@pytest.mark.parametrize("kind", ["poutine.mask", "obs_mask", "Distribution.mask"])
+def test_masked_observations_are_left_out_of_the_pointwise_log_likelihood(kind):
+    """Masked entries (far outliers here) are not observations: log_likelihood, observed_data and
+    posterior_predictive hold the unmasked ones only, labelled by their rows, and PSIS-LOO is the
+    closed-form leave-one-out of the unmasked rows (tolerance as in the unmasked test). Counted,
+    the two outliers took elpd to about -2e4."""
+    y = normal_data(torch.float64)
+    keep = torch.arange(len(y)) % 3 != 1
+    y[~keep] = 100.0
+    mean, sd = normal_posterior(y[keep])
+    model = masked_normal_model(kind)
+
+    def guide(y, keep):
+        pyro.sample("mu", dist.Normal(torch.tensor(mean, dtype=y.dtype), sd))
+        if kind == "obs_mask":  # the masked entries are latents there, imputed
+            with pyro.plate("n", len(y)):
+                pyro.sample("y_unobserved", dist.Normal(torch.zeros_like(y), 1.0))
+
+    idata = to_inference_data(model, guide, y, keep, num_samples=4000)
+    name = "y_observed" if kind == "obs_mask" else "y"
+    rows = np.flatnonzero(keep.numpy())
+    for group in ("log_likelihood", "posterior_predictive"):
+        assert idata[group][name].dims == ("chain", "draw", f"{name}_unmasked")
+        np.testing.assert_array_equal(idata[group][name][f"{name}_unmasked"].values, rows)
+    np.testing.assert_array_equal(idata.observed_data[name].values, y[keep].numpy())
+    mu = torch.as_tensor(idata.posterior["mu"].values[0])
+    np.testing.assert_allclose(
+        idata.log_likelihood[name].values[0],
+        dist.Normal(mu[:, None], SIGMA).log_prob(y[keep]).numpy(),
+        rtol=1e-12,
+    )
+    exact = 0.0
+    for i in range(int(keep.sum())):
+        m, s = normal_posterior(y[keep], skip=i)
+        exact += dist.Normal(m, math.sqrt(SIGMA**2 + s**2)).log_prob(y[keep][i]).item()
+    elpd, pareto_k = loo(idata)
+    assert elpd == pytest.approx(exact, abs=0.2) and pareto_k.shape == (int(keep.sum()),)
+
+
+def test_fully_masked_observation_is_left_out_and_a_mask_varying_over_draws_is_refused():
+    y = normal_data(torch.float64)
+
+    def guide(y, *args):
+        pyro.sample("mu", dist.Normal(torch.tensor(1.0, dtype=y.dtype), 0.5))
+
+    model = masked_normal_model("poutine.mask")
+    idata = to_inference_data(
+        model, guide, y, torch.zeros(len(y), dtype=torch.bool), num_samples=50
+    )
+    assert group_names(idata) == {"posterior", "constant_data"}
+
+    def latent_mask(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(M0, dtype=y.dtype), S0))
+        with pyro.plate("n", len(y)), poutine.mask(mask=y < mu):
+            pyro.sample("y", dist.Normal(mu, SIGMA), obs=y)
+
+    with pytest.raises(ValueError, match="site 'y': which of its entries are masked differs"):
+        to_inference_data(latent_mask, guide, y, num_samples=50)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pointwise_log_likelihood_sums_out_a_latent_hidden_from_the_guide(dtype):
+    """d_i is hidden from the guide: log_likelihood is log p(y_i | mu), d_i summed out, not
+    log p(y_i | mu, d_i) at the d_i drawn from p(d_i | mu, y_i)."""
+    y = torch.tensor(MIXTURE_Y, dtype=dtype)
+    guide = AutoNormal(poutine.block(mixture_model, hide=["d"]))
+    idata = to_inference_data(mixture_model, guide, y, num_samples=200)
+    mu = torch.as_tensor(idata.posterior["mu"].values[0]).double()[:, None]
+    y = y.double()
+    expected = torch.logaddexp(
+        math.log(P_D) + dist.Normal(mu + 2.0, 0.5).log_prob(y),
+        math.log(1 - P_D) + dist.Normal(mu, 0.5).log_prob(y),
+    )
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], expected, rtol=tol, atol=tol)
+
+
+def shared_latent_model(y):
+    """d_i is shared by y_i and w_i: log p(y_i | mu) is not y_i's part of log p(y, w | mu)."""
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 1.0))
+    with pyro.plate("n", len(y)):
+        d = pyro.sample("d", dist.Bernoulli(torch.tensor(P_D, dtype=y.dtype)))
+        pyro.sample("y", dist.Normal(mu + 2.0 * d, 0.5), obs=y)
+        pyro.sample("w", dist.Normal(d, 0.5), obs=y)
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [(certain_model, r"site 'y' depends on 'd'"), (shared_latent_model, r"\(so does 'w'\)")],
+    ids=["global", "shared"],
+)
+def test_pointwise_log_likelihood_of_a_hidden_latent_not_local_to_one_observation_is_refused(
+    model, match
+):
+    """A hidden latent outside the observation's plate (global) or shared with another observation
+    makes the y_i dependent given z: no pointwise log-likelihood. vi_diagnostics still runs."""
+    y = normal_data(torch.float64)
+    guide = AutoNormal(poutine.block(model, hide=["d"]))
+    with pytest.raises(ValueError, match=match):
+        to_inference_data(model, guide, y, num_samples=20)
+    vi_diagnostics(model, guide, y, num_samples=20)
+
+
+# k ~ Categorical(1/3), x_j ~ N(LOCS[k], 1): the posterior of k in closed form.
+LOCS = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+CATEGORICAL_X = torch.tensor([1.5, 2.5, 1.8, 2.2], dtype=torch.float64)
+
+
+def categorical_model(x):
+    k = pyro.sample("k", dist.Categorical(torch.ones(3, dtype=x.dtype) / 3))
+    with pyro.plate("obs", len(x)):
+        pyro.sample("x", dist.Normal(LOCS[k], 1.0), obs=x)
+
+
+def test_discrete_guide_has_bounded_weights():
+    """A near-exact Categorical guide: the log ratios take 3 values, so the largest are tied and
+    no Pareto tail can be fitted (0.x: k-hat = inf, 1.x: NaN, both read "unreliable" though the
+    ESS is 99%). Over a finite support the weights are bounded: k-hat = -inf, and the weighted
+    mean of k is the posterior's within 4 standard errors."""
+    log_post = dist.Normal(LOCS[:, None], 1.0).log_prob(CATEGORICAL_X).sum(-1)
+    post = (log_post - log_post.logsumexp(0)).exp()
+
+    def guide(x):
+        pyro.sample("k", dist.Categorical(torch.tensor([0.0092, 0.0074, 0.9834], dtype=x.dtype)))
+
+    report = vi_diagnostics(categorical_model, guide, CATEGORICAL_X, num_samples=1000)
+    assert report.pareto_k == -np.inf and report.verdict == "good"
+    assert report.ess > 0.95 * report.num_samples
+    mean = (post * torch.arange(3)).sum().item()
+    sd = math.sqrt((post * (torch.arange(3) - mean) ** 2).sum().item())
+    assert abs(report.means["k"] - mean) < MC_SE * sd / math.sqrt(report.ess)
+    assert "bounded weights" in str(report)
+
+
+def test_discrete_guide_on_an_infinite_support_with_tied_ratios_is_unreliable():
+    """A Poisson guide's ratios tie as well, but a support without bound gives no bound on the
+    weights: k-hat NaN, "unreliable", and the message says why."""
+
+    def model(x):
+        k = pyro.sample("k", dist.Poisson(torch.tensor(1.0, dtype=x.dtype)))
+        with pyro.plate("obs", len(x)):
+            pyro.sample("x", dist.Normal(k, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("k", dist.Poisson(torch.tensor(0.05, dtype=x.dtype)))
+
+    report = vi_diagnostics(model, guide, CATEGORICAL_X, num_samples=1000)
+    assert np.isnan(report.pareto_k) and report.verdict == "unreliable"
+    assert "support is infinite" in str(report)
+
+
+def test_subsampled_plate_is_refused():
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(M0, dtype=y.dtype), S0))
+        with pyro.plate("n", len(y), subsample_size=4) as rows:
+            pyro.sample("y", dist.Normal(mu, SIGMA), obs=y[rows])
+
+    y = normal_data(torch.float64)
+    guide = exact_custom_guide(y)
+    for function in (vi_diagnostics, to_inference_data):
+        with pytest.raises(ValueError, match="plate 'n' subsamples 4 of its 12 entries"):
+            function(model, guide, y, num_samples=20)
+
+
+def test_fallback_warning_says_why_the_vectorized_pass_failed():
+    """Pyro's packing error: its first line names the site, the next ones say what is wrong."""
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(M0, dtype=y.dtype), S0))
+        with pyro.plate("n", len(y)):  # mu[..., None] adds a dim left of the plates when batched
+            pyro.sample("y", dist.Normal(mu[..., None], SIGMA), obs=y)
+
+    y = normal_data(torch.float64)
+    with pytest.warns(UserWarning, match="one at a time") as record:
+        to_inference_data(model, exact_custom_guide(y), y, num_samples=5)
+    message = str(record[0].message)
+    assert "at site 'y': Invalid tensor shape. Allowed dims:" in message
+    assert "Trace Shapes" not in message
