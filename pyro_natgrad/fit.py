@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from .distributed import RankFailedError, world_size
 
+_UNDOS_IN_A_ROW = 3  # failed steps undone in a row before fit raises
+
 
 class _EMA:
     """Bias-corrected exponential moving average ē_t (module docstring)."""
@@ -153,7 +155,9 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
     Failures: when the model or guide raises (``ValueError``, ``RuntimeError`` such as a failed
     Cholesky) at the params of the last step, or the loss is not finite, and the optimizer can
     undo that step (``optim.undo(reason)`` returns True), fit warns (:class:`StepUndoneWarning`)
-    and goes on; otherwise it raises (a non-finite loss as FloatingPointError naming the step).
+    and goes on; otherwise it raises (a non-finite loss as FloatingPointError naming the step). A
+    failure at the first step (the initial params: there is no step to undo) is raised, and so
+    is a fourth in a row (undoing does not help).
 
     End: an optimizer with ``finalize()`` judges its last step on one more gradient (so the fit
     ends on a kept step), and the messages of its ``diagnose()`` (what limits the fit, such as
@@ -170,13 +174,15 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
     if distributed:
         optim.stop_agreed = False
     history: list[float] = []
-    ema, last_check, stale, ended = _EMA(smoothing), None, 0, "ended"
+    ema, last_check, stale, ended, undone = _EMA(smoothing), None, 0, "ended", 0
     with (_deferred_sigint() as interrupted, _watching(svi) as watched,
           tqdm(total=num_steps, disable=not progress, desc="SVI") as bar):
         try:
             for step in range(1, num_steps + 1):
-                loss = _step(svi, watched, step, distributed, args, kwargs)
+                loss = _step(svi, watched, step, distributed, args, kwargs,
+                             undo=bool(history) and undone < _UNDOS_IN_A_ROW)
                 bar.update()
+                undone = 0 if loss is not None else undone + 1
                 if loss is None:
                     continue
                 history.append(loss)
@@ -212,9 +218,10 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
 
 
 def _step(svi: Any, watched: _Watched | None, step: int, distributed: bool, args: tuple,
-          kwargs: dict) -> float | None:
+          kwargs: dict, undo: bool = True) -> float | None:
     """One ``svi.step``: its loss, or None when it failed at the params of the previous step and
-    the optimizer undid that step."""
+    the optimizer undid that step. Without ``undo`` (no step has finished yet, so the params are
+    the initial ones; or undone steps keep failing) a failure is raised."""
     try:
         loss = float(svi.step(*args, **kwargs))
     except BaseException as e:
@@ -222,13 +229,14 @@ def _step(svi: Any, watched: _Watched | None, step: int, distributed: bool, args
         _clear_grads()
         if isinstance(e, KeyboardInterrupt | RankFailedError):
             raise
-        if (not inside and isinstance(e, ValueError | RuntimeError)
+        if (undo and not inside and isinstance(e, ValueError | RuntimeError)
                 and _undone(watched, distributed, _describe(e), f"step {step}")):
             return None
         if distributed:
             watched.agree(failed=True)
         raise
-    if math.isfinite(loss) or _undone(watched, distributed, f"the loss is {loss}", f"step {step}"):
+    if math.isfinite(loss) or (undo and _undone(watched, distributed, f"the loss is {loss}",
+                                                f"step {step}")):
         if watched is not None:
             watched.saved = None
         return loss if math.isfinite(loss) else None
@@ -236,7 +244,9 @@ def _step(svi: Any, watched: _Watched | None, step: int, distributed: bool, args
         watched.restore()  # the params of the last step with a finite loss
     if distributed:
         watched.agree(failed=True)
-    raise FloatingPointError(f"SVI loss is {loss} at step {step}")
+    raise FloatingPointError(f"SVI loss is {loss} at step {step}" + (
+        "" if undo else ", at the initial params" if step == 1 else
+        f", after {_UNDOS_IN_A_ROW} steps in a row were undone for the same"))
 
 
 def _undone(optim: Any, distributed: bool, reason: str, where: str) -> bool:

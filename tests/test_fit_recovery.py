@@ -240,6 +240,25 @@ def test_a_non_finite_loss_is_undone_when_the_optimizer_can():
     assert len(history) == 9
 
 
+def test_a_non_finite_loss_at_the_initial_params_or_again_after_undos_is_raised():
+    """Step 1's loss is evaluated at the initial params, before any step: nothing to undo, so it
+    is raised (as without undo). A loss that stays NaN from step 3 on is undone three times in a
+    row, then raised: undoing does not help."""
+    with pytest.raises(FloatingPointError, match="step 1, at the initial params"):
+        fit(_svi(lambda p: (p - 3.0) ** 2 * float("inf"), Undoable()), num_steps=5,
+            progress=False)
+    calls = 0
+
+    def loss(p):
+        nonlocal calls
+        calls += 1
+        return (p - 3.0) ** 2 * (float("nan") if calls >= 3 else 1.0)
+
+    with pytest.warns(StepUndoneWarning), pytest.raises(
+            FloatingPointError, match="step 6, after 3 steps in a row were undone"):
+        fit(_svi(loss, Undoable()), num_steps=10, progress=False, tol=None)
+
+
 def test_a_non_finite_loss_without_undo_raises_with_the_params_of_the_history():
     """SGD: p = 0, then 0.4, where log(0.025 − p) is NaN: FloatingPointError names step 2, and
     the NaN gradient's update is put back (p = 0.4, the params after the one step in the
