@@ -40,6 +40,8 @@ import torch.distributed as dist
 from pyro.optim import PyroOptim
 from torch import Tensor
 
+from .guides import named_params
+
 __all__ = ["DistributedOptim", "RankFailedError", "all_reduce_gradients", "broadcast_params",
            "world_size"]
 
@@ -246,8 +248,7 @@ def _seeded(seed: int, devices: list[int]) -> Iterator[None]:
 
 
 def _by_name(params: Iterable[Tensor]) -> list[tuple[str, Tensor]]:
-    store = pyro.get_param_store()
-    named = [(store.param_name(p), p) for p in params]
+    named = named_params(params)
     if any(n is None for n, _ in named):
         raise ValueError("every param must be in Pyro's param store (names match them across "
                          "ranks)")

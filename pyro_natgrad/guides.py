@@ -15,7 +15,7 @@ import functools
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -532,6 +532,20 @@ def _keep_batch(guide: Callable, drawn: dict[str, Tensor]) -> None:
     """Adds a call's subsample indices to those drawn since the reader last ran the guide."""
     if drawn:
         _BATCHES.setdefault(guide, []).append(drawn)
+
+
+def named_params(params: Iterable[Tensor]) -> list[tuple[str | None, Tensor]]:
+    """Each param with its name in Pyro's param store (None if it is not there). A tensor the
+    store holds under several names takes the least of them: an AutoNormalizingFlow keeps its first
+    weight also as ``_prototype_tensor``, and which name ``store.param_name`` returns depends on
+    the order they were registered in, which unpickling changes; optimizer state is keyed by the
+    name (and ranks agree by it), so the name must depend on the names alone."""
+    store = pyro.get_param_store()
+    least: dict[int, str] = {}
+    for name, p in store.named_parameters():
+        if id(p) not in least or name < least[id(p)]:
+            least[id(p)] = name
+    return [(least.get(id(p)), p) for p in params]
 
 
 def is_real(constraint: constraints.Constraint) -> bool:

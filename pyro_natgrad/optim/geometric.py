@@ -32,7 +32,7 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
-from ..guides import Group, GuideReader
+from ..guides import Group, GuideReader, named_params
 from .checks import all_finite, closed_form, finite, in_support, rebuild
 from .proposal import Candidate, Proposal
 from .step_size import BoldDriver, Judgement, PflugCeiling, Step, judge
@@ -186,7 +186,7 @@ class GeometricOptim(PyroOptim):
     # ----- the step -----------------------------------------------------------------------------
     def __call__(self, params: Iterable[Tensor], *args, **kwargs) -> None:
         # SVI passes a set: order the params by name, so that a run does not depend on hashing
-        leaves = dict(sorted(_named(params)))
+        leaves = dict(sorted(named_params(params)))
         grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                  for n, p in leaves.items()}
         self._groups = groups = self._read(leaves)
@@ -484,7 +484,7 @@ class GeometricOptim(PyroOptim):
         """The params the base optimizer steps (as of the latest step): those outside every guide
         distribution's arguments, such as model params or a GP's kernel hyperparameters."""
         owned = {n for group in self._groups for s in group.sites for n in s.param_names}
-        return [n for n, _ in _named(self.optim_objs) if n is not None and n not in owned]
+        return [n for n, _ in named_params(self.optim_objs) if n is not None and n not in owned]
 
     def summary(self) -> str:
         """Every param the optimizer has seen: the guide site it feeds and the method of its step
@@ -594,20 +594,6 @@ def _check_shapes(state: dict) -> None:
             raise ValueError(f"optimizer state for param {name!r} has shape "
                              f"{tuple(value.shape)}, the param store's is "
                              f"{tuple(store.get_param(name).unconstrained().shape)}")
-
-
-def _named(params: Iterable[Tensor]) -> list[tuple[str | None, Tensor]]:
-    """Each param with its name in Pyro's param store (None if it is not there). A tensor the
-    store holds under several names takes the least of them: an AutoNormalizingFlow keeps its first
-    weight also as ``_prototype_tensor``, and which name ``store.param_name`` returns depends on
-    the order they were registered in, which unpickling changes; the optimizer's state is keyed by
-    the name, so the name must depend on the names alone."""
-    store = pyro.get_param_store()
-    least: dict[int, str] = {}
-    for name, p in store.named_parameters():
-        if id(p) not in least or name < least[id(p)]:
-            least[id(p)] = name
-    return [(least.get(id(p)), p) for p in params]
 
 
 def _own_copy(value: Tensor, leaf: Tensor) -> bool:
