@@ -645,3 +645,16 @@ def test_block_gram_is_the_damped_metric_between_the_params_blocks():
     damped = fisher + 0.1 * torch.eye(6, dtype=torch.float64)
     torch.testing.assert_close(gram[0, 1], direction[:2] @ damped[:2, 2:] @ direction[2:])
     torch.testing.assert_close(gram.sum(), direction @ damped @ direction)
+
+
+def test_fisher_solve_form_is_cg_for_a_closed_form_metric_with_many_argument_entries():
+    """Dense up to dense_max params, but CG where the sites' arguments have more than
+    2·cg_iters entries (the dense Jacobian costs a backward pass per entry: an amortized
+    encoder's batch × outputs), and the diagonal for a rank-deficient Monte Carlo F̂."""
+    from pyro_natgrad.optim.fisher_solve import _default_form
+
+    assert _default_form(800, 2000, False, 100, 50) == "dense"
+    assert _default_form(800, 2000, False, 101, 50) == "cg"
+    assert _default_form(800, 2000, False, None, 50) == "dense"  # Monte Carlo: by its draws
+    assert _default_form(3000, 2000, False, 4, 50) == "cg"
+    assert _default_form(800, 2000, True, None, 50) == "diag"

@@ -67,7 +67,9 @@ class FisherSolve:
     """How a parameter-space step solves its metric.
 
     :param form: ``"dense"``, ``"diag"`` or ``"cg"`` (matrix-free conjugate gradient); default:
-        dense up to ``dense_max`` params, else CG, except that a Monte Carlo F̂ with fewer draws
+        dense up to ``dense_max`` params, else CG (also for a closed-form metric whose sites'
+        arguments have more than 2·``cg_iters`` entries, an amortized guide's: the dense Jacobian
+        would cost a backward pass per entry), except that a Monte Carlo F̂ with fewer draws
         than params (rank ≤ S per site) is solved by its diagonal, which every draw informs, and
         that an AutoLowRankMultivariateNormal group (``None`` or ``"cg"``) is solved by CG
         preconditioned in closed form, with its products and exact trace in O(d r²)
@@ -148,8 +150,11 @@ class FisherSolve:
             metric = structured or PulledBackFisher(
                 [(s.family, s.family.args(s.base), s.multiplicity) for s in group.sites], theta)
             measure = _exact_kl(group) if structured is None else None
+        outputs = None if monte_carlo else sum(
+            a.numel() for s in group.sites for a in s.family.args(s.base))
         form = self.form or ("cg" if structured is not None else _default_form(
-            g.numel(), self.dense_max, monte_carlo and draws * len(group.sites) < g.numel()))
+            g.numel(), self.dense_max, monte_carlo and draws * len(group.sites) < g.numel(),
+            outputs, self.cg_iters))
         if monte_carlo and form != "cg":
             metric.scores()  # formed for the solve anyway: the trace below is then exact
         if self.average is not None and form != "cg":
@@ -264,7 +269,14 @@ def _low_rank_fisher(group: Group, leaves: dict[str, Tensor],
     return ScaledLowRankFisher(coords, group.sites[0].multiplicity, gauge_free)
 
 
-def _default_form(n: int, dense_max: int, rank_deficient: bool) -> Form:
+def _default_form(n: int, dense_max: int, rank_deficient: bool, outputs: int | None,
+                  cg_iters: int) -> Form:
+    """Dense up to ``dense_max`` params, but for a closed-form metric whose sites have more
+    argument entries than CG takes passes (a dense Jacobian costs one backward pass per entry, a
+    CG solve at most two per iteration: an amortized guide's encoder, batch × outputs entries);
+    diagonal for a rank-deficient Monte Carlo F̂."""
     if rank_deficient:
         return "diag"
+    if outputs is not None and outputs > 2 * cg_iters:
+        return "cg"
     return "dense" if n <= dense_max else "cg"
