@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyro
@@ -105,6 +105,28 @@ class Direct(Parameterization):
         if index is None or not is_real(self.constraints[index]):
             return None
         return self.param_names[index]
+
+
+@dataclass
+class Gathered(Direct):
+    """:class:`Direct` on the entries a subsampling plate selects: Pyro indexes a param read
+    inside the plate, ``arg_i = transform_to(c_i)(u_i)`` taken at ``index`` along axis
+    ``dims[i]`` of u_i. The inverse writes the arguments into those entries of the params'
+    current values (``leaves``, read when called) and leaves the others as they are."""
+
+    dims: tuple[int, ...] = ()
+    index: Tensor | None = None
+    leaves: dict[str, Tensor] = field(default_factory=dict)
+
+    def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return tuple(transform_to(c)(values[n]).index_select(d, self.index)
+                     for n, c, d in zip(self.param_names, self.constraints, self.dims,
+                                        strict=True))
+
+    def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
+        return {n: self.leaves[n].detach().index_copy(d, self.index, transform_to(c).inv(a))
+                for n, c, d, a in zip(self.param_names, self.constraints, self.dims, args,
+                                      strict=True)}
 
 
 @dataclass
@@ -356,7 +378,8 @@ class GuideReader:
             site_scale = node.get("scale", 1.0)
             site_scale = float(site_scale) if not isinstance(site_scale, Tensor) else float(
                 site_scale.mean())
-            site = self._site(name, fn, base, copies, site_scale, leaves)
+            site = self._site(name, fn, base, copies, site_scale, leaves,
+                              _batch(trace, node))
             if site is not None:
                 sites.append(site)
         if not sites:
@@ -390,20 +413,23 @@ class GuideReader:
                 "plain Pyro optimizer such as pyro.optim.Adam")
 
     def _site(self, name: str, fn: Distribution, base: Distribution, copies: float,
-              scale: float, leaves: dict[str, Tensor]) -> Site | None:
+              scale: float, leaves: dict[str, Tensor], batch: Tensor | None) -> Site | None:
         family = family_of(base)
-        key = (name, type(base), tuple(sorted(leaves)))
+        key = (name, type(base), tuple(sorted(leaves)), batch is None)
         if key not in self._structure:
-            self._structure[key] = self._dependencies(name, fn, base, family, leaves)
+            self._structure[key] = self._dependencies(name, fn, base, family, leaves, batch)
         deps, param = self._structure[key]
         if not deps or copies * scale == 0:  # no params, or fully masked out: nothing to step
             return None
+        if isinstance(param, Gathered):  # this read's batch, and the params to write it into
+            param = replace(param, index=batch, leaves={n: leaves[n] for n in param.param_names})
         if family is not None and param is None:
             param = self._auto_parameterization(family, deps)
         return Site(name, fn, base, family, copies * scale, scale, deps, param)
 
     def _dependencies(self, name: str, fn: Distribution, base: Distribution,
-                      family: ExponentialFamily | None, leaves: dict[str, Tensor]):
+                      family: ExponentialFamily | None, leaves: dict[str, Tensor],
+                      batch: Tensor | None = None):
         names = list(leaves)
         store = pyro.get_param_store()
         if family is not None:
@@ -436,21 +462,27 @@ class GuideReader:
                     "torch operations")
         if family is None or len(outputs) != len(family.arg_names):
             return deps, None
-        # Direct: each argument depends on exactly one leaf and equals its constrained value.
+        # Direct: each argument depends on exactly one leaf and equals its constrained value
+        # (Gathered: its entries at the site's subsample, along one axis, the same for all).
         direct = []
         for arg, g in zip(family.args(base), grads, strict=True):
             own = [n for i, n in enumerate(names) if _touches(g[i])]
             if len(own) != 1:
                 return deps, None
             constraint = store._constraints[own[0]]
-            value = transform_to(constraint)(leaves[own[0]])
-            if value.shape != arg.shape or not torch.equal(value.detach(), arg.detach()):
+            value = transform_to(constraint)(leaves[own[0]]).detach()
+            dim = None if value.shape == arg.shape else _gathered_axis(value, arg.detach(), batch)
+            if dim is None and (value.shape != arg.shape or not torch.equal(value, arg.detach())):
                 return deps, None
-            direct.append((own[0], constraint))
-        if len({n for n, _ in direct}) != len(direct):
+            direct.append((own[0], constraint, dim))
+        if len({n for n, _, _ in direct}) != len(direct):
             return deps, None
-        names_, constraints_ = zip(*direct, strict=True)
-        return deps, Direct(tuple(names_), tuple(constraints_))
+        names_, constraints_, dims = zip(*direct, strict=True)
+        if all(d is None for d in dims):
+            return deps, Direct(tuple(names_), tuple(constraints_))
+        if any(d is None for d in dims):
+            return deps, None
+        return deps, Gathered(tuple(names_), tuple(constraints_), tuple(dims))
 
     def _auto_parameterization(self, family: ExponentialFamily,
                                deps: tuple[str, ...]) -> Parameterization | None:
@@ -565,6 +597,28 @@ def _is(constraint: constraints.Constraint, singleton: constraints.Constraint) -
     or ``torch.load``-ed guide holds a new instance of it (``is`` would tell them apart, and an
     unpickled guide would take other code paths, with other round-off, than the original)."""
     return type(constraint) is type(singleton)
+
+
+def _batch(trace: poutine.Trace, node: dict) -> Tensor | None:
+    """The indices of the one subsampling plate around a site (None for none, or several)."""
+    frames = [f for f in node["cond_indep_stack"]
+              if f.vectorized and f.full_size is not None and f.size != f.full_size]
+    if len(frames) != 1 or frames[0].name not in trace.nodes:
+        return None
+    return trace.nodes[frames[0].name]["value"]
+
+
+def _gathered_axis(value: Tensor, arg: Tensor, batch: Tensor | None) -> int | None:
+    """The axis (negative) along which ``arg`` is ``value`` taken at ``batch``, exactly."""
+    if batch is None or value.dim() != arg.dim():
+        return None
+    for axis in range(value.dim()):
+        others = value.shape[:axis] + value.shape[axis + 1:]
+        if (value.shape[axis] != arg.shape[axis] and arg.shape[axis] == len(batch)
+                and others == arg.shape[:axis] + arg.shape[axis + 1:]
+                and torch.equal(value.index_select(axis, batch), arg)):
+            return axis - value.dim()
+    return None
 
 
 def _signature(value: Any) -> Any:

@@ -666,3 +666,45 @@ def test_subsampled_local_latents_fit_at_the_defaults(seed):
     assert z_error < 0.6 * 2 ** -0.5
     assert (pyro.param("AutoNormal.scales.z").detach().median() - 2 ** -0.5).abs() < 0.05
     pyro.clear_param_store()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_step_lands_each_subsampled_local_on_its_exact_posterior(dtype):
+    """z_i ~ N(0, 1), x_i ~ N(z_i, 1), i < 40, in a plate of batches of 10, AutoNormal, the exact
+    (closed-form) ELBO of the batch: the locals are read as a mirror step on the batch's entries
+    of their params (``Gathered``), so one step at lr = 1 puts each local of the batch on its
+    exact posterior N(x_i/2, ½) and leaves the other locals as they were."""
+    n, batch = 40, 10
+    x = torch.linspace(-2.0, 3.0, n, dtype=dtype)
+
+    def model(x):
+        with pyro.plate("N", n, subsample_size=batch) as i:
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=dtype), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[i])
+
+    def exact_loss(model, guide, x):
+        trace = pyro.poutine.trace(guide).get_trace(x)
+        i = trace.nodes["N"]["value"]
+        q = trace.nodes["z_unconstrained"]["fn"]
+        m, s = q.loc, q.scale
+        elbo = -0.5 * ((x[i] - m) ** 2 + s**2) - 0.5 * (m**2 + s**2) + s.log()
+        return -(n / batch) * elbo.sum()
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model)
+    guide(x)
+    opt = NaturalGradient(guide, lr=1.0)
+    svi = SVI(model, guide, opt, exact_loss)
+    before = pyro.param("AutoNormal.locs.z").detach().clone()
+    svi.step(x)
+    assert opt.last_step["z_unconstrained"]["method"] == "natural"
+    locs = pyro.param("AutoNormal.locs.z").detach()
+    scales = pyro.param("AutoNormal.scales.z").detach()
+    moved = (locs != before).nonzero().flatten()
+    assert len(moved) == batch
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(locs[moved], x[moved] / 2, **tol)
+    torch.testing.assert_close(scales[moved], torch.full((batch,), 0.5, dtype=dtype).sqrt(),
+                               **tol)
+    pyro.clear_param_store()

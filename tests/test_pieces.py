@@ -658,3 +658,29 @@ def test_fisher_solve_form_is_cg_for_a_closed_form_metric_with_many_argument_ent
     assert _default_form(800, 2000, False, None, 50) == "dense"  # Monte Carlo: by its draws
     assert _default_form(3000, 2000, False, 4, 50) == "cg"
     assert _default_form(800, 2000, True, None, 50) == "diag"
+
+
+def test_gathered_parameterization_reads_and_writes_the_batchs_entries_only():
+    """``Gathered``: the arguments are the constrained params at the batch's indices along the
+    found axis; the inverse writes them into those entries of the current params and leaves the
+    others; ``_gathered_axis`` finds the axis only where the values match exactly."""
+    from pyro_natgrad.guides import Gathered, _gathered_axis
+
+    loc = torch.randn(3, 8, dtype=torch.float64)
+    raw = torch.randn(3, 8, dtype=torch.float64)
+    batch = torch.tensor([6, 1, 4])
+    positive = constraints.positive
+    assert _gathered_axis(loc, loc[:, batch], batch) == -1
+    assert _gathered_axis(loc, loc[:, batch] + 1e-12, batch) is None
+    assert _gathered_axis(loc, loc[:, batch], None) is None
+    param = Gathered(("l", "s"), (constraints.real, positive), (-1, -1), batch,
+                     {"l": loc, "s": raw})
+    args = param.args({"l": loc, "s": raw})
+    torch.testing.assert_close(args[1], raw.exp()[:, batch])
+    values = param.unconstrained((args[0] + 1.0, args[1] * 2.0))
+    others = torch.ones(8, dtype=torch.bool)
+    others[batch] = False
+    assert torch.equal(values["l"][:, others], loc[:, others])
+    assert torch.equal(values["s"][:, others], raw[:, others])
+    torch.testing.assert_close(values["l"][:, batch], loc[:, batch] + 1.0)
+    torch.testing.assert_close(values["s"][:, batch], raw[:, batch] + math.log(2.0))

@@ -25,7 +25,7 @@ from ..families.gaussian_step import (
     gaussian_direction,
     natural_step,
 )
-from ..guides import Site
+from ..guides import Gathered, Site
 from ..pullback import args_gradient
 from .proposal import Candidate, Deferred, Proposal
 from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction
@@ -67,8 +67,11 @@ class Mirror:
             args = param.args({n: leaves[n].detach() for n in param.param_names})
         d_args = args_gradient(param, args, [grads[n] for n in param.param_names])
         d_loc = d_args[0] if family.location_split else None
-        velocity = momentum.velocity(key, family, args[0], d_loc) if momentum else None
-        anchor = args[0].detach().clone() if d_loc is not None else None
+        # a subsample's entries differ between steps: no momentum for them
+        local = isinstance(param, Gathered)
+        velocity = (momentum.velocity(key, family, args[0], d_loc)
+                    if momentum and not local else None)
+        anchor = args[0].detach().clone() if d_loc is not None and not local else None
         dense = (family.name == "MultivariateNormal"
                  and args[0].shape[:-1] == args[1].shape[:-2])  # no covariance shared by locs
         model_kl = None
