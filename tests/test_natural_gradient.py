@@ -120,10 +120,14 @@ def test_mean_field_reaches_mean_field_optimum():
 
     guide = record_args(guide)
     guide(X, y)
-    svi = SVI(regression_model(), guide, NaturalGradient(guide, lr=1.0),
+    opt = NaturalGradient(guide, lr=1.0)
+    svi = SVI(regression_model(), guide, opt,
               regression_loss(lambda: (pyro.param("loc"), torch.diag(pyro.param("scale") ** 2))))
     for _ in range(200):
         svi.step(X, y)
+    # exact gradients at the optimum: steps of rounding size, some rejected, the step size at its
+    # floor; the diagnosis says nothing of it (it said "steps keep being rejected")
+    assert opt.step_size.rate == pytest.approx(opt.step_size.min_lr) and opt.diagnose() == []
     precision = torch.linalg.inv(cov)
     torch.testing.assert_close(pyro.param("loc").detach(), mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(pyro.param("scale").detach(), precision.diagonal().rsqrt(),

@@ -352,6 +352,26 @@ def test_the_lowered_step_size_note_suggests_a_full_covariance_guide_only_to_a_f
     assert ("full-covariance guide" in note) is factorized
 
 
+def test_the_lowered_step_size_note_names_the_base_optimizers_params():
+    """Where the base optimizer moves params (a GP's hyperparameters, a model param), their
+    moves also make successive natural moves disagree: the note names them beside Monte Carlo
+    noise, which may not be there at all (an analytic ELBO)."""
+
+    def model(x):
+        shift = pyro.param("shift", torch.tensor(0.0, dtype=x.dtype))
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Normal(z + shift, 1.0), obs=x)
+
+    x = torch.linspace(1.0, 3.0, 10, dtype=torch.float64)
+    guide = AutoNormal(model)
+    opt = NaturalGradient(guide)
+    SVI(model, guide, opt, Trace_ELBO(num_particles=4, vectorize_particles=True)).step(x)
+    opt.stationarity.rescale(0.1)
+    (note,) = opt.diagnose()
+    assert "Monte Carlo noise or the base optimizer's moves of shift" in note
+
+
 @pytest.mark.parametrize("make,saves", [
     (NaturalGradient, True),  # the mirror step reads params and structure only
     (lambda g: WassersteinGradient(g), True),  # so does the closed-form Bures step

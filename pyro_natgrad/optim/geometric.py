@@ -51,6 +51,7 @@ _ENTRIES: dict[str, tuple[type, ...]] = {
     "nonfinite_streak": (int,), "pieces": (dict,)}
 
 
+STILL = 1e-12  # KL(q ‖ q') in nats of a step at rate 1 below which q is at its optimum
 STUCK = 20  # steps in a row at the step size's floor rejected as too long, warned of
 
 
@@ -123,6 +124,7 @@ class GeometricOptim(PyroOptim):
         self._after: dict[str, Tensor] = {}
         self._left: dict[str, Tensor] = {}  # this call's accepted values, kept as _after
         self._nonfinite_streak = 0
+        self._still = False  # the latest step would move q by < STILL nats even at rate 1
 
     # ----- what subclasses provide --------------------------------------------------------------
     def _propose(self, key: tuple[str, ...], group: Group, leaves: dict[str, Tensor],
@@ -229,7 +231,7 @@ class GeometricOptim(PyroOptim):
         # θ₀ for undo: the value this optimizer left where the leaf was verified equal to it
         before = {n: self._after[n] if n in kept else leaves[n].detach().clone()
                   for g in groups for n in g.param_names}
-        stepped, taken, invariant = set(), {}, True
+        stepped, taken, invariant, at_unit_rate = set(), {}, True, []
         for group in groups:
             accepted = self._step_group(group, leaves, grads, rate)
             if accepted is not None:
@@ -237,6 +239,10 @@ class GeometricOptim(PyroOptim):
                 invariant = invariant and self._invariant(group)
                 if accepted.kl is not None:
                     taken[group.param_names] = accepted.kl
+                    if accepted.rate > 0:
+                        at_unit_rate.append(accepted.kl / accepted.rate ** 2)
+        if at_unit_rate:
+            self._still = max(at_unit_rate) < STILL
         if stepped and (self.step_size is not None or self.stationarity is not None):
             self._pending = {"theta": {n: before[n] for n in stepped},
                              "grad": {n: grads[n] for n in stepped}, "kl": taken,
@@ -445,22 +451,29 @@ class GeometricOptim(PyroOptim):
         return not self._judge_pending(leaves, {n: g.detach() for n, g in grads.items()})
 
     def diagnose(self) -> list[str]:
-        """What limits the fit now, in words, with the remedy (empty when nothing does)."""
+        """What limits the fit now, in words, with the remedy (empty when nothing does). A fit
+        whose latest step would move q by less than 10⁻¹² nats even at rate 1 (KL / rate², the
+        gradient zero to rounding) is at its optimum: its step size says nothing then."""
         notes = []
-        if self.stationarity is not None and self.stationarity.ceiling < self._lr:
-            factorized = self._factorized()
+        lowered = self.stationarity is not None and self.stationarity.ceiling < self._lr
+        if lowered and not self._still:
+            factorized, base = self._factorized(), self.base_params()
             remedies = ("more particles (Trace_ELBO(num_particles=...)), a full-covariance guide,"
                         if factorized else "more particles (Trace_ELBO(num_particles=...))")
             notes.append(
                 f"the step size was lowered to {self.stationarity.ceiling:.3g} "
                 f"({100 * self.stationarity.ceiling / self._lr:.2g}% of lr = {self._lr:g}) by "
-                "the stationarity test: successive moves disagree, so Monte Carlo noise now "
-                "dominates the step"
+                "the stationarity test: successive moves disagree, so Monte Carlo noise"
+                + (" or the base optimizer's moves of "
+                   f"{', '.join(base[:3])}{', …' if len(base) > 3 else ''} (the target of the "
+                   "natural step moving under it)" if base else "")
+                + " now dominates the step"
                 + (" (a factorized guide on a correlated posterior may still be travelling "
                    "slowly)" if factorized else "")
                 + f"; {remedies} or stationarity=PflugCeiling(growth=1.0) for a long fit would "
                 "fit closer")
-        if self.step_size is not None and self.step_size.rate <= self.step_size.min_lr * self._lr:
+        if (not self._still and self.step_size is not None
+                and self.step_size.rate <= self.step_size.min_lr * self._lr):
             notes.append(
                 f"the step size is at its floor ({self.step_size.rate:.3g}): steps keep being "
                 "rejected; check the model for non-differentiable or noisy terms")
