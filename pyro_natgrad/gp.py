@@ -56,14 +56,20 @@ class ExpectedGaussian(Likelihood):
     the observed site ``y`` ~ N(m, σ²) plus a factor ``y_variance_penalty`` = −Σ v / (2σ²).
     Without ``y``, a draw from the predictive N(m, v + σ²).
 
-    :param variance: σ², a positive :class:`~pyro.nn.module.PyroParam` (default 1).
+    :param variance: σ² > 0 (a tensor or a number), a positive :class:`~pyro.nn.module.PyroParam`
+        (default 1).
     """
 
     variance: Tensor  # read as its constrained value
 
-    def __init__(self, variance: Tensor | None = None):
+    def __init__(self, variance: Tensor | float | None = None):
         super().__init__()
-        variance = torch.tensor(1.0) if variance is None else variance
+        variance = torch.as_tensor(1.0 if variance is None else variance,
+                                   dtype=None if isinstance(variance, Tensor) else
+                                   torch.get_default_dtype())
+        if not bool(torch.isfinite(variance).all() & (variance > 0).all()):
+            raise ValueError(f"ExpectedGaussian: variance must be finite and > 0, got "
+                             f"{variance!r}")
         self.variance = PyroParam(variance, constraints.positive)  # type: ignore[assignment]
 
     def forward(self, f_loc: Tensor, f_var: Tensor, y: Tensor | None = None) -> Tensor:
@@ -94,7 +100,8 @@ class ExpectedBernoulli(Likelihood):
     def __init__(self, num_points: int = 20, num_samples: int | None = None):
         super().__init__()
         for label, value in (("num_points", num_points), ("num_samples", num_samples)):
-            if value is not None and not (isinstance(value, int) and value >= 1):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value >= 1):
                 raise ValueError(f"ExpectedBernoulli: {label} must be an integer >= 1, "
                                  f"got {value!r}")
         self.num_points, self.num_samples = num_points, num_samples
@@ -116,7 +123,7 @@ class ExpectedBernoulli(Likelihood):
         _check_shapes(name, f_loc, f_var, y)
         z, w = self.nodes(f_loc)
         f = f_loc + f_var.sqrt() * z.reshape((-1,) + (1,) * f_loc.dim())
-        log_lik = dist.Bernoulli(logits=f).log_prob(y.expand(f.shape))
+        log_lik = dist.Bernoulli(logits=f).log_prob(y.to(f.dtype).expand(f.shape))
         expected = (w.reshape((-1,) + (1,) * f_loc.dim()) * log_lik).sum(0)
         pyro.factor(name, expected.sum())
         return y

@@ -243,11 +243,24 @@ def test_expected_bernoulli_quadrature_and_monte_carlo(dtype):
     assert abs(float(draws.mean()) - quadrature) < 4 * float(draws.std()) / math.sqrt(2000)
 
 
-def test_expected_bernoulli_rejects_bad_counts():
+def test_expected_bernoulli_rejects_bad_counts_and_reads_integer_labels():
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
         ExpectedBernoulli(num_samples=0)
     with pytest.raises(ValueError, match="num_points"):
         ExpectedBernoulli(num_points=2.5)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got True"):
+        ExpectedBernoulli(num_samples=True)
+    m, v = torch.tensor([0.3, -1.0]), torch.tensor([0.5, 0.2])
+    labels = torch.tensor([1, 0])
+    assert _likelihood_score(ExpectedBernoulli(), m, v, labels) == pytest.approx(
+        _likelihood_score(ExpectedBernoulli(), m, v, labels.float()))
+
+
+def test_expected_gaussian_takes_a_number_and_rejects_a_variance_that_is_not_positive():
+    assert float(ExpectedGaussian(0.05).variance) == pytest.approx(0.05)
+    for bad in (torch.tensor(-1.0), 0.0, math.nan):
+        with pytest.raises(ValueError, match="ExpectedGaussian: variance must be finite and > 0"):
+            ExpectedGaussian(bad)
 
 
 def test_freeze_names_a_missing_attribute():
