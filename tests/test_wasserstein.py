@@ -364,7 +364,9 @@ def test_autoguides_fit_with_trace_elbo(make):
     svi = SVI(_model(), guide, opt, Trace_ELBO(num_particles=32, vectorize_particles=True))
     for _ in range(400):
         svi.step(X, y)
-    assert set(opt.summary().split()) & {"bures", "bures_metric"}
+    assert set(opt.summary().split()) & {"bures", "bures_metric", "bures_framed"}
+    taken = next(iter(opt.last_step.values()))["method"]
+    assert taken == "undone" or taken in opt.summary().split()  # the name the step recorded
     error = ((guide.median(X, y)["w"].detach() - mean) / cov.diagonal().sqrt()).abs().max()
     assert error < 0.05, f"max |Δmean|/sd = {float(error):.3f}"
 

@@ -504,7 +504,9 @@ class GeometricOptim(PyroOptim):
         (as of the latest step), the base optimizer that steps it, or that it is frozen."""
         rows = [("param", "site", "distribution", "method")]
         for group in self._groups:
-            method = self._method(group)
+            taken = self.last_step.get(group.sites[0].name, {}).get("method")
+            method = (taken if taken not in (None, "undone", "refused")  # its proposal's name
+                      else self._method(group))
             rows += [(n, s.name, type(s.base).__name__, method)
                      for s in group.sites for n in s.param_names]
         base = f"base: {self.pt_optim_constructor.__name__}({self.pt_optim_args})"
