@@ -303,18 +303,15 @@ class GuideReader:
     def _check_batches(self, batches: list[dict[str, Tensor]]) -> None:
         """Warns (once) when the guide's calls since the last read drew different batches: the
         gradient then sums several batches' terms, and the read sees the last one only."""
-        if self._warned or len(batches) < 2:
-            return
-        last = batches[-1]
-        if all(b.keys() == last.keys() and all(torch.equal(b[n], last[n]) for n in b)
-               for b in batches[:-1]):
+        if self._warned or len(batches) < 2:  # kept only where they differ
             return
         self._warned = True
         warnings.warn(
-            f"guide {_name(self.guide)} drew {len(batches)} different subsamples of plate(s) "
-            f"{sorted(last)} since the optimizer last read it (unvectorized particles each draw "
-            "their own batch): the gradient sums their terms, but the step reads the last batch "
-            "only, so local params of the others are stepped without their curvature; use "
+            f"guide {_name(self.guide)} drew different subsamples of plate(s) "
+            f"{sorted(batches[-1])} since the optimizer last read it (unvectorized particles "
+            "each draw their own batch): the gradient sums their terms, but the step reads the "
+            "last batch only (the other batches' locals are left out of a mirror step, or "
+            "stepped without their curvature in a parameter-space one); use "
             "Trace_ELBO(num_particles=..., vectorize_particles=True), or one particle",
             UserWarning, stacklevel=4)
 
@@ -561,9 +558,19 @@ def _end_call(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -
 
 
 def _keep_batch(guide: Callable, drawn: dict[str, Tensor]) -> None:
-    """Adds a call's subsample indices to those drawn since the reader last ran the guide."""
-    if drawn:
-        _BATCHES.setdefault(guide, []).append(drawn)
+    """Keeps a call's subsample indices where they differ from the last kept since the reader
+    last ran the guide (at most two: whether several batches were drawn is all that is read,
+    and a guide called many times between steps, by ``Predictive``, holds no more)."""
+    if not drawn:
+        return
+    kept = _BATCHES.setdefault(guide, [])
+    if not kept or not _same_batch(kept[-1], drawn):
+        kept.append(drawn)
+        del kept[:-2]
+
+
+def _same_batch(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def named_params(params: Iterable[Tensor]) -> list[tuple[str | None, Tensor]]:

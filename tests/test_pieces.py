@@ -453,7 +453,7 @@ def test_guide_reader_reads_the_subsample_the_guides_last_call_drew(kind):
     reader = GuideReader(guide)
     drawn = [pyro.poutine.trace(guide).get_trace().nodes["N"]["value"] for _ in range(3)][-1]
     state = torch.get_rng_state()
-    with pytest.warns(UserWarning, match="3 different subsamples of plate"):
+    with pytest.warns(UserWarning, match="drew different subsamples of plate"):
         assert torch.equal(reader.trace().nodes["N"]["value"], drawn)
     assert torch.equal(reader.trace().nodes["N"]["value"], drawn)
     assert torch.equal(torch.get_rng_state(), state)
