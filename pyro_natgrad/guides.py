@@ -575,16 +575,17 @@ def _same_batch(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 
 def named_params(params: Iterable[Tensor]) -> list[tuple[str | None, Tensor]]:
     """Each param with its name in Pyro's param store (None if it is not there). A tensor the
-    store holds under several names takes the least of them: an AutoNormalizingFlow keeps its first
-    weight also as ``_prototype_tensor``, and which name ``store.param_name`` returns depends on
-    the order they were registered in, which unpickling changes; optimizer state is keyed by the
-    name (and ranks agree by it), so the name must depend on the names alone."""
+    store holds under several names takes the greatest of them: an AutoNormalizingFlow keeps its
+    first weight also as ``_prototype_tensor``, and which name ``store.param_name`` returns
+    depends on the order they were registered in, which unpickling changes; optimizer state is
+    keyed by the name (and ranks agree by it), so the name must depend on the names alone. (The
+    greatest is the weight's own name, the one a guide built in this process reports.)"""
     store = pyro.get_param_store()
-    least: dict[int, str] = {}
+    greatest: dict[int, str] = {}
     for name, p in store.named_parameters():
-        if id(p) not in least or name < least[id(p)]:
-            least[id(p)] = name
-    return [(least.get(id(p)), p) for p in params]
+        if id(p) not in greatest or name > greatest[id(p)]:
+            greatest[id(p)] = name
+    return [(greatest.get(id(p)), p) for p in params]
 
 
 def is_real(constraint: constraints.Constraint) -> bool:
