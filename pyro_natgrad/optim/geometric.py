@@ -41,7 +41,7 @@ from .trust_region import KLAim, KLTrustRegion, rate_for_kl
 
 __all__ = ["GeometricOptim", "StepRefusedWarning"]
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: VarianceAdaptation keeps (direction, gradient) per group
 _PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
 _CORRELATED = ("MultivariateNormal", "LowRankMultivariateNormal")  # families with a covariance

@@ -416,13 +416,12 @@ class VarianceAdaptation:
     other blocks' moves (the metric's coupling between blocks is left out). A group's first step
     is not capped.
 
-    State: per group, its last direction, each block's ⟨g, δ⟩ there and its terms gᵢδᵢ, and each
-    block's average cosine.
+    State: per group, its last direction and gradient, and each block's average cosine.
     """
 
     decay: float = 0.8
     floor: float = 0.01
-    last: dict[Key, tuple[Tensor, list[float], Tensor]] = field(default_factory=dict)
+    last: dict[Key, tuple[Tensor, Tensor]] = field(default_factory=dict)
     averages: dict[Key, list[float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -437,24 +436,21 @@ class VarianceAdaptation:
         batch), the cosine is read over the coordinates both steps moved: successive batches'
         directions are orthogonal elsewhere whatever their signal."""
         sizes = list(sizes)
-        parts = list(zip(g.split(sizes), direction.split(sizes), strict=True))
-        power = [float(gb @ db) for gb, db in parts]
-        terms = (g * direction).detach()
         previous = self.last.get(key)
-        self.last[key] = (direction.detach().clone(), power, terms)
+        self.last[key] = (direction.detach().clone(), g.detach().clone())
         if previous is None or previous[0].shape != direction.shape:
-            self.averages[key] = [None] * len(parts)
-            return [1.0] * len(parts)
+            self.averages[key] = [None] * len(sizes)
+            return [1.0] * len(sizes)
         averages = self.averages[key]
-        for b, ((gb, _), old, old_terms, new_terms) in enumerate(zip(
-                parts, previous[0].split(sizes), previous[2].split(sizes), terms.split(sizes),
-                strict=True)):
+        for b, (gb, db, old, old_g) in enumerate(zip(
+                g.split(sizes), direction.split(sizes), previous[0].split(sizes),
+                previous[1].split(sizes), strict=True)):
             both = (gb != 0) & (old != 0)
             if bool(both.all()):
-                cross, scale = float(gb @ old), power[b] * previous[1][b]
+                cross, scale = float(gb @ old), float(gb @ db) * float(old_g @ old)
             else:
                 cross = float(gb[both] @ old[both])
-                scale = float(new_terms[both].sum()) * float(old_terms[both].sum())
+                scale = float((gb * db)[both].sum()) * float((old_g * old)[both].sum())
             if not (scale > 0 and math.isfinite(scale)):
                 continue  # a block the metric's coupling turns uphill, or a zero block: no reading
             cosine = min(1.0, max(-1.0, cross / math.sqrt(scale)))
@@ -472,12 +468,11 @@ class VarianceAdaptation:
         self.averages.pop(key, None)
 
     def state_dict(self) -> dict:
-        return {"last": {k: (d.clone(), list(p), t.clone()) for k, (d, p, t) in self.last.items()},
+        return {"last": {k: (d.clone(), g.clone()) for k, (d, g) in self.last.items()},
                 "averages": {k: list(a) for k, a in self.averages.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last = {tuple(k): (d.clone(), list(p), t.clone())
-                     for k, (d, p, t) in state["last"].items()}
+        self.last = {tuple(k): (d.clone(), g.clone()) for k, (d, g) in state["last"].items()}
         self.averages = {tuple(k): list(v) for k, v in state["averages"].items()}
 
 
