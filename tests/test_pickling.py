@@ -81,10 +81,14 @@ def _params(guide) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in guide.state_dict().items()}
 
 
-def _continue(guide, optim, y, steps: int = 2) -> list[float]:
-    pyro.set_rng_seed(11)
+def _fit(guide, optim, y, steps: int) -> list[float]:
     svi = _svi(guide, optim)
     return [svi.step(y) for _ in range(steps)]
+
+
+def _continue(guide, optim, y, steps: int = 2) -> list[float]:
+    pyro.set_rng_seed(11)
+    return _fit(guide, optim, y, steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -98,9 +102,7 @@ def test_fitted_guide_and_optimizer_round_trip(optim_name, guide_name, how, dtyp
     y = _data(dtype)
     guide = GUIDES[guide_name](dtype)
     optim = OPTIMS[optim_name](guide)
-    svi = _svi(guide, optim)
-    for _ in range(2):  # few: WassersteinGradient reaches a NaN loss by step 5 on this model
-        svi.step(y)
+    _fit(guide, optim, y, 2)  # few: WassersteinGradient reaches a NaN loss by step 5 on this model
     loaded = ROUND_TRIPS[how]({"guide": guide, "optim": optim})
     assert loaded["optim"].reader.guide is loaded["guide"]  # one object, as SVI needs
 
@@ -123,9 +125,7 @@ def test_a_normalizing_flow_resumes_exactly_after_pickling():
     y = _data(torch.float64)
     guide = AutoIAFNormal(model, num_transforms=1)
     optim = NaturalGradient(guide)
-    svi = _svi(guide, optim)
-    for _ in range(5):
-        svi.step(y)
+    _fit(guide, optim, y, 5)
     loaded = pickle.loads(pickle.dumps({"guide": guide, "optim": optim}))
     original = _continue(guide, optim, y, steps=5)
     pyro.clear_param_store()
@@ -143,9 +143,7 @@ def test_a_loaded_guide_takes_the_same_code_paths(optim_name, how):
     y = _data(torch.float32)
     guide = AutoMultivariateNormal(model)
     optim = OPTIMS[optim_name](guide)
-    svi = _svi(guide, optim)
-    for _ in range(4):
-        svi.step(y)
+    _fit(guide, optim, y, 4)
     loaded = ROUND_TRIPS[how]({"guide": guide, "optim": optim})
     original = _continue(guide, optim, y, steps=4), _params(guide)
     pyro.clear_param_store()
@@ -176,9 +174,7 @@ def test_guide_alone_round_trips_and_its_optimizer_pickles(optim_name):
     y = _data(torch.float64)
     guide = AutoNormal(model)
     optim = OPTIMS[optim_name](guide)
-    svi = _svi(guide, optim)
-    for _ in range(3):
-        svi.step(y)
+    _fit(guide, optim, y, 3)
     samples = _traced(guide, y)
     pickle.dumps(optim)
     copy.deepcopy(optim)
