@@ -504,10 +504,10 @@ _AUTO_GUIDES: dict[type, tuple[str, tuple[str, ...], type[Parameterization]]] = 
                                     ScaledLowRank),
 }
 
+# per guide: its last call's (args, kwargs, indices by plate); the differing batches drawn since
+# the reader's last run; and, during a module guide's call, its recorder and arguments
 _LAST_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_BATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # guide → [indices by plate]
-
-
+_BATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RECORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
