@@ -189,6 +189,7 @@ class PrecisionShortening:
         diagonal = s.diagonal(dim1=-2, dim2=-1).amin(-1)  # eᵢᵀSeᵢ ≥ λ_min(S)
         limit = -(1 + torch.finfo(s.dtype).eps ** 0.5)
         smallest = 0.5 ** self.max_halvings
+        halvings = 0.5 ** torch.arange(self.max_halvings + 2, dtype=torch.float64)
         spectrum: list[tuple[Tensor, Tensor, Tensor]] = []
 
         def ritz() -> tuple[Tensor, Tensor, Tensor]:
@@ -204,19 +205,22 @@ class PrecisionShortening:
             return bool((scaled * direction.frobenius <= 0.999 * room).all())
 
         def skip(fraction: Tensor, rate: float) -> Tensor:
-            while True:  # halve while I + rate·fraction·S is indefinite by the bound, or a
-                # shortened one by the estimate
-                if not bool((fraction < 1).any()) and within(rate * fraction, 1.0):
-                    return fraction
-                theta, _, residual = ritz()
-                bound = torch.minimum(diagonal, theta[..., 0])  # ≥ λ_min(S)
-                estimate = torch.minimum(diagonal, theta[..., 0] - residual[..., 0])  # of λ_min
-                out = ((rate * fraction * bound < limit)
-                       | ((fraction < 1) & (rate * fraction * estimate <= -1)))
-                out = out & (fraction >= smallest)
-                if not bool(out.any()):
-                    return fraction
-                fraction = torch.where(out, 0.5 * fraction, fraction)
+            """The first of fraction, ½·fraction, … (not below ``smallest``) at which
+            I + rate·fraction·S is not indefinite by the bound, nor a shortened one by the
+            estimate: every level tested at once (halving a power of two is exact)."""
+            if not bool((fraction < 1).any()) and within(rate * fraction, 1.0):
+                return fraction
+            theta, _, residual = ritz()
+            bound = torch.minimum(diagonal, theta[..., 0])[..., None]  # ≥ λ_min(S)
+            estimate = torch.minimum(diagonal, theta[..., 0] - residual[..., 0])[..., None]
+            levels = fraction[..., None] * halvings.to(fraction)  # (…, max_halvings + 2)
+            out = ((rate * levels * bound < limit) | ((levels < 1) & (rate * levels * estimate
+                                                                      <= -1)))
+            out = out & (levels >= smallest)
+            # the first level not out; every level out leaves the one below ``smallest``
+            first = torch.where(out, len(halvings),
+                                torch.arange(len(halvings), device=levels.device)).amin(-1)
+            return levels.gather(-1, first.clamp_max(len(halvings) - 1)[..., None])[..., 0]
 
         def floor_of(fraction: Tensor) -> Tensor:
             """Per element, the floor B is held to: ``floor`` shortened, else ``held``."""
