@@ -90,17 +90,24 @@ class FitDiagnosisWarning(UserWarning):
 class _Watched:
     """Stands in for ``svi.optim`` during :func:`fit`: keeps a copy of the params it is handed,
     so that a step the optimizer does not finish (an interrupt or an error inside it, or after it
-    inside ``svi.step``) can be put back."""
+    inside ``svi.step``) can be put back. ``loss``: the loss of the running ``svi.step``, where
+    :func:`_watching` could record it; a non-finite one is not handed to the optimizer (unless
+    ``hand_nonfinite``), which would judge its last step by the gradient alone: fit undoes that
+    step instead."""
 
-    def __init__(self, optim: Any):
-        self.optim = optim
+    def __init__(self, optim: Any, hand_nonfinite: bool = False):
+        self.optim, self.hand_nonfinite = optim, hand_nonfinite
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.loss: float | None = None
+        self.skipped = False  # the running step's non-finite loss was not handed on
 
     def __call__(self, params: Iterable[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if not isinstance(params, Collection):
             params = list(params)
         self.saved = [(p, p.detach().clone()) for p in params]
-        return self.optim(params, *args, **kwargs)
+        loss, self.loss = self.loss, None
+        self.skipped = loss is not None and not math.isfinite(loss) and not self.hand_nonfinite
+        return None if self.skipped else self.optim(params, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name == "optim":  # not yet set
@@ -119,16 +126,33 @@ class _Watched:
 
 
 @contextlib.contextmanager
-def _watching(svi: Any) -> Iterator[_Watched | None]:
+def _watching(svi: Any, distributed: bool) -> Iterator[_Watched | None]:
+    """``svi.optim`` watched, and ``svi.loss_and_grads`` (where the SVI has one) recording each
+    step's loss for it. Distributed optimizers are handed every loss: every rank must call."""
     optim = getattr(svi, "optim", None)
     if optim is None:
         yield None
         return
-    svi.optim = watched = _Watched(optim)
+    svi.optim = watched = _Watched(optim, hand_nonfinite=distributed)
+    loss_and_grads = getattr(svi, "loss_and_grads", None)
+    own = "loss_and_grads" in vars(svi)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        loss = loss_and_grads(*args, **kwargs)
+        watched.loss = float(loss)
+        return loss
+
+    if callable(loss_and_grads):
+        svi.loss_and_grads = recorded
     try:
         yield watched
     finally:
         svi.optim = optim
+        if callable(loss_and_grads):
+            if own:
+                svi.loss_and_grads = loss_and_grads
+            else:
+                del svi.loss_and_grads
 
 
 def _clear_grads() -> None:
@@ -155,9 +179,12 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
     Failures: when the model or guide raises (``ValueError``, ``RuntimeError`` such as a failed
     Cholesky) at the params of the last step, or the loss is not finite, and the optimizer can
     undo that step (``optim.undo(reason)`` returns True), fit warns (:class:`StepUndoneWarning`)
-    and goes on; otherwise it raises (a non-finite loss as FloatingPointError naming the step). A
-    failure at the first step (the initial params: there is no step to undo) is raised, and so
-    is a fourth in a row (undoing does not help).
+    and goes on; otherwise it raises (a non-finite loss as FloatingPointError naming the step).
+    A step whose loss is not finite is not handed to the optimizer (which would judge its last
+    step by the gradient alone, finite where the loss is not); where the optimizer has nothing
+    left to undo, that step is skipped with the same warning. A failure at the first step (the
+    initial params: there is no step to undo) is raised, and so is a fourth in a row (undoing
+    does not help).
 
     End: an optimizer with ``finalize()`` judges its last step on one more gradient (so the fit
     ends on a kept step), and the messages of its ``diagnose()`` (what limits the fit, such as
@@ -175,7 +202,7 @@ def fit(svi: Any, *args: Any, num_steps: int = 1000, progress: bool = True,
         optim.stop_agreed = False
     history: list[float] = []
     ema, last_check, stale, ended, undone = _EMA(smoothing), None, 0, "ended", 0
-    with (_deferred_sigint() as interrupted, _watching(svi) as watched,
+    with (_deferred_sigint() as interrupted, _watching(svi, distributed) as watched,
           tqdm(total=num_steps, disable=not progress, desc="SVI") as bar):
         try:
             for step in range(1, num_steps + 1):
@@ -235,8 +262,9 @@ def _step(svi: Any, watched: _Watched | None, step: int, distributed: bool, args
         if distributed:
             watched.agree(failed=True)
         raise
-    if math.isfinite(loss) or (undo and _undone(watched, distributed, f"the loss is {loss}",
-                                                f"step {step}")):
+    if math.isfinite(loss) or (undo and (
+            _undone(watched, distributed, f"the loss is {loss}", f"step {step}")
+            or _skipped(watched, f"step {step}: the loss is {loss}"))):
         if watched is not None:
             watched.saved = None
         return loss if math.isfinite(loss) else None
@@ -256,6 +284,17 @@ def _undone(optim: Any, distributed: bool, reason: str, where: str) -> bool:
         return False
     warnings.warn(f"{where}: {reason} at the params of the optimizer's last step; that step "
                   "was undone and its step size shrunk", StepUndoneWarning, stacklevel=4)
+    return True
+
+
+def _skipped(watched: _Watched | None, where: str) -> bool:
+    """Where an optimizer that can undo was not handed a step with a non-finite loss and had
+    nothing left to undo (its last step was undone already): warns and returns True (the params
+    are unchanged)."""
+    if watched is None or not watched.skipped or getattr(watched, "undo", None) is None:
+        return False
+    warnings.warn(f"{where} with nothing left to undo; the step was skipped, params unchanged",
+                  StepUndoneWarning, stacklevel=4)
     return True
 
 

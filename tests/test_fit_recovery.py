@@ -8,10 +8,12 @@ runs NaturalGradient end to end.
 
 from __future__ import annotations
 
+import math
 import signal
 import warnings
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
@@ -322,3 +324,31 @@ def test_natural_gradient_undoes_a_step_the_model_fails_at():
     mean, sd = normal_posterior(y)
     assert abs(guide.locs.mu.item() - mean) < 0.3 * sd
     assert 0.8 < guide.scales.mu.item() / sd < 1.25
+
+
+def test_a_nan_loss_with_a_finite_gradient_undoes_the_step_that_reached_it():
+    """Validation off, log(10 − μ) in the model: a step past μ = 10 gives a NaN loss whose
+    gradient is finite. fit does not hand that step to NaturalGradient (which would judge the step
+    that reached it by the gradient alone and might take a new one from there): the step is undone
+    and the fit ends at the posterior (μ ≈ ȳ = 9.7, below 10), with a finite loss there."""
+    y = 9.7 + 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0))
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 20.0))
+        pyro.factor("bound", torch.log(10.0 - mu))
+        with pyro.plate("N", len(y)):
+            pyro.sample("y", dist.Normal(mu, 0.3), obs=y)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model)
+    elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, NaturalGradient(guide), elbo)
+    with pyro.validation_enabled(False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(svi, y, num_steps=100, progress=False, tol=None)
+        loss = elbo.loss(model, guide, y)
+    assert any(issubclass(w.category, StepUndoneWarning) and "the loss is nan" in str(w.message)
+               for w in caught)
+    assert math.isfinite(loss)
+    assert 9.0 < pyro.param("AutoNormal.locs.mu").item() < 10.0
