@@ -8,6 +8,7 @@ in closed form through the guide's mean parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,6 +113,37 @@ def dirichlet_categorical(dtype=torch.float64) -> Conjugate:
                      _loss(make_q, lambda: dist.Dirichlet(alpha0), loglik), exact, (x,))
 
 
+def normal_means(dtype=torch.float64) -> Conjugate:
+    """Five means with Normal(0, 10²) priors, 20 observations each of known sd 1; a mean-field
+    Normal guide (the heavy ball's momentum acts on its mean)."""
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 + torch.randn(20, 5, generator=g, dtype=dtype)
+    prior_scale = 10.0
+
+    def model(x):
+        with pyro.plate("j", x.shape[-1]):
+            mu = pyro.sample("mu", dist.Normal(torch.zeros((), dtype=dtype), prior_scale))
+            with pyro.plate("n", x.shape[0], dim=-2):
+                pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def make_q():
+        return dist.Normal(pyro.param("loc", torch.zeros(5, dtype=dtype)),
+                           pyro.param("scale", torch.ones(5, dtype=dtype), constraints.positive))
+
+    def guide(*args):
+        with pyro.plate("j", 5):
+            pyro.sample("mu", make_q())
+
+    def loglik(q, x):
+        return (-0.5 * ((x - q.loc) ** 2 + q.scale ** 2) - 0.5 * math.log(2 * math.pi)).sum()
+
+    variance = 1 / (1 / prior_scale ** 2 + x.shape[0])
+    exact = {"loc": variance * x.sum(0), "scale": torch.full((5,), variance ** 0.5, dtype=dtype)}
+    return Conjugate("normal_means", model, guide,
+                     _loss(make_q, lambda: dist.Normal(torch.zeros(5, dtype=dtype), prior_scale),
+                           loglik), exact, (x,))
+
+
 def linear_regression(dtype=torch.float64, n: int = 40, d: int = 3, noise: float = 0.5,
                       seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Data and the exact posterior (mean, covariance) of w ~ N(0, I), y ~ N(Xw, noise²)."""
@@ -147,3 +179,4 @@ def regression_loss(moments: Callable, noise: float = 0.5) -> Callable:
 
 
 CONJUGATE_SCALARS = (beta_bernoulli, gamma_poisson, dirichlet_categorical)
+CONJUGATE_CASES = (*CONJUGATE_SCALARS, normal_means)

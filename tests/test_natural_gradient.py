@@ -19,6 +19,7 @@ from pyro_natgrad import NaturalGradient, StepRefusedWarning, WassersteinGradien
 from pyro_natgrad.optim import FisherSolve, KLAim, KLTrustRegion, Mirror, Retraction
 
 from .conjugate import (
+    CONJUGATE_CASES,
     CONJUGATE_SCALARS,
     linear_regression,
     regression_loss,
@@ -28,7 +29,7 @@ from .conjugate import (
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.mark.parametrize("case", CONJUGATE_SCALARS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", CONJUGATE_CASES, ids=lambda c: c.__name__)
 def test_one_step_lands_on_exact_conjugate_posterior(case):
     c = case(torch.float64)
     guide = record_args(c.guide)
@@ -39,6 +40,24 @@ def test_one_step_lands_on_exact_conjugate_posterior(case):
     assert opt.last_step and all(v["method"] == "natural" for v in opt.last_step.values())
     for name, value in c.exact.items():
         torch.testing.assert_close(pyro.param(name).detach(), value, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("case", CONJUGATE_CASES, ids=lambda c: c.__name__)
+def test_the_steps_after_an_exact_one_stay_on_the_posterior(case):
+    """At the defaults, with exact gradients: the steps after the exact one move q by rounding
+    alone (the heavy ball's momentum on a Normal mean carried it 11–14 posterior sds past the
+    optimum at step 2, its restart test deciding on a gradient that is zero to rounding), and
+    are not judged, so the step size holds (half were rejected at random, halving it)."""
+    c = case(torch.float64)
+    guide = record_args(c.guide)
+    opt = NaturalGradient(guide, lr=1.0)
+    svi = SVI(c.model, guide, opt, c.loss)
+    guide(*c.data)
+    for _ in range(6):
+        svi.step(*c.data)
+        for name, value in c.exact.items():
+            torch.testing.assert_close(pyro.param(name).detach(), value, rtol=1e-6, atol=1e-8)
+    assert opt.step_size.rate == 1.0
 
 
 def _guide_mean(c):
@@ -125,9 +144,10 @@ def test_mean_field_reaches_mean_field_optimum():
               regression_loss(lambda: (pyro.param("loc"), torch.diag(pyro.param("scale") ** 2))))
     for _ in range(200):
         svi.step(X, y)
-    # exact gradients at the optimum: steps of rounding size, some rejected, the step size at its
-    # floor; the diagnosis says nothing of it (it said "steps keep being rejected")
-    assert opt.step_size.rate == pytest.approx(opt.step_size.min_lr) and opt.diagnose() == []
+    # exact gradients at the optimum: steps of rounding size are not judged (their gradients
+    # differ by rounding alone: half were rejected, and the step size fell to its floor), and
+    # the diagnosis says nothing of them (it said "steps keep being rejected")
+    assert opt.step_size.rate >= 0.1 and opt.diagnose() == []
     precision = torch.linalg.inv(cov)
     torch.testing.assert_close(pyro.param("loc").detach(), mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(pyro.param("scale").detach(), precision.diagonal().rsqrt(),

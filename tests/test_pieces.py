@@ -168,6 +168,27 @@ def test_heavy_ball_velocity_restarts_uphill_and_remembers_only_accepted_steps()
         HeavyBall(1.0)
 
 
+def test_heavy_ball_shift_is_capped_by_the_natural_move_in_q_metric():
+    """|s|_Λ ≤ cap·|m' − m|_Λ over the group (Λ given as the whitening map x ↦ x/σ here): a
+    shift within the cap is kept, a longer one scaled down to it, and a vanishing natural move
+    leaves no shift; cap=None leaves every shift."""
+    sigma = torch.tensor([1.0, 0.1])
+    whiten = lambda x: x / sigma  # noqa: E731
+    move = torch.tensor([0.0, 0.01])  # |move|_Λ = 0.1
+    momentum = HeavyBall(cap=10.0)
+    inside = torch.tensor([0.5, 0.05])  # |·|_Λ = √0.5 < 1
+    torch.testing.assert_close(momentum.capped(inside, move, whiten), inside)
+    outside = torch.tensor([3.0, 0.4])  # |·|_Λ = 5
+    capped = momentum.capped(outside, move, whiten)
+    torch.testing.assert_close(capped, outside / 5.0)
+    torch.testing.assert_close(torch.linalg.vector_norm(whiten(capped)), torch.tensor(1.0))
+    torch.testing.assert_close(momentum.capped(outside, torch.zeros(2), whiten), torch.zeros(2))
+    torch.testing.assert_close(HeavyBall(cap=None).capped(outside, move, whiten), outside)
+    for bad in (0.0, -1.0, float("inf"), "10"):
+        with pytest.raises(ValueError, match="cap"):
+            HeavyBall(cap=bad)
+
+
 def test_precision_shortening_keeps_the_mean_rate_and_halves_the_precision_per_element():
     """With ∂L/∂σ = −1.5 at σ = 1, element 0's natural step would give η₂' = −½ + ¾ > 0 (no
     precision): its precision rate halves to ½ (λ' = 0.25) while element 1 steps fully."""

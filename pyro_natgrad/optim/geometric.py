@@ -231,10 +231,11 @@ class GeometricOptim(PyroOptim):
         # θ₀ for undo: the value this optimizer left where the leaf was verified equal to it
         before = {n: self._after[n] if n in kept else leaves[n].detach().clone()
                   for g in groups for n in g.param_names}
-        stepped, taken, invariant, at_unit_rate = set(), {}, True, []
+        stepped, taken, invariant, at_unit_rate, accepted_groups = set(), {}, True, [], 0
         for group in groups:
             accepted = self._step_group(group, leaves, grads, rate)
             if accepted is not None:
+                accepted_groups += 1
                 stepped.update(group.param_names)
                 invariant = invariant and self._invariant(group)
                 if accepted.kl is not None:
@@ -244,9 +245,12 @@ class GeometricOptim(PyroOptim):
         if at_unit_rate:
             self._still = max(at_unit_rate) < STILL
         if stepped and (self.step_size is not None or self.stationarity is not None):
-            self._pending = {"theta": {n: before[n] for n in stepped},
-                             "grad": {n: grads[n] for n in stepped}, "kl": taken,
-                             "invariant": invariant}
+            # a step that moved no group's q (exact KL < STILL·rate²) is not judged: the
+            # gradients at its ends differ by rounding, and would decide at random
+            still = len(at_unit_rate) == accepted_groups and max(at_unit_rate) < STILL
+            self._pending = None if still else {
+                "theta": {n: before[n] for n in stepped}, "grad": {n: grads[n] for n in stepped},
+                "kl": taken, "invariant": invariant}
 
     def _refuse_nonfinite(self, groups: list[Group], leaves: dict[str, Tensor],
                           grads: dict[str, Tensor]) -> bool:

@@ -77,13 +77,14 @@ class Mirror:
         model_kl = None
         if dense:
             direction = gaussian_direction(*args, *d_args)
-            step = self._gaussian(key, direction, d_args[0], 1.0 / site.multiplicity)
+            step = self._gaussian(key, direction, d_args[0], 1.0 / site.multiplicity,
+                                  momentum)
 
             def model_kl(rate: float) -> float:
                 return site.multiplicity * float(
                     direction.model_kl(rate / site.multiplicity).sum())
         else:
-            step = self._natural(family, args, d_args, 1.0 / site.multiplicity)
+            step = self._natural(family, args, d_args, 1.0 / site.multiplicity, momentum)
 
         def candidate(rate: float) -> Candidate | None:
             with torch.no_grad():
@@ -102,9 +103,10 @@ class Mirror:
         return Proposal("natural", candidate, exact=True, model_kl=model_kl)
 
     def _natural(self, family: ExponentialFamily, args: Params, d_args: Params,
-                 scale: float) -> Step:
+                 scale: float, momentum: HeavyBall | None) -> Step:
         """Any family, in natural parameters: η' = η − ρ·scale·∂L/∂μ, the domain repaired, the
-        mean translated by the momentum's shift; KL(q ‖ q') by :func:`exact_kl`."""
+        mean translated by the momentum's shift (capped by ``momentum``); KL(q ‖ q') by
+        :func:`exact_kl`."""
         with torch.no_grad():
             eta = family.args_to_natural(*args)
             dmu = family.mean_gradient(args, d_args)
@@ -126,7 +128,9 @@ class Mirror:
                 if not bool(family.in_domain(*new_eta).all()):
                     return None
             if shift is not None:
-                new_eta = family.translate(new_eta, shift)
+                move = family.natural_to_args(*new_eta)[0] - args[0]
+                new_eta = family.translate(new_eta, momentum.capped(
+                    shift, move, lambda x: _whitened(family, args, x)))
             new_args = family.natural_to_args(*new_eta)
             return (lambda: new_args), exact_kl(family, current,
                                                 family.distribution(*new_args)), note
@@ -134,7 +138,7 @@ class Mirror:
         return step
 
     def _gaussian(self, key: tuple[str, ...], direction: GaussianDirection, d_loc: Tensor,
-                  scale: float) -> Step:
+                  scale: float, momentum: HeavyBall | None) -> Step:
         """N(m, LLᵀ) in its Cholesky factor (:mod:`~pyro_natgrad.families.gaussian_step`): the
         same step as :meth:`_natural`, with one d×d product per step, per rate one Cholesky
         where the step stays in the domain, and one triangular solve for the new factor when the
@@ -152,6 +156,9 @@ class Mirror:
             new, note = stepped
             kl = new.kl
             if shift is not None:
+                shift = momentum.capped(shift, new.loc - direction.loc, lambda x: (
+                    torch.linalg.solve_triangular(direction.scale_tril, x.unsqueeze(-1),
+                                                  upper=False)))
                 a = -rate * scale * (new.scale_tril.mT @ d_loc.unsqueeze(-1))
                 b = torch.linalg.solve_triangular(new.scale_tril, shift.unsqueeze(-1),
                                                   upper=False)
@@ -163,6 +170,13 @@ class Mirror:
             return args, float(kl.sum()), note
 
         return step
+
+
+def _whitened(family: ExponentialFamily, args: Params, x: Tensor) -> Tensor:
+    """x in q's whitened frame: x/σ for a Normal, L⁻¹x for a multivariate Normal."""
+    if family.event_rank() == 0:
+        return x / args[1]
+    return torch.linalg.solve_triangular(args[1], x.unsqueeze(-1), upper=False).squeeze(-1)
 
 
 def _unrepaired(direction: GaussianDirection) -> GaussianRepair:

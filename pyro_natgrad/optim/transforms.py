@@ -46,18 +46,42 @@ class HeavyBall:
     :param beta: β in [0, 1), or ``"auto"``: 0.9 for factorized (mean-field) sites, 0 for
         full-covariance ones. A full-covariance natural step is already a Newton step for the
         mean; a factorized one is a Jacobi step, slowed by the posterior's correlations.
+    :param cap: the momentum's shift s is scaled down, where needed, to
+        |s|_Λ ≤ ``cap``·|m' − m|_Λ, the natural step's own move, both in q's metric Λ (σ⁻² per
+        coordinate; L⁻ᵀL⁻¹ for a full covariance), over the group. Travelling at a steady
+        natural move δ, the heavy ball's shift tends to β/(1 − β)·δ (9δ at β = 0.9), inside the
+        default cap; where the natural move vanishes (an exact step reached the optimum, or only
+        Monte Carlo noise is left) the last move's momentum no longer carries q past it, which
+        the restart test, deciding on a gradient that is zero to rounding or noise, cannot
+        ensure. None: uncapped.
 
     State: per group, the mean its last accepted step was built at and that step's rate (set
     only when a candidate is accepted, so the order of tried candidates does not matter).
     """
 
     beta: float | str = "auto"
+    cap: float | None = 10.0
     last: dict[Key, tuple[Tensor, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.beta != "auto" and not (isinstance(self.beta, int | float)
                                         and 0 <= self.beta < 1):
             raise ValueError(f"momentum must be in [0, 1) or 'auto', got {self.beta!r}")
+        if self.cap is not None and not (isinstance(self.cap, int | float) and self.cap > 0
+                                         and math.isfinite(self.cap)):
+            raise ValueError(f"HeavyBall cap must be a finite number > 0 or None, "
+                             f"got {self.cap!r}")
+
+    def capped(self, shift: Tensor, move: Tensor, whiten: Callable[[Tensor], Tensor]
+               ) -> Tensor:
+        """``shift`` scaled by min(1, cap·|W move| / |W shift|), W = ``whiten`` (q's metric
+        as a map, |x|_Λ = |Wx|), norms over the group."""
+        if self.cap is None:
+            return shift
+        size = torch.linalg.vector_norm(whiten(shift))
+        limit = self.cap * torch.linalg.vector_norm(whiten(move))
+        return torch.where(size > limit, shift * (limit / size.clamp_min(
+            torch.finfo(shift.dtype).tiny)), shift)
 
     def velocity(self, key: Key, family: ExponentialFamily, loc: Tensor,
                  d_loc: Tensor | None) -> Tensor | None:
