@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -283,6 +284,18 @@ def test_non_finite_gradient_is_refused_and_params_kept():
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NaturalGradient(_scalar_normal_guide(constraints.positive), **kwargs)
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.5), np.float64(0.5), np.int64(1),
+                                torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)],
+                         ids=repr)
+def test_lr_may_be_any_real_number_type(lr):
+    """A NumPy scalar or a one-element tensor is a number (they were refused as "not a finite
+    number > 0"); the lr kept is a Python float."""
+    opt = NaturalGradient(_scalar_normal_guide(constraints.positive), lr=lr)
+    assert type(opt.lr) is float and opt.lr == float(lr)
+    with pytest.raises(ValueError, match="lr"):
+        NaturalGradient(_scalar_normal_guide(constraints.positive), lr=torch.tensor([0.5, 0.5]))
 
 
 def test_exact_fisher_on_non_exponential_site_names_it():

@@ -206,6 +206,9 @@ def test_finalize_ends_on_a_judged_step_and_undo_restores_the_params():
     elbo.loss_and_grads(_model, guide, x)
     assert opt.finalize() in (True, False) and opt._pending is None
     assert opt.finalize()  # nothing pending: the params are on a judged step
+    svi.step(x)  # leaves the params' .grad zeroed: judging on them is warned of
+    with pytest.warns(UserWarning, match="exactly zero.*loss_and_grads"):
+        opt.finalize()
 
 
 def test_a_fit_without_step_size_control_stays_safe_at_the_default_lr():

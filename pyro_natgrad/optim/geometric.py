@@ -22,6 +22,7 @@ One call, in order (each piece is left out when its option is None):
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -452,6 +453,11 @@ class GeometricOptim(PyroOptim):
         grads = {n: p.grad for n, p in leaves.items()}
         if any(g is None for g in grads.values()) or not all_finite(grads.values()):
             return not self.undo("it could not be judged (no finite gradient at its end)")
+        if not any(bool(g.any()) for g in grads.values()):
+            warnings.warn("finalize: every gradient of the last step's params is exactly zero, "
+                          "so the step is judged as landing on an optimum; svi.step leaves its "
+                          "params' .grad zeroed: compute the gradient at the final params first "
+                          "(svi.loss_and_grads(svi.model, svi.guide, *args))", stacklevel=2)
         return not self._judge_pending(leaves, {n: g.detach() for n, g in grads.items()})
 
     def diagnose(self) -> list[str]:
@@ -589,11 +595,13 @@ class GeometricOptim(PyroOptim):
 
 
 def _check_lr(lr: float) -> None:
+    """A real number (a NumPy scalar or a one-element tensor too), finite and > 0."""
     if callable(lr):
         raise TypeError(f"lr must be a number, got the callable {lr!r}: the optimizer takes one "
                         "guide, the object passed to SVI")
-    if not (isinstance(lr, int | float) and not isinstance(lr, bool) and math.isfinite(lr)
-            and lr > 0):
+    number = (isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+              or isinstance(lr, Tensor) and lr.numel() == 1 and lr.dtype != torch.bool)
+    if not (number and math.isfinite(float(lr)) and float(lr) > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
 
 
