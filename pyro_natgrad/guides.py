@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.distributions import Distribution, transform_to
 
 from .families import ExponentialFamily, family_of, mask_multiplicity, unwrap
-from .fisher.monte_carlo import draw
+from .fisher.monte_carlo import draw, log_density
 
 __all__ = ["GuideReader", "Site", "Group", "Parameterization", "record_args"]
 
@@ -433,11 +433,17 @@ class GuideReader:
             outputs = [a for a in family.args(base) if isinstance(a, Tensor) and a.requires_grad]
         else:
             with torch.random.fork_rng(devices=_devices()):  # leave the global RNG as it was
-                log_q = fn.log_prob(draw(fn)).sum()
+                try:
+                    log_q = log_density(name, fn, draw(fn)).sum()
+                except ValueError:  # no log-density at a fresh draw: the samples tell
+                    if not fn.has_rsample:
+                        raise
+                    log_q = None
                 sample = fn.rsample() if fn.has_rsample else None
                 # a log-density that drops the graph still has params if its samples depend on
                 # them: keep the site, so the metric that needs the log-density can name it
-                outputs = [log_q if log_q.requires_grad or sample is None else sample]
+                outputs = [log_q if log_q is not None and (log_q.requires_grad or sample is None)
+                           else sample]
             outputs = [o for o in outputs if o.requires_grad]
         if not outputs:
             return (), None

@@ -241,6 +241,35 @@ def test_flow_guide_uses_monte_carlo():
     assert step["method"] == "monte_carlo" and math.isfinite(step["kl"])
 
 
+@pytest.mark.parametrize("transform", ["block_autoregressive", "neural_autoregressive"])
+def test_a_flow_without_an_inverse_is_named_and_fits_under_wasserstein_gradient(transform):
+    """Pyro's block and neural autoregressive flows have a log-density only at their own latest
+    sample (a KeyError from BNAF's cache, a bare NotImplementedError from NAF): the natural
+    gradient's Monte Carlo Fisher cannot have its score, and says so naming the site and the
+    transform; WassersteinGradient, which reads draws only, steps the same guide."""
+    from functools import partial
+
+    from pyro.distributions import transforms
+    from pyro.infer.autoguide import AutoNormalizingFlow
+
+    from pyro_natgrad import WassersteinGradient
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    make = getattr(transforms, transform)
+    name = "BlockAutoregressive" if transform.startswith("block") else "NeuralAutoregressive"
+    pyro.set_rng_seed(0)
+    guide = AutoNormalizingFlow(model, partial(transforms.iterated, 1, make))
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+    with pytest.raises(ValueError, match=rf"site '_AutoNormalizingFlow_latent'.*\({name}\).*"
+                                         "fresh draw.*inverse"):
+        SVI(model, guide, NaturalGradient(guide), elbo).step()
+    opt = WassersteinGradient(guide)
+    losses = [SVI(model, guide, opt, elbo).step() for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses) and opt.last_step
+
+
 # ----- fits through plain SVI, against the best Adam --------------------------------------------
 def _neg_elbo(model, guide, data) -> tuple[float, float]:
     """−ELBO from 8 × 500 particles, and its standard error."""

@@ -41,6 +41,29 @@ def draw(fn: Distribution, sample_shape: torch.Size | tuple[int, ...] = ()) -> T
         return fn.sample(sample_shape).clone()
 
 
+def log_density(name: str, fn: Distribution, z: Tensor) -> Tensor:
+    """``fn.log_prob(z)`` at a draw ``z`` that is not ``fn``'s own latest sample; where ``fn``
+    cannot be evaluated there (a flow whose transforms have no inverse, such as Pyro's
+    ``BlockAutoregressive`` and ``NeuralAutoregressive``: their log-density is known only at the
+    sample they last produced), a ValueError naming the site and the transforms."""
+    try:
+        return fn.log_prob(z)
+    except (NotImplementedError, KeyError) as e:
+        parts = [type(t).__name__ for t in _flattened(getattr(fn, "transforms", ()))]
+        raise ValueError(
+            f"guide site {name!r}: the log-density of {type(fn).__name__} "
+            f"({', '.join(parts) or 'no transforms'}) cannot be evaluated at a fresh draw "
+            f"({type(e).__name__}: {e}), so its score ∇θ log q(z) and Monte Carlo Fisher are "
+            "not available: use a flow whose transforms have an inverse (e.g. "
+            "affine_autoregressive, spline_coupling), or WassersteinGradient, which needs draws "
+            "only") from e
+
+
+def _flattened(transforms) -> list:
+    """The transforms of a chain, compositions opened (``ComposeTransform.parts``)."""
+    return [u for t in transforms for u in (_flattened(t.parts) if hasattr(t, "parts") else [t])]
+
+
 class MonteCarloFisher:
     """Score-outer-product Fisher F̂ = (1/S) Σ_s Σ_k r_ks r_ksᵀ of one group of guide sites.
 
@@ -62,7 +85,7 @@ class MonteCarloFisher:
         for name, fn, scale in sites:
             z = draw(fn, (num_samples,))
             with torch.enable_grad():
-                lp = fn.log_prob(z)
+                lp = log_density(name, fn, z)
             if not lp.requires_grad:
                 raise ValueError(
                     f"guide site {name!r}: log_prob of {type(fn).__name__} is not differentiable "
@@ -82,7 +105,8 @@ class MonteCarloFisher:
         total = 0.0
         for name, z, lp, scale in self.draws:
             with torch.no_grad():  # a copy: a transform's cache must not answer for q'
-                new = fns[name].log_prob(z.clone()).reshape(self.num_samples, -1).sum(-1)
+                new = log_density(name, fns[name], z.clone()).reshape(self.num_samples,
+                                                                      -1).sum(-1)
             total = total + scale * (lp - new)
         kl = float(total.mean())
         return kl if math.isfinite(kl) else math.inf
