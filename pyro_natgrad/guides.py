@@ -236,6 +236,7 @@ class GuideReader:
         self.last_trace: poutine.Trace | None = None
         self.reused = False  # the latest read returned the previous read's groups
         self._warned = False  # the warning of several batches per step was given
+        self._warned_implicit = False  # the warning of an implicit part (AutoStructured) too
         self._structure: dict[tuple, tuple] = {}
         # (fingerprint, groups, the recorded call and the leaves: held so that no identity in
         # the fingerprint is reused)
@@ -355,7 +356,7 @@ class GuideReader:
         frozen = [n for n, p in leaves.items() if not p.requires_grad]
         leaves = {n: p for n, p in leaves.items() if p.requires_grad}
         trace = self.trace()
-        sites = []
+        sites, deltas = [], []
         for name, node in trace.nodes.items():
             if node["type"] != "sample" or node["is_observed"]:
                 continue
@@ -371,6 +372,7 @@ class GuideReader:
                     "the masked-out ones at another or at none), or fit this guide with a plain "
                     "Pyro optimizer such as pyro.optim.Adam") from e
             if type(base).__name__ == "Delta":
+                deltas.append(name)
                 continue
             site_scale = node.get("scale", 1.0)
             site_scale = float(site_scale) if not isinstance(site_scale, Tensor) else float(
@@ -379,8 +381,14 @@ class GuideReader:
                               _batch(trace, node))
             if site is not None:
                 sites.append(site)
+        implicit = _implicit(trace, deltas, {s.name for s in sites})
         if not sites:
-            raise ValueError(self._nothing_to_step(trace, leaves, frozen))
+            raise ValueError(implicit or self._nothing_to_step(trace, leaves, frozen))
+        if implicit and not self._warned_implicit:
+            self._warned_implicit = True
+            warnings.warn(implicit.replace(" so a geometric optimizer cannot step it",
+                                           " so its params are stepped by the base optimizer"),
+                          stacklevel=5)
         return _group(sites)
 
     def _nothing_to_step(self, trace: poutine.Trace, leaves: dict[str, Tensor],
@@ -680,6 +688,22 @@ def _ramp(output: Tensor) -> Tensor:
     """1, 2, …, n in the shape of ``output`` (a fixed cotangent, no random numbers drawn)."""
     return torch.arange(1, output.numel() + 1, dtype=output.dtype,
                         device=output.device).reshape(output.shape)
+
+
+def _implicit(trace: poutine.Trace, deltas: list[str], read: set[str]) -> str:
+    """Where latent sites are point masses whose values are built from auxiliary draws that are
+    not distributions with params (AutoStructured: ``<site>_aux`` ~ N(0, 1) through the params'
+    shears and scales), the message that q is implicit there; else empty."""
+    auxiliary = {n for n, node in trace.nodes.items() if node["type"] == "sample"
+                 and node["infer"].get("is_auxiliary") and n not in read}
+    deltas = [n for n in deltas if f"{n}_aux" in auxiliary]  # AutoStructured's naming
+    if not deltas:
+        return ""
+    return (f"guide site(s) {deltas[:4]} are point masses whose values are built from the "
+            f"auxiliary draws {[f'{n}_aux' for n in deltas[:4]]} (as in AutoStructured): their "
+            "q is implicit, not a distribution with params, so a geometric optimizer cannot step "
+            "it; use AutoNormal, AutoMultivariateNormal or AutoLowRankMultivariateNormal, or a "
+            "plain Pyro optimizer such as pyro.optim.Adam")
 
 
 def _touches(grad: Tensor | None) -> bool:

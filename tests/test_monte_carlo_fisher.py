@@ -472,6 +472,30 @@ def test_guide_without_continuous_distribution_params_is_a_clear_error(make_guid
         svi.step()
 
 
+def test_an_auto_structured_guide_is_named_as_implicit_alone_or_in_a_guide_list():
+    """AutoStructured's latent sites are point masses at values built from N(0, 1) auxiliary
+    draws: alone it is refused as implicit (it was called a guide of point masses); as part of
+    an AutoGuideList beside AutoNormal, the warning says its params go to the base optimizer."""
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal, AutoStructured
+
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(0.0, 1.0))
+
+    guide = AutoStructured(model, conditionals="normal")
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] are point masses.*\['a_aux', 'b_aux'\]"
+                                         ".*AutoStructured.*implicit"):
+        SVI(model, guide, NaturalGradient(guide), Trace_ELBO()).step()
+    pyro.clear_param_store()
+    guide = AutoGuideList(model)
+    guide.append(AutoStructured(pyro.poutine.block(model, expose=["a"]), conditionals="mvn"))
+    guide.append(AutoNormal(pyro.poutine.block(model, expose=["b"])))
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    with pytest.warns(UserWarning, match=r"\['a'\] are point masses.*stepped by the base"):
+        svi.step()
+    svi.step()  # warned once
+
+
 @pytest.mark.parametrize("parameterization", ["probs", "logits"])
 def test_categorical_guide_with_a_continuous_param_is_stepped(parameterization):
     """A discrete site whose probabilities are a continuous param is an exponential family (the
