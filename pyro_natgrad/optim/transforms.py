@@ -49,18 +49,17 @@ class HeavyBall:
     :param cap: the momentum's shift s is scaled down, where needed, to
         |s|_Λ ≤ ``cap``·|m' − m|_Λ, the natural step's own move, both in q's metric Λ (σ⁻² per
         coordinate; L⁻ᵀL⁻¹ for a full covariance), over the group. Travelling at a steady
-        natural move δ, the heavy ball's shift tends to β/(1 − β)·δ (9δ at β = 0.9), inside the
-        default cap; where the natural move vanishes (an exact step reached the optimum, or only
-        Monte Carlo noise is left) the last move's momentum no longer carries q past it, which
-        the restart test, deciding on a gradient that is zero to rounding or noise, cannot
-        ensure. None: uncapped.
+        natural move δ, the heavy ball's shift tends to β/(1 − β)·δ (9δ at β = 0.9), far inside
+        the default cap; where the natural move collapses (an exact step reached the optimum:
+        the gradient is zero to rounding, and so is the restart test's verdict) the last move's
+        momentum no longer carries q past it. None: uncapped.
 
     State: per group, the mean its last accepted step was built at and that step's rate (set
     only when a candidate is accepted, so the order of tried candidates does not matter).
     """
 
     beta: float | str = "auto"
-    cap: float | None = 10.0
+    cap: float | None = 100.0
     last: dict[Key, tuple[Tensor, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
