@@ -59,8 +59,8 @@ def test_trust_region_grows_past_accepted_steps_that_did_not_overshoot():
 
 
 def test_trust_region_without_exact_bounds_holds_first_order_steps_only():
-    """``bound_exact=False`` (WassersteinGradient's default): exact steps are never bounded,
-    repaired or rejected; first-order steps keep the adaptive radius."""
+    """``bound_exact=False`` (WassersteinGradient's default up to 0.1.0): exact steps are never
+    bounded, repaired or rejected; first-order steps keep the adaptive radius."""
     region = KLTrustRegion(bound_exact=False)
     assert region.bound(KEY, 16, exact=True, clean=False) == math.inf
     region.update(KEY, 16, kl=10.0, judgement=REJECTED)  # an exact group's: no radius to move

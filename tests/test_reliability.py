@@ -321,13 +321,14 @@ def test_set_state_refuses_what_is_not_its_state(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:no valid step:pyro_natgrad.StepRefusedWarning")
 def test_a_fit_stuck_at_the_smallest_step_says_so():
-    """WassersteinGradient's lr (a variance) far above a narrow posterior's (sd ≈ 0.02): steps
-    overshoot and are undone until the rate sits at its floor (here min_lr = ¼); the optimizer's
-    diagnosis, which `fit` reports, says that the fit is not moving."""
+    """WassersteinGradient's lr far too large for a narrow posterior (sd ≈ 0.02) and no trust
+    region (at the defaults its radius shortens these steps): steps overshoot and are undone
+    until the rate sits at its floor (here min_lr = ¼); the optimizer's diagnosis, which `fit`
+    reports, says that the fit is not moving."""
     x = torch.linspace(1.0, 3.0, 200, dtype=torch.float64)
     guide = record_args(_guide)
     guide(x)
-    opt = WassersteinGradient(guide, lr=1.0, step_size=BoldDriver(min_lr=0.25))
+    opt = WassersteinGradient(guide, lr=1.0, step_size=BoldDriver(min_lr=0.25), trust_region=None)
     svi = SVI(_model, guide, opt, Trace_ELBO(num_particles=4, vectorize_particles=True))
     assert opt.diagnose() == []
     notes = set()

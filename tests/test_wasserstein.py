@@ -541,12 +541,14 @@ def test_wasserstein_moves_a_narrow_far_guide_where_the_fisher_step_stalls(space
     natural step toward N(5, 0.5²) crawls (measured: mean 0.02 after one step, 1.12 (natural
     parameters) / 0.99 (θ-space) after 20); the W₂ step moves the mean by h∇ₘL whatever σ is,
     m ← m − 0.1 (m − 5)/0.25, a contraction by 0.6 toward 5 (2.0 after one step, 4.9998 after 20),
-    while σ: 0.1 → 1.06 → 0.73 → 0.5. Same nominal step size 0.1, no adaptation, exact gradients,
-    the plain Fisher step (no momentum, which the natural form adds on factorized sites)."""
+    while σ: 0.1 → 1.06 → 0.73 → 0.5. Same nominal step size 0.1, no adaptation (no trust region:
+    at the defaults its radius bounds the first W₂ steps), exact gradients, the plain Fisher step
+    (no momentum, which the natural form adds on factorized sites)."""
     natural = _narrow_far(lambda g: NaturalGradient(g, lr=0.1, mirror=space, momentum=None,
                                                     step_size=None, stationarity=None), 20)
     wasserstein = _narrow_far(lambda g: WassersteinGradient(g, lr=0.1, step_size=None,
-                                                            bures=EXPLICIT), 20)
+                                                            trust_region=None, bures=EXPLICIT),
+                              20)
     means = [m for m, _ in wasserstein]
     assert means[0] == pytest.approx(2.0)
     assert all(b > a for a, b in zip(means, means[1:], strict=False))  # steadily, no overshoot
@@ -594,6 +596,87 @@ def test_positive_definite_under_large_steps_and_noisy_gradients(seed, lr, noise
             tril = factor().detach()
             assert torch.isfinite(tril).all()
             assert torch.equal(tril, tril.tril()) and bool((tril.diagonal() > 0).all())
+
+
+def _stochastic_volatility(T: int = 100, seed: int = 123):
+    """y_t ~ N(0, exp(h_t / 2)), h an AR(1) log-volatility (mu, phi in (-1, 1), sigma > 0),
+    written non-centred and vectorized (h - mu = A z, A_tk = phi^(t-k), z the scaled shocks), and
+    T synthetic observations from mu = -1, phi = 0.95, sigma = 0.25."""
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        phi = pyro.sample("phi", dist.Uniform(-1.0, 1.0))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(5.0))
+        eps = pyro.sample("eps", dist.Normal(0.0, 1.0).expand([len(y)]).to_event(1))
+        lag = torch.arange(len(y))[:, None] - torch.arange(len(y))
+        powers = torch.where(lag >= 0, phi[..., None, None] ** lag.clamp(min=0), 0.0)
+        later = torch.arange(len(y)) > 0  # h_0 from the stationary distribution
+        shocks = sigma[..., None] * eps * torch.where(later, 1.0,
+                                                      torch.rsqrt(1 - phi[..., None] ** 2))
+        h = mu[..., None] + (powers @ shocks[..., None]).squeeze(-1)
+        pyro.sample("y", dist.Normal(0.0, torch.exp(h / 2)).to_event(1), obs=y)
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.empty(T)
+    h[0] = -1.0 + 0.25 / math.sqrt(1 - 0.95**2) * torch.randn(1, generator=g)
+    for t in range(1, T):
+        h[t] = -1.0 + 0.95 * (h[t - 1] + 1.0) + 0.25 * torch.randn(1, generator=g)
+    return model, torch.randn(T, generator=g) * torch.exp(h / 2)
+
+
+def test_mean_field_bures_steps_are_held_to_the_trust_region():
+    """Plain SVI at the defaults on a stochastic-volatility model (AutoNormal: three scalar sites
+    and a 100-element one, 16 particles): no step moves a site far (KL either way), and the model
+    never fails at the params a step left. Before the closed-form Bures steps were held to the
+    trust region, a noisy curvature estimate near 0 made h = ρ/Ĥ huge on a scalar site: here
+    single accepted steps of 60–148 nats on a scalar site and 181–428 on eps (seeds 0–2); over 300
+    steps the model raised on 3 of 10 seeds (its volatility's scale left its support)."""
+    model, y = _stochastic_volatility()
+    for seed in range(3):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = AutoNormal(model)
+        guide(y)  # the params exist before the first step, which is measured too
+        svi = SVI(model, guide, WassersteinGradient(guide),
+                  Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=0))
+        worst = {}
+        for _ in range(40):
+            before = {n: (P(f"AutoNormal.locs.{n}").detach().clone(),
+                          P(f"AutoNormal.scales.{n}").detach().clone())
+                      for n in ("mu", "phi", "sigma", "eps")}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", StepRefusedWarning)  # a refused step is kept
+                loss = svi.step(y)  # raises if the model fails at the params
+            assert math.isfinite(loss), (seed, loss)
+            for n, (loc, scale) in before.items():
+                q0 = dist.Normal(loc.double(), scale.double())
+                q1 = dist.Normal(P(f"AutoNormal.locs.{n}").detach().double(),
+                                 P(f"AutoNormal.scales.{n}").detach().double())
+                kl = max(float(kl_divergence(q0, q1).sum()), float(kl_divergence(q1, q0).sum()))
+                worst[n] = max(worst.get(n, 0.0), kl)
+        assert max(worst[n] for n in ("mu", "phi", "sigma")) < 10.0, (seed, worst)
+        assert worst["eps"] < 100.0, (seed, worst)
+
+
+@pytest.mark.parametrize("reverse_kl", [True, False])
+def test_bures_step_is_measured_by_its_exact_kl_both_ways(reverse_kl):
+    """A closed-form Bures step's recorded KL (the length the trust region holds) is
+    max(KL(q ‖ q'), KL(q' ‖ q)) of q before and after it, exact; ``Bures(reverse_kl=False)``:
+    KL(q ‖ q') alone. The seed's narrow-far first step, unbounded here (trust_region=None), widens
+    q 0.1 → 0.38: KL(q ‖ q') = 22.6 nats, KL(q' ‖ q) = 318."""
+    built = []
+
+    def make(guide):
+        built.append(WassersteinGradient(guide, trust_region=None,
+                                         bures=Bures(reverse_kl=reverse_kl)))
+        return built[0]
+
+    (m1, s1), = _narrow_far(make, 1)
+    kl = built[0].last_step["z"]["kl"]
+    q0 = dist.Normal(torch.tensor(0.0, dtype=F64), 0.1)
+    q1 = dist.Normal(torch.tensor(m1, dtype=F64), s1)
+    forward, backward = float(kl_divergence(q0, q1)), float(kl_divergence(q1, q0))
+    assert forward == pytest.approx(22.6, abs=0.1) and backward > 10 * forward
+    assert kl == pytest.approx(max(forward, backward) if reverse_kl else forward, rel=1e-6)
 
 
 def test_nonfinite_gradient_is_refused_and_params_kept():
@@ -765,7 +848,8 @@ def test_state_round_trip(tmp_path):
     lambda g: WassersteinGradient(g, solve=MetricSolve(cg_iters=0)),
     lambda g: WassersteinGradient(g, solve=MetricSolve(cg_rtol=-1.0)),
     lambda g: WassersteinGradient(g, bures=Bures(scheme="jko")),
-    lambda g: WassersteinGradient(g, bures=Bures(iters=0))])
+    lambda g: WassersteinGradient(g, bures=Bures(iters=0)),
+    lambda g: WassersteinGradient(g, bures=Bures(reverse_kl=1))])
 def test_bad_options_are_rejected(make):
     with pytest.raises(ValueError):
         make(_tril_guide())
@@ -806,9 +890,11 @@ def test_pushforward_step_is_bounded_by_its_measured_length():
 
 
 def test_a_rejected_step_at_the_step_size_floor_is_warned():
-    """lr = 10⁶ on a mean-field guide: the rate falls to its floor (min_lr·lr = 100, still far too
-    long) and every step there is rejected and undone; the fit cannot move, and says so (after
-    20 rejections in a row there) instead of returning the initial params silently."""
+    """lr = 10⁶ on a mean-field guide without a trust region: the rate falls to its floor
+    (min_lr·lr = 100, still far too long) and every step there is rejected and undone; the fit
+    cannot move, and says so (after 20 rejections in a row there) instead of returning the
+    initial params silently. At the defaults the trust region shortens those steps to its
+    radius instead, and the same fit reaches the posterior without a warning."""
     from pyro.infer.autoguide import AutoNormal
 
     y = torch.randn(20, generator=torch.Generator().manual_seed(0)) + 2
@@ -818,11 +904,20 @@ def test_a_rejected_step_at_the_step_size_floor_is_warned():
         with pyro.plate("n", len(y)):
             pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    guide = AutoNormal(model)
-    svi = SVI(model, guide, WassersteinGradient(guide, lr=1e6), Trace_ELBO(num_particles=8))
-    with pytest.warns(StepRefusedWarning, match="20 steps in a row at the step size's floor"):
-        for _ in range(90):
-            svi.step(y)
+    for trust_region in (None, "auto"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoNormal(model)
+        svi = SVI(model, guide, WassersteinGradient(guide, lr=1e6, trust_region=trust_region),
+                  Trace_ELBO(num_particles=8))
+        if trust_region is None:
+            with pytest.warns(StepRefusedWarning,
+                              match="20 steps in a row at the step size's floor"):
+                for _ in range(90):
+                    svi.step(y)
+        else:  # every warning is an error here
+            for _ in range(90):
+                svi.step(y)
+            posterior_mean = float(y.sum()) / (len(y) + 0.01)  # prior precision 1/100
+            assert abs(float(pyro.param("AutoNormal.locs.mu")) - posterior_mean) < 0.25
     pyro.clear_param_store()

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from pyro import poutine
 from torch import Tensor
-from torch.distributions import Dirichlet, kl_divergence
+from torch.distributions import Dirichlet
 
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site
@@ -59,6 +59,7 @@ from ..wasserstein import (
     forward_backward_step_diag,
 )
 from .fisher_solve import FisherSolve
+from .mirror import float64, kl64
 from .options import require_counts, require_numbers
 from .proposal import Candidate, Proposal, linear_proposal
 from .transforms import GaugeProjection
@@ -78,18 +79,27 @@ class Bures:
     :param iters: Lanczos steps of the spectral radius ρ(LᵀĤL) (exact once ≥ the dimension).
     :param framed: the forward–backward step in q's frame F = L (diag σ for a Normal site);
         False: F = I, the plain W₂ geometry.
+    :param reverse_kl: a candidate's length, held to the trust region
+        (:class:`~.trust_region.KLTrustRegion`), is max(KL(q ‖ q'), KL(q' ‖ q)), exact and in
+        float64, as a closed-form linear step's is
+        (:class:`~pyro_natgrad.optim.fisher_solve.FisherSolve`): KL(q ‖ q') grows only as the
+        log of a widening of q, and a q' much wider than q is what a curvature estimate Ĥ near 0
+        proposes (σ'² ≈ h = ρ/Ĥ), whose draws the next ELBO evaluates. False: KL(q ‖ q') alone.
     """
 
     scheme: Literal["forward_backward", "explicit"] = "forward_backward"
     iters: int = 10
     framed: bool = True
+    reverse_kl: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in _SCHEMES:
             raise ValueError(f"Bures: scheme must be one of {_SCHEMES}, got {self.scheme!r}")
         require_counts(self, ("iters",), prefix="Bures: ")
-        if not isinstance(self.framed, bool):
-            raise ValueError(f"Bures: framed must be True or False, got {self.framed!r}")
+        for name in ("framed", "reverse_kl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Bures: {name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
 
     def propose(self, site: Site, leaves: dict[str, Tensor],
                 grads: dict[str, Tensor]) -> Proposal:
@@ -97,7 +107,7 @@ class Bures:
         dense = family.name == "MultivariateNormal"  # arguments (m, L), else (m, σ)
         with torch.no_grad():
             args = param.args({n: leaves[n].detach() for n in param.param_names})
-            current = family.distribution(*args)
+            current = float64(family, family.distribution(*args))  # built once, for every KL
         d_loc, d_second = args_gradient(param, args, [grads[n] for n in param.param_names])
         if dense:
             d_second = cholesky_to_cov_gradient(args[1], d_second)
@@ -113,7 +123,10 @@ class Bures:
                 if not (finite and bool(positive.gt(0).all())):  # Σ' singular, σ' ≤ 0, or NaN
                     return None
                 values = param.unconstrained(new_args)
-                kl = float(kl_divergence(current, family.distribution(*new_args)).sum())
+                new = float64(family, family.distribution(*new_args))
+                kl = kl64(family, current, new)
+                if self.reverse_kl:  # a q' much wider than q: its draws feed the next ELBO
+                    kl = max(kl, kl64(family, new, current))
             if not math.isfinite(kl):
                 return None
             return Candidate(values, rate, kl * site.multiplicity)

@@ -48,8 +48,9 @@ class KLTrustRegion:
         steps are held to the radius until the phase ends, and stay unbounded after it only if
         no step of the group was rejected or repaired. 0: no cautious phase.
     :param adaptive: False keeps every radius at its start (a fixed bound).
-    :param bound_exact: False: exact steps are never bounded (their own rule sizes them, as the
-        curvature-scaled Bures step does) and the radius holds first-order steps only.
+    :param bound_exact: False: exact steps are never bounded (their own rule sizes them) and the
+        radius holds first-order steps only. (``WassersteinGradient``'s default up to 0.1.0: the
+        curvature-scaled Bures step's h = ρ/Ĥ is unbounded where a Monte Carlo Ĥ is near 0.)
     :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
         False: they are nats.
 

@@ -46,10 +46,12 @@ class WassersteinGradient(GeometricOptim):
     :param metric: ``"auto"`` (Bures–Wasserstein for Gaussian sites, pushforward elsewhere) or
         ``"pushforward"`` for every site.
     :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion` with
-        ``bound_exact=False``: no bound on closed-form Bures steps; on linear steps the adaptive
-        radius, ½√n at the start, on the exact KL of a framed low-rank step and on the squared
-        W₂ length along the coupling of the others, in q's frame for a pushforward step), a
-        KLTrustRegion, or None.
+        ``trust_clean=False``: every step under the adaptive radius, ½√n at the start, on the
+        exact KL both ways of a closed-form Bures step (:class:`~.bures.Bures`' ``reverse_kl``;
+        its h = ρ / curvature is unbounded where the curvature estimate is near 0) and of a
+        framed low-rank step, on the squared W₂ length along the coupling of the others, in q's
+        frame for a pushforward step), a KLTrustRegion (``KLTrustRegion(bound_exact=False)``:
+        closed-form Bures steps unbounded, the default up to 0.1.0), or None.
     :param step_size: ``"auto"`` (a :class:`~.step_size.BoldDriver`), a BoldDriver, or None.
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5 and the
         two-step test, which a Bures step that overshoots a stiff direction does not fool; window
@@ -81,7 +83,7 @@ class WassersteinGradient(GeometricOptim):
         if not isinstance(bures, Bures):
             raise TypeError(f"bures must be 'auto' or a Bures, got {bures!r}")
         if trust_region == "auto":
-            trust_region = KLTrustRegion(bound_exact=False)
+            trust_region = KLTrustRegion(trust_clean=False)
         if stationarity == "auto":
             stationarity = PflugCeiling(window=5, lag=2, invariant_window=4)
         super().__init__(guide, lr, trust_region=trust_region,
