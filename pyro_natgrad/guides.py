@@ -383,11 +383,14 @@ class GuideReader:
                 sites.append(site)
         implicit = _implicit(trace, deltas, {s.name for s in sites})
         if not sites:
-            raise ValueError(implicit or self._nothing_to_step(trace, leaves, frozen))
+            raise ValueError(
+                implicit + ", so a geometric optimizer cannot step it; use AutoNormal, "
+                "AutoMultivariateNormal or AutoLowRankMultivariateNormal, or a plain Pyro "
+                "optimizer such as pyro.optim.Adam" if implicit
+                else self._nothing_to_step(trace, leaves, frozen))
         if implicit and not self._warned_implicit:
             self._warned_implicit = True
-            warnings.warn(implicit.replace(" so a geometric optimizer cannot step it",
-                                           " so its params are stepped by the base optimizer"),
+            warnings.warn(implicit + ", so its params are stepped by the base optimizer",
                           stacklevel=5)
         return _group(sites)
 
@@ -693,7 +696,9 @@ def _ramp(output: Tensor) -> Tensor:
 def _implicit(trace: poutine.Trace, deltas: list[str], read: set[str]) -> str:
     """Where latent sites are point masses whose values are built from auxiliary draws that are
     not distributions with params (AutoStructured: ``<site>_aux`` ~ N(0, 1) through the params'
-    shears and scales), the message that q is implicit there; else empty."""
+    shears and scales), the statement that q is implicit there; else empty."""
+    if not deltas:
+        return ""
     auxiliary = {n for n, node in trace.nodes.items() if node["type"] == "sample"
                  and node["infer"].get("is_auxiliary") and n not in read}
     deltas = [n for n in deltas if f"{n}_aux" in auxiliary]  # AutoStructured's naming
@@ -701,9 +706,7 @@ def _implicit(trace: poutine.Trace, deltas: list[str], read: set[str]) -> str:
         return ""
     return (f"guide site(s) {deltas[:4]} are point masses whose values are built from the "
             f"auxiliary draws {[f'{n}_aux' for n in deltas[:4]]} (as in AutoStructured): their "
-            "q is implicit, not a distribution with params, so a geometric optimizer cannot step "
-            "it; use AutoNormal, AutoMultivariateNormal or AutoLowRankMultivariateNormal, or a "
-            "plain Pyro optimizer such as pyro.optim.Adam")
+            "q is implicit, not a distribution with params")
 
 
 def _touches(grad: Tensor | None) -> bool:

@@ -248,7 +248,7 @@ class GeometricOptim(PyroOptim):
         if stepped and (self.step_size is not None or self.stationarity is not None):
             # a step that moved no group's q (exact KL < STILL·rate²) is not judged: the
             # gradients at its ends differ by rounding, and would decide at random
-            still = len(at_unit_rate) == accepted_groups and max(at_unit_rate) < STILL
+            still = len(at_unit_rate) == accepted_groups and self._still
             self._pending = None if still else {
                 "theta": {n: before[n] for n in stepped}, "grad": {n: grads[n] for n in stepped},
                 "kl": taken, "invariant": invariant}

@@ -130,7 +130,7 @@ class Mirror:
             if shift is not None:
                 move = family.natural_to_args(*new_eta)[0] - args[0]
                 new_eta = family.translate(new_eta, momentum.capped(
-                    shift, move, lambda x: _whitened(family, args, x)))
+                    shift, move, lambda x: _whitened(args[1], x)))
             new_args = family.natural_to_args(*new_eta)
             return (lambda: new_args), exact_kl(family, current,
                                                 family.distribution(*new_args)), note
@@ -156,9 +156,8 @@ class Mirror:
             new, note = stepped
             kl = new.kl
             if shift is not None:
-                shift = momentum.capped(shift, new.loc - direction.loc, lambda x: (
-                    torch.linalg.solve_triangular(direction.scale_tril, x.unsqueeze(-1),
-                                                  upper=False)))
+                shift = momentum.capped(shift, new.loc - direction.loc,
+                                        lambda x: _whitened(direction.scale_tril, x))
                 a = -rate * scale * (new.scale_tril.mT @ d_loc.unsqueeze(-1))
                 b = torch.linalg.solve_triangular(new.scale_tril, shift.unsqueeze(-1),
                                                   upper=False)
@@ -172,11 +171,12 @@ class Mirror:
         return step
 
 
-def _whitened(family: ExponentialFamily, args: Params, x: Tensor) -> Tensor:
-    """x in q's whitened frame: x/σ for a Normal, L⁻¹x for a multivariate Normal."""
-    if family.event_rank() == 0:
-        return x / args[1]
-    return torch.linalg.solve_triangular(args[1], x.unsqueeze(-1), upper=False).squeeze(-1)
+def _whitened(scale: Tensor, x: Tensor) -> Tensor:
+    """x in q's whitened frame: x/σ for a Normal (``scale`` σ shaped as x), L⁻¹x for a
+    multivariate Normal (``scale`` its factor L, one dimension more)."""
+    if scale.dim() == x.dim():
+        return x / scale
+    return torch.linalg.solve_triangular(scale, x.unsqueeze(-1), upper=False).squeeze(-1)
 
 
 def _unrepaired(direction: GaussianDirection) -> GaussianRepair:
