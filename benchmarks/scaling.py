@@ -1,5 +1,6 @@
 """Step-cost scaling of NaturalGradient against Pyro's Adam with the dimension:
-``python -m benchmarks.scaling [--quick] [--dims 50,100] [--seeds 3] [--steps 30]``.
+``python -m benchmarks.scaling [--quick] [--dims 50,100] [--seeds 3] [--steps 30]
+[--dtype float32]``.
 
 Logistic regression on d AR(1)-correlated features (:func:`benchmarks.problems.correlated_logistic`,
 500 rows), for d in ``--dims``, with AutoMultivariateNormal, AutoLowRankMultivariateNormal and
@@ -13,8 +14,10 @@ linear-algebra calls and their multiply–adds (in units of d³) per optimizer s
 extra untimed steps by ``tests/op_count.py``), the full-rank step's three-op floor, and per guide
 the exponent b of a least-squares fit time ∝ d^b over the dims. ``--note`` adds a line to the
 protocol (e.g. that the machine was shared); the load average is recorded at start and end.
-Writes ``benchmarks/results/scaling.md``; ``--quick`` (two small dims, few steps, one seed)
-writes ``benchmarks/results/quick/scaling.md``.
+``--dtype``: the data's and so the guide's dtype (default float64, as every benchmark; float32 is
+Pyro's own default, and LAPACK's speed per multiply–add differs between the two). Writes
+``benchmarks/results/scaling.md`` (``scaling_float32.md`` for float32); ``--quick`` (two small
+dims, few steps, one seed) writes under ``benchmarks/results/quick/``.
 """
 
 from __future__ import annotations
@@ -109,14 +112,14 @@ class Row:
 class _ThreeOps:
     """The three O(d³) operations a full-covariance natural step cannot do without
     (:mod:`pyro_natgrad.families.gaussian_step`): S's product Lᵀtril(∂L/∂L), one Cholesky of
-    B = I + ρS and the new factor's solve L U⁻ᵀ, on d×d float64 data of the benchmark's kind,
+    B = I + ρS and the new factor's solve L U⁻ᵀ, on d×d data of the benchmark's kind and dtype,
     each timed call running all three once."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, dtype: torch.dtype = DTYPE):
         g = torch.Generator().manual_seed(0)
-        a = torch.randn(d, d, generator=g, dtype=DTYPE) / d**0.5
-        self.tril = torch.linalg.cholesky(a @ a.mT + torch.eye(d, dtype=DTYPE))
-        self.grad = torch.randn(d, d, generator=g, dtype=DTYPE).tril()
+        a = torch.randn(d, d, generator=g, dtype=dtype) / d**0.5
+        self.tril = torch.linalg.cholesky(a @ a.mT + torch.eye(d, dtype=dtype))
+        self.grad = torch.randn(d, d, generator=g, dtype=dtype).tril()
         self.b = self.tril @ self.tril.mT
 
     def __call__(self) -> float:
@@ -133,11 +136,12 @@ def _named(guide_class: type, prefix: str) -> type:
     return type(prefix + guide_class.__name__, (guide_class,), {})
 
 
-def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
+def measure(d: int, label: str, seed: int, steps: int, row: Row,
+            dtype: torch.dtype = DTYPE) -> None:
     """One seed: a NaturalGradient fit and an Adam fit, steps interleaved."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    X, y = correlated_logistic(d, ROWS, dtype=DTYPE, seed=seed)
+    X, y = correlated_logistic(d, ROWS, dtype=dtype, seed=seed)
     fits = {}
     for name, make in (("ng", NaturalGradient), ("adam", lambda g: Adam({"lr": ADAM_LR}))):
         guide = _named(GUIDES[label], name.upper() + "_")(logistic_model)
@@ -148,7 +152,7 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
         svi.optim = _Timed(svi.optim)
         fits[name] = svi
     times: dict[str, list[float]] = {"ng": [], "adam": []}
-    three_ops = _ThreeOps(d) if label == "AutoMultivariateNormal" else None
+    three_ops = _ThreeOps(d, dtype) if label == "AutoMultivariateNormal" else None
     floor_ops: list[float] = []
     halvings = undone = 0
     with warnings.catch_warnings(record=True) as caught:
@@ -186,22 +190,23 @@ def measure(d: int, label: str, seed: int, steps: int, row: Row) -> None:
     row.work.append(statistics.fmean(w for _, _, w in counts))
 
 
-def _measure_seeds(d: int, label: str, seeds: int, steps: int) -> Row:
+def _measure_seeds(d: int, label: str, seeds: int, steps: int, dtype: torch.dtype) -> Row:
     torch.set_num_threads(1)
     row = Row()
     for seed in range(seeds):
-        measure(d, label, seed, steps, row)
+        measure(d, label, seed, steps, row, dtype)
     return row
 
 
-def measured_apart(d: int, label: str, seeds: int, steps: int) -> Row:
+def measured_apart(d: int, label: str, seeds: int, steps: int,
+                   dtype: torch.dtype = DTYPE) -> Row:
     """Every seed of one (d, guide) in a fresh Python process (one torch thread): the step
     times of a process that has just run other fits depend on what those fits left behind (at
     d = 500, after the full-rank fits, Adam's low-rank step measured 2.9× its time in a fresh
     process, NaturalGradient's 1.6×), so no (d, guide) inherits another's."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(_measure_seeds, (d, label, seeds, steps))
+        return pool.apply(_measure_seeds, (d, label, seeds, steps, dtype))
 
 
 def exponent(dims: list[int], values: list[float]) -> float:
@@ -217,7 +222,8 @@ def describe(args: argparse.Namespace) -> list[str]:
     return [
         "## Protocol", "",
         f"* Logistic regression, {ROWS} rows of d AR(1)-correlated features (ρ = 0.9, "
-        "`benchmarks.problems.correlated_logistic`, float64), d ∈ "
+        f"`benchmarks.problems.correlated_logistic`, {str(args.dtype).removeprefix('torch.')}), "
+        "d ∈ "
         f"{{{', '.join(map(str, args.dims))}}}; guides {', '.join(GUIDES)} (Pyro defaults: "
         "low rank ≈ √d).",
         f"* `Trace_ELBO(num_particles={PARTICLES}, vectorize_particles=True)`. NaturalGradient: "
@@ -290,14 +296,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--note", default="", help="a line added to the protocol")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
     args.dims = args.dims or list(QUICK_DIMS if args.quick else DIMS)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.steps = args.steps or (5 if args.quick else 30)
     unknown = sorted(set(args.guides) - set(GUIDES))
     if unknown:
         parser.error(f"--guides: unknown {unknown}; choose from {list(GUIDES)}")
-    out = args.out or (RESULTS / "quick" / "scaling.md" if args.quick else RESULTS / "scaling.md")
+    name = "scaling.md" if args.dtype == torch.float64 else "scaling_float32.md"
+    out = args.out or (RESULTS / "quick" / name if args.quick else RESULTS / name)
     torch.set_num_threads(1)
     protocol = describe(args)
     print("\n".join(protocol))
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for d in args.dims:
         for label in args.guides:
-            rows[d, label] = row = measured_apart(d, label, args.seeds, args.steps)
+            rows[d, label] = row = measured_apart(d, label, args.seeds, args.steps, args.dtype)
             floor = "" if row.floor_ratio() is None else f", three-op floor {row.floor_ratio():.2f}"
             print(f"d = {d}, {label}: NG {1e3 * statistics.median(row.ng):.1f} ms, Adam "
                   f"{1e3 * statistics.median(row.adam):.1f} ms, ratio {row.ratio():.2f}{floor} "

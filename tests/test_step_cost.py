@@ -54,7 +54,7 @@ def test_lower_product_takes_a_third_of_the_product():
 
 
 @pytest.mark.parametrize("dtype, tol", [(F64, 1e-12), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("d", [10, 300])
+@pytest.mark.parametrize("d", [10, 130, 300])
 def test_lower_solve_is_the_triangular_solve(d, dtype, tol):
     g = torch.Generator().manual_seed(d)
     factor = torch.randn(2, d, d, generator=g, dtype=F64).tril() / d ** 0.5
@@ -65,16 +65,20 @@ def test_lower_solve_is_the_triangular_solve(d, dtype, tol):
     assert got.dtype == dtype and got.shape == (2, d, d)
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * d)
     assert bool((got.triu(1) == 0).all())
+    unbatched = lower_solve(lower.to(dtype), factor[0].to(dtype))  # accumulated in place
+    torch.testing.assert_close(unbatched.double(), expected[0], rtol=tol, atol=tol * d)
 
 
-def test_lower_solve_takes_a_third_of_the_solve():
-    """d = 512 in blocks of 128: Σ_I 128·(128(I + 1))²/2 = 0.234·d³ multiply–adds (a triangular
-    solve with a d×d right-hand side: 0.5·d³)."""
+def test_lower_solve_takes_a_fifth_of_the_solve():
+    """d = 512 in 8 blocks of 64, column block k (from the right) solved and then subtracted
+    from the k blocks left of it: Σ_k (8 − k)(½ + k)·64³ = 102·64³ ≈ 0.199·d³ multiply–adds (a
+    triangular solve with a d×d right-hand side: 0.5·d³); the upper triangle is never read."""
     d = 512
     factor = torch.eye(d, dtype=F64)
     with count_ops(d) as ops:
-        lower_solve(torch.ones(d, d, dtype=F64).tril(), factor)
-    assert ops.work == pytest.approx(30 / 128), ops.work
+        got = lower_solve(torch.ones(d, d, dtype=F64), factor)
+    assert ops.work == pytest.approx(102 / 512), ops.work
+    assert torch.equal(got, torch.ones(d, d, dtype=F64).tril())
 
 
 @pytest.mark.parametrize("scale_constraint", [constraints.softplus_positive, constraints.positive],
