@@ -73,10 +73,11 @@ def _candidate(family, param, leaves, grads, rate, mirror=None, momentum=None,
 
 
 def _momentum(leaves, d_loc, param) -> HeavyBall:
-    """A heavy ball whose previous step moved the mean by −0.1·∂L/∂m (downhill): a velocity."""
+    """A heavy ball whose previous step moved the mean by −0.1·∂L/∂m (downhill), from a mean
+    where the gradient was 3∂L/∂m: a velocity, with the secant model's reach 0.5."""
     momentum = HeavyBall(0.5)
     loc = param.args(leaves)[0]
-    momentum.last[KEY] = (loc + 0.1 * d_loc, 0.5)
+    momentum.last[KEY] = (loc + 0.1 * d_loc, 3 * d_loc, 0.5)
     return momentum
 
 

@@ -23,6 +23,7 @@ from .conjugate import (
     CONJUGATE_CASES,
     CONJUGATE_SCALARS,
     linear_regression,
+    normal_means,
     regression_loss,
     regression_model,
 )
@@ -59,6 +60,32 @@ def test_the_steps_after_an_exact_one_stay_on_the_posterior(case):
         for name, value in c.exact.items():
             torch.testing.assert_close(pyro.param(name).detach(), value, rtol=1e-6, atol=1e-8)
     assert opt.step_size.rate == 1.0
+
+
+@pytest.mark.parametrize("particles", [None, 20_000], ids=["exact", "mc"])
+def test_momentum_does_not_carry_a_conjugate_mean_past_its_posterior(particles):
+    """At the defaults (lr 0.5, the heavy ball on factorized means): five Normal means, each
+    step of the natural gradient is Newton's at rate ½, so step 1 stops 0.7 posterior sd short.
+    The heavy ball's shift at step 2 carried the mean 12 posterior sds past the posterior
+    (exact gradients and 20,000 particles alike), and step 3 undid it; held to where the
+    secant model's loss along the last move is back at its start, q's mean is never farther
+    from the posterior than after step 1, and no step is undone."""
+    c = normal_means(torch.float64)
+    guide = record_args(c.guide)
+    opt = NaturalGradient(guide)
+    loss = c.loss if particles is None else Trace_ELBO(num_particles=particles,
+                                                       vectorize_particles=True)
+    svi = SVI(c.model, guide, opt, loss)
+    pyro.set_rng_seed(0)
+    guide(*c.data)
+    sd = c.exact["scale"]
+    offs = []
+    for step in range(8):
+        svi.step(*c.data)
+        assert opt.last_step["mu"]["method"] == "natural", (step, opt.last_step)
+        offs.append(float(((pyro.param("loc").detach() - c.exact["loc"]) / sd).abs().max()))
+    assert max(offs[1:]) <= offs[0] * (1 + 1e-6) + (0 if particles is None else 0.1), offs
+    assert offs[-1] < (0.02 if particles is None else 0.1), offs
 
 
 def _guide_mean(c):

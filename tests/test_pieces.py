@@ -21,6 +21,7 @@ from pyro_natgrad.optim import (
     KLTrustRegion,
     PrecisionShortening,
     Retraction,
+    Velocity,
 )
 from pyro_natgrad.optim.checks import closed_form, finite, in_support
 from pyro_natgrad.optim.options import require_counts, require_numbers
@@ -151,19 +152,26 @@ def test_kl_aim_calibrates_from_measurable_steps_only_and_keeps_its_state():
 
 def test_heavy_ball_velocity_restarts_uphill_and_remembers_only_accepted_steps():
     """β(m − m_prev)/ρ_prev, dropped when the last move went uphill by the new gradient; "auto"
-    is 0.9 on a factorized family, 0 on a full-covariance one."""
+    is 0.9 on a factorized family, 0 on a full-covariance one. The secant model's reach along
+    u = m − m_prev: 2t* = −2g·u / (g − g_prev)·u, None without positive curvature."""
     momentum, normal = HeavyBall(), Normal()
     loc = torch.tensor([1.0, 2.0])
     assert momentum.velocity(KEY, normal, loc, d_loc=torch.ones(2)) is None  # no history
-    momentum.accept(KEY, Candidate({}, rate=0.5, anchor=torch.tensor([0.0, 0.0])))
+    momentum.accept(KEY, Candidate({}, rate=0.5, anchor=(torch.zeros(2), -3 * torch.ones(2))))
     downhill = momentum.velocity(KEY, normal, loc, d_loc=-torch.ones(2))
-    torch.testing.assert_close(downhill, 0.9 / 0.5 * loc)
+    torch.testing.assert_close(downhill.per_rate, 0.9 / 0.5 * loc)
+    torch.testing.assert_close(downhill.move, loc)
+    assert downhill.reach == pytest.approx(2 * 3 / 6)  # g·u = −3, (g − g_prev)·u = 2 + 4
+    flat = momentum.velocity(KEY, normal, loc, d_loc=-4 * torch.ones(2))  # gradient grew
+    assert flat is not None and flat.reach is None
     assert momentum.velocity(KEY, normal, loc, d_loc=torch.ones(2)) is None  # uphill: restart
     assert momentum.velocity(KEY, MultivariateNormal(), loc, d_loc=-torch.ones(2)) is None
     momentum.accept(KEY, Candidate({}, rate=0.25))  # no anchor (not a Gaussian step): kept
     copy = HeavyBall()
     copy.load_state_dict(momentum.state_dict())
-    torch.testing.assert_close(copy.velocity(KEY, normal, loc, -torch.ones(2)), downhill)
+    again = copy.velocity(KEY, normal, loc, -torch.ones(2))
+    torch.testing.assert_close(again.per_rate, downhill.per_rate)
+    assert again.reach == downhill.reach
     with pytest.raises(ValueError, match="momentum"):
         HeavyBall(1.0)
 
@@ -171,22 +179,59 @@ def test_heavy_ball_velocity_restarts_uphill_and_remembers_only_accepted_steps()
 def test_heavy_ball_shift_is_capped_by_the_natural_move_in_q_metric():
     """|s|_Λ ≤ cap·|m' − m|_Λ over the group (Λ given as the whitening map x ↦ x/σ here): a
     shift within the cap is kept, a longer one scaled down to it, and a vanishing natural move
-    leaves no shift; cap=None leaves every shift."""
+    leaves no shift; cap=None leaves every shift (no secant reach here)."""
     sigma = torch.tensor([1.0, 0.1])
     whiten = lambda x: x / sigma  # noqa: E731
     move = torch.tensor([0.0, 0.01])  # |move|_Λ = 0.1
     momentum = HeavyBall(cap=10.0)
+
+    def shift(heavy_ball, s, natural_move):
+        return heavy_ball.shift(Velocity(s, s, None), 1.0, natural_move, whiten)
+
     inside = torch.tensor([0.5, 0.05])  # |·|_Λ = √0.5 < 1
-    torch.testing.assert_close(momentum.capped(inside, move, whiten), inside)
+    torch.testing.assert_close(shift(momentum, inside, move), inside)
     outside = torch.tensor([3.0, 0.4])  # |·|_Λ = 5
-    capped = momentum.capped(outside, move, whiten)
+    capped = shift(momentum, outside, move)
     torch.testing.assert_close(capped, outside / 5.0)
     torch.testing.assert_close(torch.linalg.vector_norm(whiten(capped)), torch.tensor(1.0))
-    torch.testing.assert_close(momentum.capped(outside, torch.zeros(2), whiten), torch.zeros(2))
-    torch.testing.assert_close(HeavyBall(cap=None).capped(outside, move, whiten), outside)
+    torch.testing.assert_close(shift(momentum, outside, torch.zeros(2)), torch.zeros(2))
+    torch.testing.assert_close(shift(HeavyBall(cap=None), outside, move), outside)
     for bad in (0.0, -1.0, float("inf"), "10"):
         with pytest.raises(ValueError, match="cap"):
             HeavyBall(cap=bad)
+
+
+def test_heavy_ball_shift_stops_where_the_secant_model_rises_along_the_last_move():
+    """On L(m) = ½(m − m*)ᵀH(m − m*) the secant model along the last move u is exact (t* = 1
+    below: m + u = m*): a natural step that is Newton's at rate ρ (m' = m + ρ(m* − m), H = Λ)
+    followed by the shift ends at most at m + 2t*u, where L is back at L(m), when β's shift
+    would carry it further; a shorter shift is kept; ``secant=False`` leaves it; a natural move
+    already past 2t* leaves no shift."""
+    h = torch.tensor([20.0, 5.0])
+    optimum = torch.tensor([3.0, -1.0])
+    grad = lambda m: h * (m - optimum)  # noqa: E731
+    loss = lambda m: 0.5 * (h * (m - optimum) ** 2).sum()  # noqa: E731
+    whiten = lambda x: x * h.sqrt()  # noqa: E731  (q's metric Λ = H)
+    m0 = torch.zeros(2)
+    m1 = m0 + 0.5 * (optimum - m0)  # a Newton step at rate 0.5
+    momentum = HeavyBall(beta=0.9, cap=None)
+    momentum.accept(KEY, Candidate({}, rate=0.5, anchor=(m0, grad(m0))))
+    velocity = momentum.velocity(KEY, Normal(), m1, grad(m1))
+    assert velocity.reach == pytest.approx(2.0)  # m1 + u = m*: t* = 1
+    move = optimum - m1  # Newton's step at rate 1, then 0.9·1/0.5 = 1.8 u of momentum
+    landed = m1 + move + momentum.shift(velocity, 1.0, move, whiten)
+    torch.testing.assert_close(landed, m1 + 2 * velocity.move)  # held at 2t* (not 2.8)
+    torch.testing.assert_close(loss(landed), loss(m1))
+    plain = HeavyBall(beta=0.9, cap=None, secant=False)
+    plain.last = dict(momentum.last)
+    unheld = m1 + move + plain.shift(plain.velocity(KEY, Normal(), m1, grad(m1)), 1.0, move,
+                                     whiten)
+    torch.testing.assert_close(unheld, m1 + 2.8 * velocity.move)
+    half = 0.5 * (optimum - m1)  # at rate 0.5: 0.5 + 0.9 < 2, kept
+    torch.testing.assert_close(momentum.shift(velocity, 0.5, half, whiten),
+                               0.5 * velocity.per_rate)
+    beyond = 2.5 * (optimum - m1)  # a natural move past 2t*
+    torch.testing.assert_close(momentum.shift(velocity, 0.5, beyond, whiten), torch.zeros(2))
 
 
 def test_precision_shortening_keeps_the_mean_rate_and_halves_the_precision_per_element():

@@ -22,6 +22,7 @@ from .transforms import (
     PrecisionShortening,
     Retraction,
     VarianceAdaptation,
+    Velocity,
 )
 from .trust_region import KLAim, KLTrustRegion
 from .wasserstein import WassersteinGradient
@@ -30,6 +31,6 @@ __all__ = [
     "NaturalGradient", "WassersteinGradient", "GeometricOptim", "StepRefusedWarning",
     "Mirror", "FisherSolve", "FisherAverage", "Bures", "MetricSolve", "Candidate", "Proposal",
     "HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection", "VarianceAdaptation",
-    "KLTrustRegion", "KLAim",
+    "Velocity", "KLTrustRegion", "KLAim",
     "BoldDriver", "PflugCeiling", "Judgement", "Step", "judge",
 ]

@@ -28,13 +28,13 @@ from ..families.gaussian_step import (
 from ..guides import Gathered, Site
 from ..pullback import args_gradient
 from .proposal import Candidate, Deferred, Proposal
-from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction
+from .transforms import GaussianRepair, HeavyBall, PrecisionShortening, Retraction, Velocity
 
 __all__ = ["Mirror", "exact_kl", "float64", "kl64"]
 
-# a group's step at (rate, the momentum's shift of the mean): (new args, formed when called;
-# KL(q ‖ q'); note), or None when it cannot stay in the family's domain
-Step = Callable[[float, Tensor | None], "tuple[Callable[[], Params], float, str] | None"]
+# a group's step at (rate, the momentum): (new args, formed when called; KL(q ‖ q'); note), or
+# None when it cannot stay in the family's domain
+Step = Callable[[float, Velocity | None], "tuple[Callable[[], Params], float, str] | None"]
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Mirror:
         local = isinstance(param, Gathered)
         velocity = (momentum.velocity(key, family, args[0], d_loc)
                     if momentum and not local else None)
-        anchor = args[0].detach().clone() if d_loc is not None and not local else None
+        anchor = ((args[0].detach().clone(), d_loc.detach().clone())
+                  if d_loc is not None and not local else None)
         dense = (family.name == "MultivariateNormal"
                  and args[0].shape[:-1] == args[1].shape[:-2])  # no covariance shared by locs
         model_kl = None
@@ -88,7 +89,7 @@ class Mirror:
 
         def candidate(rate: float) -> Candidate | None:
             with torch.no_grad():
-                stepped = step(rate, None if velocity is None else rate * velocity)
+                stepped = step(rate, velocity)
             if stepped is None:
                 return None
             new_args, kl, note = stepped
@@ -113,7 +114,7 @@ class Mirror:
         d_loc = d_args[0] if family.location_split else None
         current = family.distribution(*(a.detach() for a in args))
 
-        def step(rate: float, shift: Tensor | None
+        def step(rate: float, velocity: Velocity | None
                  ) -> tuple[Callable[[], Params], float, str] | None:
             delta = tuple(-rate * scale * d for d in dmu)
             new_eta = tuple(e + d for e, d in zip(eta, delta, strict=True))
@@ -127,10 +128,10 @@ class Mirror:
                 new_eta, note = repaired
                 if not bool(family.in_domain(*new_eta).all()):
                     return None
-            if shift is not None:
+            if velocity is not None:
                 move = family.natural_to_args(*new_eta)[0] - args[0]
-                new_eta = family.translate(new_eta, momentum.capped(
-                    shift, move, lambda x: _whitened(args[1], x)))
+                new_eta = family.translate(new_eta, momentum.shift(
+                    velocity, rate, move, lambda x: _whitened(args[1], x)))
             new_args = family.natural_to_args(*new_eta)
             return (lambda: new_args), exact_kl(family, current,
                                                 family.distribution(*new_args)), note
@@ -148,16 +149,16 @@ class Mirror:
         repair = (self.domain.gaussian(direction, key) if self.domain is not None
                   else _unrepaired(direction))
 
-        def step(rate: float, shift: Tensor | None
+        def step(rate: float, velocity: Velocity | None
                  ) -> tuple[Callable[[], Params], float, str] | None:
             stepped = repair(rate * scale)
             if stepped is None:
                 return None
             new, note = stepped
-            kl = new.kl
-            if shift is not None:
-                shift = momentum.capped(shift, new.loc - direction.loc,
-                                        lambda x: _whitened(direction.scale_tril, x))
+            kl, shift = new.kl, None
+            if velocity is not None:
+                shift = momentum.shift(velocity, rate, new.loc - direction.loc,
+                                       lambda x: _whitened(direction.scale_tril, x))
                 a = -rate * scale * (new.scale_tril.mT @ d_loc.unsqueeze(-1))
                 b = torch.linalg.solve_triangular(new.scale_tril, shift.unsqueeze(-1),
                                                   upper=False)

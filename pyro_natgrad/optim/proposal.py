@@ -49,8 +49,9 @@ class Candidate:
     ``values`` (its trace), which replaces ``kl`` once ``kl`` fits the trust region;
     ``closed_form_kl``: that KL computed from ``values`` alone where the map from params to q
     is known, so that the guide is not re-built (it takes the place of ``measure``); ``anchor``:
-    the mean the step was built at (for momentum); ``note``: what a transform did to it;
-    ``repaired``: a domain repair changed the step (it left the family's domain at this rate).
+    the mean the step was built at and the gradient ∇ₘL there (for momentum); ``note``: what a
+    transform did to it; ``repaired``: a domain repair changed the step (it left the family's
+    domain at this rate).
     """
 
     values: Mapping[str, Tensor]
@@ -59,7 +60,7 @@ class Candidate:
     note: str = ""
     measure: Callable[[poutine.Trace], float] | None = None
     closed_form_kl: Callable[[Mapping[str, Tensor]], float] | None = None
-    anchor: Tensor | None = None
+    anchor: tuple[Tensor, Tensor] | None = None
     repaired: bool = False
 
 

@@ -24,7 +24,7 @@ from ..guides import Group, Site
 from .options import require_counts
 from .proposal import Candidate
 
-__all__ = ["HeavyBall", "PrecisionShortening", "Retraction", "GaugeProjection",
+__all__ = ["HeavyBall", "Velocity", "PrecisionShortening", "Retraction", "GaugeProjection",
            "VarianceAdaptation"]
 
 Key = tuple[str, ...]
@@ -32,6 +32,19 @@ Eta = tuple[Tensor, ...]
 # a full-covariance Gaussian's natural step at a rate, repaired where it leaves the domain, with
 # its note; None when no repair keeps it in the domain
 GaussianRepair = Callable[[float], "tuple[GaussianStep, str] | None"]
+
+
+@dataclass(frozen=True)
+class Velocity:
+    """The heavy ball's momentum for one step of a group: ``per_rate`` β(m − m_prev)/ρ_prev,
+    the shift of the mean per unit rate; ``move`` u = m − m_prev, the last accepted move; and
+    ``reach`` 2t*, the coefficient of u from m beyond which the secant model of the loss along
+    u rises above its value at m (:meth:`HeavyBall.velocity`), or None where the two gradients
+    show no curvature."""
+
+    per_rate: Tensor
+    move: Tensor
+    reach: float | None
 
 
 @dataclass
@@ -43,6 +56,17 @@ class HeavyBall:
     gradient, ∇ₘL·(m − m_prev) ≥ 0 (the gradient restart of O'Donoghue & Candès 2015, which also
     switches it off where Monte Carlo noise decides the gradient's sign).
 
+    The shift never carries the mean to where the loss along the last move u = m − m_prev rises
+    above its value at m, by the secant model of the loss on that line: φ(t) = L(m + tu) has
+    φ'(0) = ∇ₘL·u and, from the gradient g_prev at m_prev, φ'(0) − φ'(−1) = (∇ₘL − g_prev)·u
+    (the secant condition of quasi-Newton methods; Nocedal & Wright 2006, §6.1), so where that
+    curvature is positive the model's minimum is at t* = −∇ₘL·u / (∇ₘL − g_prev)·u and
+    φ(2t*) = φ(0). The new mean's coordinate along u (q's metric) is held to 2t*: a heavy ball
+    may pass the line's minimum, as its iterates do on an ill-conditioned quadratic, but not
+    into the rise beyond, where a step that is Newton's already (a conjugate model, at lr < 1)
+    was carried by the momentum of its own first move; where the posterior's correlations slow
+    a factorized step, t* is far and the shift stands.
+
     :param beta: β in [0, 1), or ``"auto"``: 0.9 for factorized (mean-field) sites, 0 for
         full-covariance ones. A full-covariance natural step is already a Newton step for the
         mean; a factorized one is a Jacobi step, slowed by the posterior's correlations.
@@ -53,14 +77,17 @@ class HeavyBall:
         the default cap; where the natural move collapses (an exact step reached the optimum:
         the gradient is zero to rounding, and so is the restart test's verdict) the last move's
         momentum no longer carries q past it. None: uncapped.
+    :param secant: hold the shift to the secant model's 2t* (above); False leaves it out.
 
-    State: per group, the mean its last accepted step was built at and that step's rate (set
-    only when a candidate is accepted, so the order of tried candidates does not matter).
+    State: per group, the mean its last accepted step was built at, the gradient ∇ₘL there and
+    that step's rate (set only when a candidate is accepted, so the order of tried candidates
+    does not matter).
     """
 
     beta: float | str = "auto"
     cap: float | None = 100.0
-    last: dict[Key, tuple[Tensor, float]] = field(default_factory=dict)
+    secant: bool = True
+    last: dict[Key, tuple[Tensor, Tensor, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.beta != "auto" and not (isinstance(self.beta, int | float)
@@ -71,44 +98,61 @@ class HeavyBall:
             raise ValueError(f"HeavyBall cap must be a finite number > 0 or None, "
                              f"got {self.cap!r}")
 
-    def capped(self, shift: Tensor, move: Tensor, whiten: Callable[[Tensor], Tensor]
-               ) -> Tensor:
-        """``shift`` scaled by min(1, cap·|W move| / |W shift|), W = ``whiten`` (q's metric
-        as a map, |x|_Λ = |Wx|), norms over the group."""
-        if self.cap is None:
-            return shift
-        size = torch.linalg.vector_norm(whiten(shift))
-        limit = self.cap * torch.linalg.vector_norm(whiten(move))
-        return torch.where(size > limit, shift * (limit / size.clamp_min(
-            torch.finfo(shift.dtype).tiny)), shift)
+    def shift(self, velocity: Velocity, rate: float, move: Tensor,
+              whiten: Callable[[Tensor], Tensor]) -> Tensor:
+        """The mean's shift at ``rate`` after the natural step's own ``move`` m' − m: ρ·per_rate,
+        scaled down to |s|_Λ ≤ cap·|m' − m|_Λ and to a coordinate along u of at most
+        2t* − ⟨m' − m, u⟩_Λ/|u|²_Λ (never below 0), W = ``whiten`` (q's metric as a map,
+        |x|_Λ = |Wx|), norms and inner products over the group."""
+        shift = rate * velocity.per_rate
+        factor = torch.ones((), dtype=shift.dtype, device=shift.device)
+        if self.cap is not None:
+            size = torch.linalg.vector_norm(whiten(shift))
+            limit = self.cap * torch.linalg.vector_norm(whiten(move))
+            factor = torch.where(size > limit, limit / size.clamp_min(
+                torch.finfo(shift.dtype).tiny), factor)
+        if self.secant and velocity.reach is not None:
+            line = whiten(velocity.move)
+            length = line.square().sum().clamp_min(torch.finfo(shift.dtype).tiny)
+            along = (whiten(shift) * line).sum() / length  # the shift's coefficient on u
+            room = (velocity.reach - (whiten(move) * line).sum() / length).clamp_min(0)
+            factor = torch.minimum(factor, torch.where(
+                along * factor > room, room / along.clamp_min(torch.finfo(shift.dtype).tiny),
+                factor))
+        return shift * factor
 
     def velocity(self, key: Key, family: ExponentialFamily, loc: Tensor,
-                 d_loc: Tensor | None) -> Tensor | None:
-        """β(m − m_prev)/ρ_prev per unit rate, or None (no momentum, no previous step, or a
-        restart)."""
+                 d_loc: Tensor | None) -> Velocity | None:
+        """The momentum at mean ``loc`` with gradient ``d_loc`` = ∇ₘL, or None (no momentum, no
+        previous step, or a restart)."""
         beta = self.beta
         if beta == "auto":
             beta = 0.9 if family.event_rank() == 0 else 0.0
         last = self.last.get(key)
         if not beta or d_loc is None or last is None or last[0].shape != loc.shape:
             return None
-        moved = loc.detach() - last[0]
-        if not float((d_loc * moved).sum()) < 0:
+        anchor, gradient, rate = last
+        moved = loc.detach() - anchor
+        slope = float((d_loc * moved).sum())
+        if not slope < 0:
             return None
-        return beta / last[1] * moved
+        curvature = float(((d_loc - gradient) * moved).sum())
+        reach = -2 * slope / curvature if curvature > 0 else None
+        return Velocity(beta / rate * moved, moved, reach)
 
     def accept(self, key: Key, candidate: Candidate) -> None:
         if candidate.anchor is not None:
-            self.last[key] = (candidate.anchor, candidate.rate)
+            self.last[key] = (*candidate.anchor, candidate.rate)
 
     def forget(self, key: Key) -> None:
         self.last.pop(key, None)
 
     def state_dict(self) -> dict:
-        return {"last": {k: (m.clone(), r) for k, (m, r) in self.last.items()}}
+        return {"last": {k: (m.clone(), g.clone(), r) for k, (m, g, r) in self.last.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last = {tuple(k): (m.clone(), r) for k, (m, r) in state["last"].items()}
+        self.last = {tuple(k): (m.clone(), g.clone(), r)
+                     for k, (m, g, r) in state["last"].items()}
 
 
 @dataclass
