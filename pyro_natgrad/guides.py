@@ -35,6 +35,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 from torch.distributions import Distribution, transform_to
+from torch.distributions.multivariate_normal import _precision_to_scale_tril
 
 from .families import ExponentialFamily, family_of, mask_multiplicity, unwrap
 from .fisher.monte_carlo import draw, log_density
@@ -127,6 +128,51 @@ class Gathered(Direct):
         return {n: self.leaves[n].detach().index_copy(d, self.index, transform_to(c).inv(a))
                 for n, c, d, a in zip(self.param_names, self.constraints, self.dims, args,
                                       strict=True)}
+
+
+@dataclass
+class CholeskyOf(Direct):
+    """:class:`Direct` for ``MultivariateNormal(loc, covariance_matrix=C)`` or
+    ``(loc, precision_matrix=P)`` with C or P a param's constrained value: the family's argument
+    ``scale_tril`` is L = chol(C), or torch's factor of P⁻¹ (``precision``); the inverse writes
+    C = LLᵀ, or P = L⁻ᵀL⁻¹, through the param's constraint."""
+
+    precision: bool = False
+
+    def args(self, values: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        loc, matrix = super().args(values)
+        return loc, _scale_tril(matrix, self.precision)
+
+    def unconstrained(self, args: Sequence[Tensor]) -> dict[str, Tensor]:
+        loc, tril = args
+        matrix = torch.cholesky_inverse(tril) if self.precision else tril @ tril.mT
+        return super().unconstrained((loc, matrix))
+
+
+def _scale_tril(matrix: Tensor, precision: bool) -> Tensor:
+    """The factor torch's MultivariateNormal takes from a covariance or precision ``matrix``."""
+    return _precision_to_scale_tril(matrix) if precision else torch.linalg.cholesky(matrix)
+
+
+def _reads(leaf: Tensor, constraint: constraints.Constraint, form: bool | None, arg: Tensor,
+           vjp: Tensor) -> bool:
+    """Whether ``arg`` is y = transform_to(constraint)(leaf) (``form`` None), or torch's factor
+    of y read as a covariance (False) or a precision (True): equal in value, and in the
+    vector-Jacobian product ``vjp`` of the ramp cotangent (:func:`_ramp`) that the guide's
+    own graph gave."""
+    with torch.enable_grad():
+        x = leaf.detach().requires_grad_()
+        try:
+            y = transform_to(constraint)(x)
+            y = y if form is None else _scale_tril(y, form)
+        except (torch.linalg.LinAlgError, RuntimeError):
+            return False
+        if y.shape != arg.shape or not torch.equal(y.detach(), arg):
+            return False
+        (mine,) = torch.autograd.grad(y, x, _ramp(y), allow_unused=True)
+    mine = torch.zeros_like(x) if mine is None else mine
+    return mine.shape == vjp.shape and bool(torch.allclose(mine, vjp, rtol=1e-5, atol=1e-8 * (
+        1 + float(vjp.abs().max()))))
 
 
 @dataclass
@@ -478,20 +524,33 @@ class GuideReader:
             return deps, None
         # Direct: each argument depends on exactly one leaf and equals its constrained value
         # (Gathered: its entries at the site's subsample, along one axis, the same for all).
-        direct = []
-        for arg, g in zip(family.args(base), grads, strict=True):
-            own = [n for i, n in enumerate(names) if _touches(g[i])]
+        # Direct is identified by the argument's value and its derivative (a value alone can
+        # coincide: chol(I) = I); a MultivariateNormal's scale_tril may instead be the factor of
+        # a param read as a covariance or a precision (CholeskyOf).
+        direct, form = [], None
+        for i, (arg, g) in enumerate(zip(family.args(base), grads, strict=True)):
+            own = [(n, g[j]) for j, n in enumerate(names) if _touches(g[j])]
             if len(own) != 1:
                 return deps, None
-            constraint = store._constraints[own[0]]
-            value = transform_to(constraint)(leaves[own[0]]).detach()
+            (leaf_name, vjp), = own
+            constraint = store._constraints[leaf_name]
+            value = transform_to(constraint)(leaves[leaf_name]).detach()
             dim = None if value.shape == arg.shape else _gathered_axis(value, arg.detach(), batch)
-            if dim is None and (value.shape != arg.shape or not torch.equal(value, arg.detach())):
-                return deps, None
-            direct.append((own[0], constraint, dim))
+            if dim is None:
+                forms = ((None, False, True) if family.name == "MultivariateNormal" and i == 1
+                         else (None,))
+                found = [f for f in forms
+                         if _reads(leaves[leaf_name], constraint, f, arg.detach(), vjp)]
+                if not found:
+                    return deps, None
+                form = found[0] if found[0] is not None else form
+            direct.append((leaf_name, constraint, dim))
         if len({n for n, _, _ in direct}) != len(direct):
             return deps, None
         names_, constraints_, dims = zip(*direct, strict=True)
+        if form is not None:
+            return deps, (CholeskyOf(tuple(names_), tuple(constraints_), form)
+                          if all(d is None for d in dims) else None)
         if all(d is None for d in dims):
             return deps, Direct(tuple(names_), tuple(constraints_))
         if any(d is None for d in dims):

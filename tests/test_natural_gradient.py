@@ -137,6 +137,42 @@ def test_one_step_exact_gaussian_regression_full_covariance(dtype):
     torch.testing.assert_close(fitted_cov.detach(), cov, **tol)
 
 
+@pytest.mark.parametrize("form", ["covariance_matrix", "precision_matrix"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_step_exact_with_a_covariance_or_precision_param(form, dtype):
+    """``MultivariateNormal(loc, covariance_matrix=C)`` (or ``precision_matrix=P``) with C a
+    ``positive_definite`` param started at I: the reader takes scale_tril as chol(C) (or torch's
+    factor of P⁻¹), identified by value and derivative (at C = I the value alone is that of a
+    scale_tril param: chol(I) = I, and the step was written into C as if C were the factor: a
+    non-symmetric "covariance", the fit 6.6 posterior sds off after 30 steps at 256 particles,
+    a LinAlgError at 16), and the step lands on the exact posterior at lr 1."""
+    X, y, mean, cov = linear_regression(dtype)
+    d = X.shape[1]
+
+    def guide(X, y):
+        loc = pyro.param("loc", torch.zeros(d, dtype=dtype))
+        matrix = pyro.param("matrix", torch.eye(d, dtype=dtype), constraints.positive_definite)
+        pyro.sample("w", dist.MultivariateNormal(loc, **{form: matrix}))
+    guide = record_args(guide)
+
+    def moments():
+        matrix = pyro.param("matrix")
+        return pyro.param("loc"), matrix if form == "covariance_matrix" else torch.linalg.inv(
+            matrix)
+
+    opt = NaturalGradient(guide, lr=1.0)
+    svi = SVI(regression_model(), guide, opt, regression_loss(moments))
+    guide(X, y)
+    svi.step(X, y)
+    (site,) = [s for g in opt._groups for s in g.sites]
+    assert type(site.parameterization).__name__ == "CholeskyOf"
+    assert site.parameterization.precision == (form == "precision_matrix")
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
+    fitted_mean, fitted_cov = moments()
+    torch.testing.assert_close(fitted_mean.detach(), mean, **tol)
+    torch.testing.assert_close(fitted_cov.detach(), cov, **tol)
+
+
 def test_auto_multivariate_normal_one_step_exact():
     X, y, mean, cov = linear_regression(torch.float64)
     guide = AutoMultivariateNormal(regression_model())

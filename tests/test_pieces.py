@@ -25,6 +25,7 @@ from pyro_natgrad.optim import (
 )
 from pyro_natgrad.optim.checks import closed_form, finite, in_support
 from pyro_natgrad.optim.options import require_counts, require_numbers
+from pyro_natgrad.optim.proposal import Deferred
 from pyro_natgrad.optim.trust_region import rate_for_kl
 
 ACCEPTED = Judgement(descent=True, change=-1.0, ratio=-0.5, accepted=True)
@@ -309,6 +310,11 @@ def test_checks_name_non_finite_and_out_of_support_candidates():
     assert finite(Candidate({"scale": torch.tensor(float("nan"))}, rate=1.0)) == "non-finite"
     assert finite(Candidate({"scale": torch.tensor(0.0)}, rate=1.0, kl=math.inf)) == "non-finite"
     assert finite(Candidate({"scale": torch.tensor(0.0)}, rate=1.0, kl=0.1)) is None
+
+    def unformable():  # a deferred map back to the params that fails
+        torch.linalg.cholesky(-torch.eye(2))
+
+    assert finite(Candidate(Deferred(unformable), rate=1.0, kl=0.1)) == "domain"
     assert in_support(Candidate({"scale": torch.tensor(-200.0)}, rate=1.0)) == "domain"  # exp → 0
     assert in_support(Candidate({"scale": torch.tensor(-2.0)}, rate=1.0)) is None
 

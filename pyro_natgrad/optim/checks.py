@@ -30,11 +30,17 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
 
 
 def finite(candidate: Candidate | None) -> str | None:
-    """``"domain"`` for no candidate (the direction found none), ``"non-finite"`` for a value or
-    a KL that is NaN or ±∞."""
+    """``"domain"`` for no candidate (the direction found none) or one whose values cannot be
+    formed (a deferred map back to the params failed, e.g. the Cholesky of a covariance that is
+    not numerically positive definite), ``"non-finite"`` for a value or a KL that is NaN or
+    ±∞."""
     if candidate is None:
         return "domain"
-    if not all_finite(candidate.values.values()):
+    try:
+        values = list(candidate.values.values())
+    except (torch.linalg.LinAlgError, ValueError, RuntimeError):
+        return "domain"
+    if not all_finite(values):
         return "non-finite"
     if candidate.kl is not None and not math.isfinite(candidate.kl):
         return "non-finite"
