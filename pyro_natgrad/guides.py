@@ -162,12 +162,14 @@ def _reads(leaf: Tensor, constraint: constraints.Constraint, form: bool | None, 
     own graph gave."""
     with torch.enable_grad():
         x = leaf.detach().requires_grad_()
+        y = transform_to(constraint)(x)
+        if y.shape != arg.shape or (form is not None and y.dim() < 2):
+            return False
         try:
-            y = transform_to(constraint)(x)
             y = y if form is None else _scale_tril(y, form)
         except (torch.linalg.LinAlgError, RuntimeError):
             return False
-        if y.shape != arg.shape or not torch.equal(y.detach(), arg):
+        if not torch.equal(y.detach(), arg):
             return False
         (mine,) = torch.autograd.grad(y, x, _ramp(y), allow_unused=True)
     mine = torch.zeros_like(x) if mine is None else mine
