@@ -541,11 +541,13 @@ class GuideReader:
             if dim is None:
                 forms = ((None, False, True) if family.name == "MultivariateNormal" and i == 1
                          else (None,))
-                found = [f for f in forms
-                         if _reads(leaves[leaf_name], constraint, f, arg.detach(), vjp)]
-                if not found:
+                found = next((f for f in forms
+                              if _reads(leaves[leaf_name], constraint, f, arg.detach(), vjp)),
+                             "none")
+                if found == "none":
                     return deps, None
-                form = found[0] if found[0] is not None else form
+                if found is not None:
+                    form = found
             direct.append((leaf_name, constraint, dim))
         if len({n for n, _, _ in direct}) != len(direct):
             return deps, None

@@ -116,9 +116,7 @@ class HeavyBall:
             length = line.square().sum().clamp_min(torch.finfo(shift.dtype).tiny)
             along = (whiten(shift) * line).sum() / length  # the shift's coefficient on u
             room = (velocity.reach - (whiten(move) * line).sum() / length).clamp_min(0)
-            factor = torch.minimum(factor, torch.where(
-                along * factor > room, room / along.clamp_min(torch.finfo(shift.dtype).tiny),
-                factor))
+            factor = torch.minimum(factor, room / along.clamp_min(torch.finfo(shift.dtype).tiny))
         return shift * factor
 
     def velocity(self, key: Key, family: ExponentialFamily, loc: Tensor,
