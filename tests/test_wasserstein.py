@@ -921,3 +921,38 @@ def test_a_rejected_step_at_the_step_size_floor_is_warned():
             posterior_mean = float(y.sum()) / (len(y) + 0.01)  # prior precision 1/100
             assert abs(float(pyro.param("AutoNormal.locs.mu")) - posterior_mean) < 0.25
     pyro.clear_param_store()
+
+
+def test_a_bures_step_pulled_back_to_params_is_held_to_its_exact_kl():
+    """A custom MultivariateNormal guide whose scale_tril = diag(s)·Lc, Lc under
+    ``corr_cholesky`` (a map the reader does not know: the Bures metric is pulled back to
+    (loc, s, Lc)): its W₂ length alone let s fall 1 → 0.36 → 0.008 in two steps, each measured
+    at 1.5–3 by the metric's model, and the fit degenerated (−ELBO −2·10³⁰, then 41 refused
+    steps of 50, 22 posterior sds off). Held to max(KL(q ‖ q'), KL(q' ‖ q)) as a closed-form
+    Bures step is, no step is refused and after 50 steps the mean is within 0.5 posterior sd
+    (0.13 measured; NaturalGradient 0.07)."""
+    g = torch.Generator().manual_seed(0)  # the new user's data: 50 rows of N(0, I) features
+    X = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(3, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        50, generator=g, dtype=torch.float64)
+    cov = torch.linalg.inv(torch.eye(3, dtype=torch.float64) + X.T @ X / 0.25)
+    mean = cov @ X.T @ y / 0.25
+    d = X.shape[1]
+
+    def guide(X, y):
+        loc = pyro.param("loc", torch.zeros(d, dtype=torch.float64))
+        s = pyro.param("s", torch.ones(d, dtype=torch.float64), constraint=constraints.positive)
+        corr = pyro.param("corr", torch.eye(d, dtype=torch.float64),
+                          constraint=constraints.corr_cholesky)
+        pyro.sample("w", dist.MultivariateNormal(loc, scale_tril=s[:, None] * corr))
+    guide = record_args(guide)
+    opt = WassersteinGradient(guide)
+    svi = SVI(regression_model(), guide, opt,
+              Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StepRefusedWarning)
+        for _ in range(50):
+            svi.step(X, y)
+    assert {v["method"] for v in opt.last_step.values()} == {"bures_metric"}
+    off = ((pyro.param("loc").detach() - mean) / cov.diagonal().sqrt()).abs().max()
+    assert off < 0.5, off

@@ -42,6 +42,7 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import Dirichlet
 
+from ..families import unwrap
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site
 from ..pullback import args_gradient, scaled_low_rank_coordinates
@@ -228,10 +229,15 @@ class MetricSolve:
                                direction, float(direction @ built.mvp(direction)))
         length = _coupled_length(group, self.num_samples,
                                  built.frames if isinstance(built, PushforwardMetric) else None)
+        kl = _exact_kl_both_ways(group) if metric == "bures" else None
+
+        def measured(trace: poutine.Trace, model: float) -> float:
+            value = max(model, length(trace))  # never below the model
+            return value if kl is None else max(value, kl(trace))
 
         def candidate(rate: float) -> Candidate:
             c = step.candidate(rate)
-            c.measure = lambda trace, model=c.kl: max(model, length(trace))  # never below it
+            c.measure = lambda trace, model=c.kl: measured(trace, model)
             return c
 
         return Proposal(step.method, candidate, exact=False)
@@ -280,6 +286,25 @@ def _coupled_length(group: Group, num_samples: int, frames: list[Tensor] | None 
         return 0.5 * total / num_samples
 
     return length
+
+
+def _exact_kl_both_ways(group: Group) -> Callable[[poutine.Trace], float]:
+    """Σ_sites multiplicity·max(KL(q ‖ q'), KL(q' ‖ q)) of a group of Gaussian sites, q' read
+    from the re-built guide's trace, exact and in float64 (:func:`~.mirror.kl64`): the length
+    a closed-form Bures step is held to (:class:`Bures`), for a Bures step pulled back to
+    params that write q through a map the reader does not know, whose W₂ length alone does not
+    bound how far a scale may fall."""
+    current = [(s.name, s.family, s.multiplicity, float64(s.family, s.base))
+               for s in group.sites]
+
+    def kl(trace: poutine.Trace) -> float:
+        total = 0.0
+        for name, family, multiplicity, old in current:
+            new = float64(family, unwrap(trace.nodes[name]["fn"])[0])
+            total += multiplicity * max(kl64(family, old, new), kl64(family, new, old))
+        return total
+
+    return kl
 
 
 def _loc_cov(site: Site) -> tuple[Tensor, Tensor]:
