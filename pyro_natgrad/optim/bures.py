@@ -42,7 +42,6 @@ from pyro import poutine
 from torch import Tensor
 from torch.distributions import Dirichlet
 
-from ..families import unwrap
 from ..fisher.linalg import flat, solve_metric
 from ..guides import Group, Site
 from ..pullback import args_gradient, scaled_low_rank_coordinates
@@ -59,7 +58,7 @@ from ..wasserstein import (
     forward_backward_step,
     forward_backward_step_diag,
 )
-from .fisher_solve import FisherSolve
+from .fisher_solve import FisherSolve, kl_both_ways
 from .mirror import float64, kl64
 from .options import require_counts, require_numbers
 from .proposal import Candidate, Proposal, linear_proposal
@@ -229,7 +228,9 @@ class MetricSolve:
                                direction, float(direction @ built.mvp(direction)))
         length = _coupled_length(group, self.num_samples,
                                  built.frames if isinstance(built, PushforwardMetric) else None)
-        kl = _exact_kl_both_ways(group) if metric == "bures" else None
+        # held to its exact KL both ways too, as a closed-form Bures step is: a Bures step
+        # pulled back through a map the reader does not know sees little of a falling scale
+        kl = kl_both_ways(group) if metric == "bures" else None
 
         def measured(trace: poutine.Trace, model: float) -> float:
             value = max(model, length(trace))  # never below the model
@@ -286,25 +287,6 @@ def _coupled_length(group: Group, num_samples: int, frames: list[Tensor] | None 
         return 0.5 * total / num_samples
 
     return length
-
-
-def _exact_kl_both_ways(group: Group) -> Callable[[poutine.Trace], float]:
-    """Σ_sites multiplicity·max(KL(q ‖ q'), KL(q' ‖ q)) of a group of Gaussian sites, q' read
-    from the re-built guide's trace, exact and in float64 (:func:`~.mirror.kl64`): the length
-    a closed-form Bures step is held to (:class:`Bures`), for a Bures step pulled back to
-    params that write q through a map the reader does not know, whose W₂ length alone does not
-    bound how far a scale may fall."""
-    current = [(s.name, s.family, s.multiplicity, float64(s.family, s.base))
-               for s in group.sites]
-
-    def kl(trace: poutine.Trace) -> float:
-        total = 0.0
-        for name, family, multiplicity, old in current:
-            new = float64(family, unwrap(trace.nodes[name]["fn"])[0])
-            total += multiplicity * max(kl64(family, old, new), kl64(family, new, old))
-        return total
-
-    return kl
 
 
 def _loc_cov(site: Site) -> tuple[Tensor, Tensor]:

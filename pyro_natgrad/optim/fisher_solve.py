@@ -149,7 +149,7 @@ class FisherSolve:
                           if self.form in (None, "cg") else None)
             metric = structured or PulledBackFisher(
                 [(s.family, s.family.args(s.base), s.multiplicity) for s in group.sites], theta)
-            measure = _exact_kl(group) if structured is None else None
+            measure = kl_both_ways(group) if structured is None else None
         outputs = None if monte_carlo else sum(
             a.numel() for s in group.sites for a in s.family.args(s.base))
         form = self.form or ("cg" if structured is not None else _default_form(
@@ -223,7 +223,7 @@ def _sampled_kl(group: Group, metric: MonteCarloFisher) -> Callable[[poutine.Tra
     return kl
 
 
-def _exact_kl(group: Group) -> Callable[[poutine.Trace], float]:
+def kl_both_ways(group: Group) -> Callable[[poutine.Trace], float]:
     """max(KL(q ‖ q'), KL(q' ‖ q)) of exponential-family sites, q' re-built at a candidate (the
     second grows with a q' much wider than q, whose draws the next ELBO evaluates; the Fisher's
     quadratic model misses both where the parameterization is degenerate, e.g. the ΔWΔWᵀ term of
@@ -244,7 +244,7 @@ def _exact_kl(group: Group) -> Callable[[poutine.Trace], float]:
 
 
 def _coordinates_kl(fisher: ScaledLowRankFisher) -> Callable[[Mapping[str, Tensor]], float]:
-    """:func:`_exact_kl` of an AutoLowRankMultivariateNormal site from its params' values, in
+    """:func:`kl_both_ways` of an AutoLowRankMultivariateNormal site from its params' values, in
     float64 and closed form (:func:`~pyro_natgrad.families.multivariate_normal.scaled_low_rank_kl`),
     the guide not re-built."""
     coords = fisher.coords
