@@ -41,8 +41,9 @@ def test_probation_trusts_only_the_first_clean_step_and_does_not_grow():
         assert region.bound(KEY, N, exact=True, clean=True) == 2.0
         region.update(KEY, N, kl=1.9, judgement=ACCEPTED)
     assert region.radius[KEY] == 2.0 and KEY not in region.distrusted
-    # probation over, never rejected nor repaired: clean steps are unbounded again
-    assert region.bound(KEY, N, exact=True, clean=True) == math.inf
+    # probation over, never rejected nor repaired: clean steps are trusted again (held only to
+    # clean_growth × the last accepted KL, above the radius)
+    assert region.bound(KEY, N, exact=True, clean=True) == 4 * 1.9
     # first-order steps grow again after probation
     other = ("w",)
     for _ in range(3):
@@ -77,7 +78,7 @@ def test_probation_zero_is_the_plain_region_and_state_round_trips():
     for region in (plain, zero):
         region.bound(KEY, N, exact=True, clean=True)
         region.update(KEY, N, kl=5.0, judgement=ACCEPTED)
-        assert region.bound(KEY, N, exact=True, clean=True) == math.inf
+        assert region.bound(KEY, N, exact=True, clean=True) == 4 * 5.0  # clean_growth × 5
     region = KLTrustRegion(probation=5)
     region.bound(KEY, N, exact=True, clean=True)
     region.update(KEY, N, kl=5.0, judgement=ACCEPTED)

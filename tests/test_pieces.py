@@ -34,7 +34,7 @@ REJECTED = Judgement(descent=True, change=1.0, ratio=2.0, accepted=False)
 KEY = ("loc", "scale")
 
 
-def test_trust_region_clean_exact_steps_are_unbounded_until_a_repair_or_a_rejection():
+def test_trust_region_trusts_clean_exact_steps_until_a_repair_or_a_rejection():
     region = KLTrustRegion()
     assert region.bound(KEY, 16, exact=True, clean=True) == math.inf
     assert region.bound(KEY, 16, exact=False) == 0.5 * 4  # first-order: ½√n
@@ -48,6 +48,31 @@ def test_trust_region_clean_exact_steps_are_unbounded_until_a_repair_or_a_reject
     assert region.bound(other, 4, exact=True, clean=True) == 1.0  # back to the start ½√4
     region.update(other, 4, kl=1.0, judgement=REJECTED)
     assert region.bound(other, 4, exact=True, clean=True) == 0.5  # ½ the rejected KL
+
+
+def test_trust_region_holds_a_trusted_clean_step_to_a_multiple_of_the_last_accepted_one():
+    """``clean_growth``: after a group's first step (unbounded: a conjugate model's exact step),
+    a clean step of a trusted group may take max(radius, 4 × the last accepted KL); a rejected
+    step's KL is not recorded (the group is distrusted anyway); ``math.inf`` leaves clean steps
+    unbounded; the record survives a state round trip and ``forget``."""
+    region = KLTrustRegion()
+    assert region.bound(KEY, 16, exact=True, clean=True) == math.inf
+    region.update(KEY, 16, kl=0.1, judgement=ACCEPTED)
+    assert region.bound(KEY, 16, exact=True, clean=True) == 2.0  # the radius ½√16 is larger
+    region.update(KEY, 16, kl=1.5, judgement=ACCEPTED)
+    assert region.bound(KEY, 16, exact=True, clean=True) == 6.0  # 4 × 1.5
+    region.update(KEY, 16, kl=6.0, judgement=OVERSHOOT)  # accepted: still the last
+    assert region.bound(KEY, 16, exact=True, clean=True) == 24.0
+    assert KEY in region.trusted and region.radius[KEY] == 2.0  # no radius growth while trusted
+    copy = KLTrustRegion()
+    copy.load_state_dict(region.state_dict())
+    assert copy == region and copy.last == {KEY: 6.0}
+    copy.forget(KEY)
+    assert copy.bound(KEY, 16, exact=True, clean=True) == math.inf
+    unbounded = KLTrustRegion(clean_growth=math.inf)
+    unbounded.bound(KEY, 16, exact=True, clean=True)
+    unbounded.update(KEY, 16, kl=0.1, judgement=ACCEPTED)
+    assert unbounded.bound(KEY, 16, exact=True, clean=True) == math.inf
 
 
 def test_trust_region_grows_past_accepted_steps_that_did_not_overshoot():
@@ -99,7 +124,7 @@ def test_rate_for_kl_solves_the_quadratic_model_and_halves_a_measured_kl_at_most
 
 
 @pytest.mark.parametrize("bad", [dict(start=0.0), dict(grow=0.5), dict(shrink=1.0),
-                                 dict(min_radius=-1.0)])
+                                 dict(min_radius=-1.0), dict(clean_growth=0.5)])
 def test_trust_region_rejects_bad_options(bad):
     with pytest.raises(ValueError, match="KLTrustRegion"):
         KLTrustRegion(**bad)

@@ -52,6 +52,7 @@ from .conjugate import (
     regression_loss,
     regression_model,
 )
+from .volatility import stochastic_volatility
 
 NOISE = 1.0  # a better-conditioned regression than the natural-gradient tests use: the W₂ step
 # is not affine invariant, its convergence rate is the condition number of the posterior precision
@@ -598,31 +599,6 @@ def test_positive_definite_under_large_steps_and_noisy_gradients(seed, lr, noise
             assert torch.equal(tril, tril.tril()) and bool((tril.diagonal() > 0).all())
 
 
-def _stochastic_volatility(T: int = 100, seed: int = 123):
-    """y_t ~ N(0, exp(h_t / 2)), h an AR(1) log-volatility (mu, phi in (-1, 1), sigma > 0),
-    written non-centred and vectorized (h - mu = A z, A_tk = phi^(t-k), z the scaled shocks), and
-    T synthetic observations from mu = -1, phi = 0.95, sigma = 0.25."""
-    def model(y):
-        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-        phi = pyro.sample("phi", dist.Uniform(-1.0, 1.0))
-        sigma = pyro.sample("sigma", dist.HalfCauchy(5.0))
-        eps = pyro.sample("eps", dist.Normal(0.0, 1.0).expand([len(y)]).to_event(1))
-        lag = torch.arange(len(y))[:, None] - torch.arange(len(y))
-        powers = torch.where(lag >= 0, phi[..., None, None] ** lag.clamp(min=0), 0.0)
-        later = torch.arange(len(y)) > 0  # h_0 from the stationary distribution
-        shocks = sigma[..., None] * eps * torch.where(later, 1.0,
-                                                      torch.rsqrt(1 - phi[..., None] ** 2))
-        h = mu[..., None] + (powers @ shocks[..., None]).squeeze(-1)
-        pyro.sample("y", dist.Normal(0.0, torch.exp(h / 2)).to_event(1), obs=y)
-
-    g = torch.Generator().manual_seed(seed)
-    h = torch.empty(T)
-    h[0] = -1.0 + 0.25 / math.sqrt(1 - 0.95**2) * torch.randn(1, generator=g)
-    for t in range(1, T):
-        h[t] = -1.0 + 0.95 * (h[t - 1] + 1.0) + 0.25 * torch.randn(1, generator=g)
-    return model, torch.randn(T, generator=g) * torch.exp(h / 2)
-
-
 def test_mean_field_bures_steps_are_held_to_the_trust_region():
     """Plain SVI at the defaults on a stochastic-volatility model (AutoNormal: three scalar sites
     and a 100-element one, 16 particles): no step moves a site far (KL either way), and the model
@@ -630,7 +606,7 @@ def test_mean_field_bures_steps_are_held_to_the_trust_region():
     trust region, a noisy curvature estimate near 0 made h = ρ/Ĥ huge on a scalar site: here
     single accepted steps of 60–148 nats on a scalar site and 181–428 on eps (seeds 0–2); over 300
     steps the model raised on 3 of 10 seeds (its volatility's scale left its support)."""
-    model, y = _stochastic_volatility()
+    model, y = stochastic_volatility()
     for seed in range(3):
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)

@@ -47,8 +47,10 @@ class NaturalGradient(GeometricOptim):
     :param momentum: heavy-ball momentum β on a Gaussian mean, ``"auto"`` (0.9 on factorized
         sites, 0 on full-covariance ones), a number, a :class:`~.transforms.HeavyBall`, or None.
     :param trust_region: ``"auto"`` (a :class:`~.trust_region.KLTrustRegion`: ½√n nats, except
-        that natural steps that stay in the family's domain at the full rate are unbounded until
-        one of the group's steps needs a repair or is rejected), a KLTrustRegion, or None.
+        that natural steps that stay in the family's domain at the full rate are not held to it
+        until one of the group's steps needs a repair or is rejected: the group's first step is
+        unbounded, later ones at most 4× the KL of its last accepted step), a KLTrustRegion, or
+        None.
     :param aim: a :class:`~.trust_region.KLAim` (a full-covariance Gaussian's first candidate
         aimed at the trust region's bound by its calibrated KL model: about one Cholesky fewer
         per bounded step, a different path; opt-in), or None (default: the first candidate

@@ -33,9 +33,16 @@ class KLTrustRegion:
     guide's parameters, whose quadratic model is only locally right.
 
     :param start: the radius every group starts from, per √n (n = the group's param count).
-    :param trust_clean: a clean exact step is not bounded until the evidence says its model does
-        not hold for the group: a step that needed a repair at the full rate, or a rejected step
-        (False: every step is bounded).
+    :param trust_clean: a clean exact step is not held to the radius until the evidence says its
+        model does not hold for the group: a step that needed a repair at the full rate, or a
+        rejected step (False: every step is bounded).
+    :param clean_growth: a trusted clean step after the group's first is held to
+        max(radius, ``clean_growth`` × the KL of the group's last accepted step): step lengths
+        (√KL) may double per step at 4, as a classical radius grows (Nocedal & Wright 2006,
+        Alg. 4.1). With exact gradients the steps of a fit that converges shrink, and a
+        conjugate model's exact first step is unbounded; what it stops is a Monte Carlo
+        precision estimate near 0 sending one step 10²–10⁴ times the last (math.inf: clean
+        steps unbounded).
     :param linear_cap: a first-order step's radius never exceeds ``linear_cap``·n.
     :param grow: an accepted step that did not overshoot (Pflug's ratio ≤ 0: the gradient at the
         candidate still points the same way) raises the radius to ``grow`` × its KL.
@@ -54,8 +61,8 @@ class KLTrustRegion:
     :param sized: True: ``start`` and ``min_radius`` are per √n and ``linear_cap`` per n;
         False: they are nats.
 
-    State: the radius of each group, the groups whose steps are unbounded now, those no longer
-    trusted, and each group's count of judged steps.
+    State: the radius of each group, the groups whose clean steps are trusted now, those no
+    longer trusted, each group's count of judged steps and the KL of its last accepted step.
     """
 
     start: float = 0.5
@@ -68,16 +75,18 @@ class KLTrustRegion:
     adaptive: bool = True
     sized: bool = True
     bound_exact: bool = True
+    clean_growth: float = 4.0
     radius: dict[Key, float] = field(default_factory=dict)
+    last: dict[Key, float] = field(default_factory=dict)
     trusted: set[Key] = field(default_factory=set)
     distrusted: set[Key] = field(default_factory=set)
     judged: dict[Key, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (self.start > 0 and self.linear_cap > 0 and self.grow >= 1
-                and 0 < self.shrink < 1 and self.min_radius > 0):
+                and 0 < self.shrink < 1 and self.min_radius > 0 and self.clean_growth >= 1):
             raise ValueError(f"KLTrustRegion needs start, linear_cap, min_radius > 0, "
-                             f"grow >= 1 and 0 < shrink < 1, got {self!r}")
+                             f"grow, clean_growth >= 1 and 0 < shrink < 1, got {self!r}")
         if not (isinstance(self.probation, int) and self.probation >= 0):
             raise ValueError(f"KLTrustRegion needs an integer probation >= 0, got {self!r}")
 
@@ -92,14 +101,14 @@ class KLTrustRegion:
         if exact and not self.bound_exact:
             return math.inf
         radius = self.radius.setdefault(key, self.start * self._root(n))
-        if not self.decided(key, exact):  # a trusted group's exact step: clean ones unbounded
+        if not self.decided(key, exact):  # a trusted group's exact step: clean ones not held
             if not clean:
                 self._distrust(key)
             elif 0 < self.judged.get(key, 0) < self.probation:  # on probation: bounded
                 self.trusted.discard(key)
             else:
                 self.trusted.add(key)
-                return math.inf
+                return max(radius, self.clean_growth * self.last.get(key, math.inf))
         if exact:
             return radius
         return min(radius, self.linear_cap * (n if self.sized else 1))
@@ -117,6 +126,8 @@ class KLTrustRegion:
             return
         self.judged[key] = self.judged.get(key, 0) + 1
         trusted = key in self.trusted
+        if judgement.accepted and math.isfinite(kl):
+            self.last[key] = kl
         if not judgement.accepted:
             radius = max(self.min_radius * self._root(n), self.shrink * kl)
             # a rejected unbounded step falls back to the start radius at most
@@ -138,16 +149,19 @@ class KLTrustRegion:
         self.trusted.discard(key)
         self.distrusted.discard(key)
         self.judged.pop(key, None)
+        self.last.pop(key, None)
 
     def state_dict(self) -> dict:
         return {"radius": dict(self.radius), "trusted": sorted(self.trusted),
-                "distrusted": sorted(self.distrusted), "judged": dict(self.judged)}
+                "distrusted": sorted(self.distrusted), "judged": dict(self.judged),
+                "last": dict(self.last)}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = {tuple(k): v for k, v in state["radius"].items()}
         self.trusted = {tuple(k) for k in state["trusted"]}
         self.distrusted = {tuple(k) for k in state["distrusted"]}
         self.judged = {tuple(k): v for k, v in state.get("judged", {}).items()}
+        self.last = {tuple(k): v for k, v in state["last"].items()}
 
 
 def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool) -> float:
