@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import warnings
 
 import matplotlib
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
+from pyro_natgrad import NaturalGradient
 from pyro_natgrad.fit import FitDiagnosisWarning, fit, plot_history
 
 from .test_diagnostics import normal_data, normal_model, normal_posterior
@@ -186,3 +188,22 @@ def test_plot_history_linear_for_negative_losses_and_given_axes():
     assert ax is given and ax.get_yscale() == "linear"
     assert math.isclose(ax.get_lines()[1].get_ydata()[0], -3.0)
     matplotlib.pyplot.close("all")
+
+
+def test_a_converged_natural_fit_is_told_how_its_step_size_settled_not_that_noise_rules():
+    """A Normal–Normal fit with NaturalGradient's defaults and 4 particles settles by the
+    stationarity test lowering its rate, and fit's stopping rule ends it. The note says that is
+    how a noisy fit settles, and when noise stops one short (before, every converged fit was
+    told that noise dominated its step)."""
+    y = normal_data(torch.float64)
+    guide = AutoNormal(normal_model)
+    opt = NaturalGradient(guide)
+    svi = SVI(normal_model, guide, opt, Trace_ELBO(num_particles=4, vectorize_particles=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(svi, y, num_steps=5000, progress=False)
+    assert len(history) < 5000  # converged by the stopping rule
+    (note,) = [str(w.message) for w in caught if issubclass(w.category, FitDiagnosisWarning)]
+    assert note.startswith("fit converged") and "lowered to" in note
+    assert "settles at its optimum" in note and "stop it short" in note
+    assert "now dominates the step" not in note

@@ -474,15 +474,17 @@ class GeometricOptim(PyroOptim):
             notes.append(
                 f"the step size was lowered to {self.stationarity.ceiling:.3g} "
                 f"({100 * self.stationarity.ceiling / self._lr:.2g}% of lr = {self._lr:g}) by "
-                "the stationarity test: successive moves disagree, so Monte Carlo noise"
+                "the stationarity test, where successive moves disagree: so a noisy fit "
+                "settles at its optimum, but Monte Carlo noise"
                 + (" or the base optimizer's moves of "
                    f"{', '.join(base[:3])}{', …' if len(base) > 3 else ''} (the target of the "
                    "natural step moving under it)" if base else "")
-                + " now dominates the step"
-                + (" (a factorized guide on a correlated posterior may still be travelling "
-                   "slowly)" if factorized else "")
-                + f"; {remedies} or stationarity=PflugCeiling(growth=1.0) for a long fit would "
-                "fit closer")
+                + " can also stop it short, and where the loss still falls it has"
+                + (" (a factorized guide on a correlated posterior travels slowly)"
+                   if factorized else "")
+                + f"; {remedies} would fit closer; stationarity=PflugCeiling(growth=1.0) keeps "
+                "a larger step over a long fit (closer where the guide still travels, noisier "
+                "where noise dominates)")
         if (not self._still and self.step_size is not None
                 and self.step_size.rate <= self.step_size.min_lr * self._lr):
             notes.append(
