@@ -123,6 +123,16 @@ def test_rate_for_kl_solves_the_quadratic_model_and_halves_a_measured_kl_at_most
     assert rate_for_kl(1.0, kl=1e8, bound=1.0, quadratic=False) == 0.5
 
 
+def test_rate_for_kl_halves_where_the_kl_did_not_fall_with_the_rate():
+    """Given the try before, a KL that fell by less than half of what KL ∝ rate² predicts
+    (part of the step held fixed) halves the rate; one that fell as predicted keeps the rule."""
+    assert rate_for_kl(0.9, kl=2.4e-4, bound=2e-4, quadratic=True,
+                       previous=(1.0, 2.45e-4)) == 0.45
+    assert rate_for_kl(0.9, kl=0.81, bound=0.5, quadratic=True, previous=(1.0, 1.0)) \
+        == pytest.approx(0.9 * math.sqrt(0.5 / 0.81))
+    assert rate_for_kl(0.9, kl=0.95, bound=0.5, quadratic=False, previous=(1.0, 1.0)) == 0.45
+
+
 @pytest.mark.parametrize("bad", [dict(start=0.0), dict(grow=0.5), dict(shrink=1.0),
                                  dict(min_radius=-1.0), dict(clean_growth=0.5)])
 def test_trust_region_rejects_bad_options(bad):

@@ -448,3 +448,49 @@ def test_one_particle_clean_steps_do_not_run_away_from_the_last_accepted_step():
                 if step:  # the first step is unbounded (a conjugate model's exact step)
                     worst = max(worst, float(kl_divergence(q0, q1)), float(kl_divergence(q1, q0)))
         assert worst < 100.0, (seed, worst)
+
+
+def test_a_step_whose_kl_has_a_part_held_fixed_is_shortened_below_the_hold_not_refused():
+    """A custom guide of mixed families in non-standard parameterizations (Beta by mean and
+    concentration, Gamma by mean and sd, a Normal's log-scale), 8 particles, the defaults: its
+    closed-form steps cap each param at its signal fraction (``VarianceAdaptation``). After a
+    rejected step near the optimum the radius is 2·10⁻⁴ nats, and a capped param's share of the
+    step, held at its cap while the rate fell, kept the KL at 2.4·10⁻⁴: twenty shortenings by
+    ×0.9, then a StepRefusedWarning at step 34 (a helper's new-user round). Past half the tries
+    a KL that does not fall with the rate's square now halves the rate."""
+    def model(z, y):
+        p = pyro.sample("p", dist.Beta(2.0, 2.0))
+        prec = pyro.sample("prec", dist.Gamma(2.0, 2.0))
+        loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("z", dist.Bernoulli(p), obs=z)
+            pyro.sample("y", dist.Normal(loc, prec.rsqrt()), obs=y)
+
+    def guide(z, y):
+        mean = pyro.param("p_mean", torch.tensor(0.5), constraint=constraints.unit_interval)
+        conc = pyro.param("p_conc", torch.tensor(2.0), constraint=constraints.positive)
+        g_mean = pyro.param("g_mean", torch.tensor(1.0), constraint=constraints.positive)
+        g_sd = pyro.param("g_sd", torch.tensor(1.0), constraint=constraints.positive)
+        loc = pyro.param("m_loc", torch.tensor(0.0))
+        log_scale = pyro.param("m_logscale", torch.tensor(0.0))
+        pyro.sample("p", dist.Beta(mean * conc, (1 - mean) * conc))
+        pyro.sample("prec", dist.Gamma((g_mean / g_sd) ** 2, g_mean / g_sd ** 2))
+        pyro.sample("loc", dist.Normal(loc, log_scale.exp()))
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the data's, the model's and the guide's
+    try:
+        g = torch.Generator().manual_seed(9)
+        z = (torch.rand(120, generator=g) < 0.3).double()
+        y = 2.0 + 1.5 * torch.randn(120, generator=g)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = record_args(guide)
+        svi = SVI(model, guide, NaturalGradient(guide),
+                  Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", StepRefusedWarning)
+            for _ in range(40):
+                svi.step(z, y)
+    finally:
+        torch.set_default_dtype(default)

@@ -352,7 +352,7 @@ class GeometricOptim(PyroOptim):
             self._refuse(group, f"the metric at guide site(s) {site_names} could not be "
                                 f"factorized ({e}); step refused, params unchanged")
             return None
-        tried, problems, bound = rate, [], None
+        tried, problems, bound, previous = rate, [], None, None
         if self.aim is not None and self.trust_region is not None \
                 and self.trust_region.decided(key, proposal.exact):
             bound = self._bound(key, leaves, proposal.exact, None)
@@ -374,7 +374,12 @@ class GeometricOptim(PyroOptim):
                     self.aim.record(key, candidate.kl, proposal.model_kl(candidate.rate))
                 return candidate
             if problem in ("kl", "measured kl"):
-                tried = rate_for_kl(tried, candidate.kl, bound, quadratic=problem == "kl")
+                # past half the tries, a KL that does not fall as the rate's square has a
+                # part held fixed: halve (rate_for_kl)
+                late = backtrack >= self.max_backtracks // 2
+                shorter = rate_for_kl(tried, candidate.kl, bound, problem == "kl",
+                                      previous if late else None)
+                previous, tried = (tried, candidate.kl), shorter
             else:
                 tried *= 0.5
         reasons = ", ".join(sorted(set(problems)))

@@ -164,10 +164,19 @@ class KLTrustRegion:
         self.last = {tuple(k): v for k, v in state["last"].items()}
 
 
-def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool) -> float:
+def rate_for_kl(rate: float, kl: float, bound: float, quadratic: bool,
+                previous: tuple[float, float] | None = None) -> float:
     """A smaller rate for a step whose KL at ``rate`` exceeds ``bound``: KL ∝ rate² for a step
     measured by its quadratic model (the rate is solved for, within [0.01, 0.9] of the old one);
-    a measured KL need not scale so, and the rate is at most halved (within [0.5, 0.9])."""
+    a measured KL need not scale so, and the rate is at most halved (within [0.5, 0.9]).
+    ``previous``: the (rate, KL) of the try before this one; where the KL fell by less than half
+    of what KL ∝ rate² predicts from it (part of the step does not shrink with the rate: a param
+    held at its ``VarianceAdaptation`` cap, a momentum shift held by its secant bound), the rate
+    is halved, so that the tries reach below every such hold."""
+    if previous is not None and previous[0] > rate:
+        predicted = previous[1] * (1 - (rate / previous[0]) ** 2)
+        if previous[1] - kl < 0.5 * predicted:
+            return 0.5 * rate
     root = math.sqrt(bound / kl)
     if quadratic:
         return rate * max(0.01, min(0.9, root))
