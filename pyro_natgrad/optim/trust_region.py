@@ -40,9 +40,9 @@ class KLTrustRegion:
         max(radius, ``clean_growth`` × the KL of the group's last accepted step): step lengths
         (√KL) may double per step at 4, as a classical radius grows (Nocedal & Wright 2006,
         Alg. 4.1). With exact gradients the steps of a fit that converges shrink, and a
-        conjugate model's exact first step is unbounded; what it stops is a Monte Carlo
-        precision estimate near 0 sending one step 10²–10⁴ times the last (math.inf: clean
-        steps unbounded).
+        conjugate model's exact first step is unbounded; the bound holds the step that a Monte
+        Carlo precision estimate near 0 makes many times the last (math.inf: clean steps
+        unbounded).
     :param linear_cap: a first-order step's radius never exceeds ``linear_cap``·n.
     :param grow: an accepted step that did not overshoot (Pflug's ratio ≤ 0: the gradient at the
         candidate still points the same way) raises the radius to ``grow`` × its KL.
