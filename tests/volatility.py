@@ -4,10 +4,16 @@ likelihood fails (a volatility scale underflows) at params a runaway step reache
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import kl_divergence
+
+from pyro_natgrad import StepRefusedWarning
+
+SITES = ("mu", "phi", "sigma", "eps")
 
 
 def stochastic_volatility(T: int = 100, seed: int = 123):
@@ -33,3 +39,28 @@ def stochastic_volatility(T: int = 100, seed: int = 123):
     for t in range(1, T):
         h[t] = -1.0 + 0.95 * (h[t - 1] + 1.0) + 0.25 * torch.randn(1, generator=g)
     return model, torch.randn(T, generator=g) * torch.exp(h / 2)
+
+
+def largest_steps(svi, y: torch.Tensor, steps: int, skip: int = 0) -> dict[str, float]:
+    """Runs ``steps`` plain ``svi.step(y)`` calls of an AutoNormal fit of the model (a refused
+    step is kept; the model raising, or a non-finite loss, fails the caller) and returns, per
+    site, the largest max(KL(q ‖ q'), KL(q' ‖ q)) of one step in float64, over the steps after
+    the first ``skip``."""
+    def q(name: str) -> dist.Normal:
+        return dist.Normal(pyro.param(f"AutoNormal.locs.{name}").detach().double(),
+                           pyro.param(f"AutoNormal.scales.{name}").detach().double())
+
+    worst = dict.fromkeys(SITES, 0.0)
+    for step in range(steps):
+        before = {n: q(n) for n in SITES}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StepRefusedWarning)
+            loss = svi.step(y)  # raises if the model fails at the params
+        assert math.isfinite(loss), (step, loss)
+        if step < skip:
+            continue
+        for n, q0 in before.items():
+            q1 = q(n)
+            kl = max(float(kl_divergence(q0, q1).sum()), float(kl_divergence(q1, q0).sum()))
+            worst[n] = max(worst[n], kl)
+    return worst
