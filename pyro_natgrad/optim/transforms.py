@@ -106,17 +106,21 @@ class HeavyBall:
         |x|_Λ = |Wx|), norms and inner products over the group."""
         shift = rate * velocity.per_rate
         factor = torch.ones((), dtype=shift.dtype, device=shift.device)
+        held = self.secant and velocity.reach is not None
+        if self.cap is None and not held:
+            return shift
+        white_shift, white_move = whiten(shift), whiten(move)  # once, for both bounds
+        tiny = torch.finfo(shift.dtype).tiny
         if self.cap is not None:
-            size = torch.linalg.vector_norm(whiten(shift))
-            limit = self.cap * torch.linalg.vector_norm(whiten(move))
-            factor = torch.where(size > limit, limit / size.clamp_min(
-                torch.finfo(shift.dtype).tiny), factor)
-        if self.secant and velocity.reach is not None:
+            size = torch.linalg.vector_norm(white_shift)
+            limit = self.cap * torch.linalg.vector_norm(white_move)
+            factor = torch.where(size > limit, limit / size.clamp_min(tiny), factor)
+        if held:
             line = whiten(velocity.move)
-            length = line.square().sum().clamp_min(torch.finfo(shift.dtype).tiny)
-            along = (whiten(shift) * line).sum() / length  # the shift's coefficient on u
-            room = (velocity.reach - (whiten(move) * line).sum() / length).clamp_min(0)
-            factor = torch.minimum(factor, room / along.clamp_min(torch.finfo(shift.dtype).tiny))
+            length = line.square().sum().clamp_min(tiny)
+            along = (white_shift * line).sum() / length  # the shift's coefficient on u
+            room = (velocity.reach - (white_move * line).sum() / length).clamp_min(0)
+            factor = torch.minimum(factor, room / along.clamp_min(tiny))
         return shift * factor
 
     def velocity(self, key: Key, family: ExponentialFamily, loc: Tensor,
