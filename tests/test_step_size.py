@@ -128,6 +128,38 @@ def test_invariant_window_applies_only_to_steps_reported_affine_invariant():
         PflugCeiling(invariant_window=0)
 
 
+def _feed(pflug: PflugCeiling, ratios: list[float], lr: float = 0.5) -> None:
+    for r in ratios:
+        pflug.update(Judgement(descent=True, change=-1.0, ratio=r, accepted=True), lr)
+
+
+@pytest.mark.parametrize("recover", [None, 1.0])
+def test_pflug_ceiling_recovers_after_a_window_that_travels_beyond_its_noise(recover):
+    """``recover``: a window whose mean ratio is more than ``recover`` standard errors below 0
+    raises the ceiling by 1/shrink, up to lr; a window whose mean is negative but within its
+    noise leaves it; None: the ceiling only falls."""
+    pflug = PflugCeiling(window=4, recover=recover)
+    pflug.start(0.5)
+    _feed(pflug, [0.5] * 4)  # a stationary window (4 steps at the ceiling lr)
+    assert pflug.ceiling == 0.25
+    _feed(pflug, [-0.9, 0.8, -0.9, 0.8, -0.9, 0.8])  # mean −0.05, standard error 0.35
+    assert pflug.ceiling == 0.25 and pflug.count == 0  # 4·√2 → 6 steps a window at 0.25
+    _feed(pflug, [-0.5, -0.4, -0.6, -0.5, -0.45, -0.55])  # mean −0.5, standard error 0.03
+    assert pflug.ceiling == (0.25 if recover is None else 0.5)
+    _feed(pflug, [-0.5, -0.4, -0.6, -0.5])
+    assert pflug.ceiling == (0.25 if recover is None else 0.5)  # never above lr
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_a_recovering_ceiling_still_falls_once_noise_dominates(lag):
+    """At stationarity E[r] > 0, so a window reads as travelling beyond its noise only by
+    chance (< Φ(−1)): the ceiling still falls, if by fewer halvings than without recovery."""
+    ceilings = _run(BoldDriver(), PflugCeiling(lag=lag, recover=1.0), noise=1.0, steps=400)
+    plain = _run(BoldDriver(), PflugCeiling(lag=lag), noise=1.0, steps=400)
+    assert ceilings[9] == 0.5
+    assert plain[-1] <= ceilings[-1] <= 0.5 * 2**-4
+
+
 def test_pflug_ceiling_works_without_the_bold_driver():
     ceilings = _run(None, PflugCeiling(), noise=1.0, steps=200)
     assert ceilings[-1] < 0.5 * 2**-3
@@ -176,10 +208,10 @@ def test_bold_driver_counts_steps_rejected_at_its_floor_as_far_too_long():
 
 @pytest.mark.parametrize("piece", [BoldDriver, PflugCeiling])
 def test_step_size_state_round_trip(piece):
-    bold, pflug = BoldDriver(), PflugCeiling(lag=2)
+    bold, pflug = BoldDriver(), PflugCeiling(lag=2, recover=1.0)
     _run(bold, pflug, noise=1.0, steps=37)
     original = bold if piece is BoldDriver else pflug
-    copy = piece(lag=2) if piece is PflugCeiling else piece()
+    copy = piece(lag=2, recover=1.0) if piece is PflugCeiling else piece()
     copy.start(0.5)
     copy.load_state_dict(original.state_dict())
     assert copy == original
@@ -196,7 +228,8 @@ def test_bold_driver_rejects_bad_options(bad):
 
 
 @pytest.mark.parametrize("bad", [dict(window=0), dict(window=2.5), dict(shrink=0.0),
-                                 dict(min_lr=-1.0), dict(lag=3), dict(growth=0.0)])
+                                 dict(min_lr=-1.0), dict(lag=3), dict(growth=0.0),
+                                 dict(recover=-1.0)])
 def test_pflug_ceiling_rejects_bad_options(bad):
     with pytest.raises(ValueError, match="PflugCeiling"):
         PflugCeiling(**bad)

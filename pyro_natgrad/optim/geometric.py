@@ -42,8 +42,9 @@ from .trust_region import KLAim, KLTrustRegion, rate_for_kl
 
 __all__ = ["GeometricOptim", "StepRefusedWarning"]
 
-STATE_VERSION = 5  # 5: KLTrustRegion keeps each group's last accepted KL (4: HeavyBall
-# keeps the gradient at its anchor; 3: VarianceAdaptation)
+STATE_VERSION = 6  # 6: PflugCeiling keeps its window's sum of squares (5: KLTrustRegion keeps
+# each group's last accepted KL; 4: HeavyBall keeps the gradient at its anchor; 3:
+# VarianceAdaptation)
 _PIECES = ("step_size", "stationarity", "trust_region", "aim", "momentum")
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the optimizers whose pieces are claimed
 _CORRELATED = ("MultivariateNormal", "LowRankMultivariateNormal")  # families with a covariance

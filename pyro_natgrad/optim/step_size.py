@@ -143,8 +143,18 @@ class PflugCeiling:
     reaches its stationary spread within a few steps of a rate change and a shorter window
     suffices); the ceiling then falls sooner, towards the noise-optimal rate ≈ 1/(2t).
 
-    State: the ceiling, the window's sum and count, and (``lag=2``) the start of the last
-    accepted step, its params and gradient.
+    ``recover`` (None: the ceiling only falls) makes the test two-sided: a window whose mean
+    clipped ratio r̄ lies more than ``recover`` standard errors below 0 (r̄ < −recover·s/√n, s
+    the ratios' spread over the window's n steps: successive moves agree beyond the window's
+    noise, so the iterate still travels) divides the ceiling by ``shrink``, up to lr. A window's
+    sign is a noisy vote: travelling with ratios of mean −m, a window closes positive with
+    probability ≈ Φ(−√n·m/s), large where few-particle noise makes m/s small, and without
+    ``recover`` each such false reading lowers the ceiling for good. At stationarity (E[r] > 0)
+    a window reads as travelling with probability below Φ(−recover), so the ceiling still falls,
+    more slowly.
+
+    State: the ceiling, the window's sum, sum of squares and count, and (``lag=2``) the start of
+    the last accepted step, its params and gradient.
     """
 
     window: int = 10
@@ -153,8 +163,10 @@ class PflugCeiling:
     lag: int = 1
     growth: float = 0.5
     invariant_window: int | None = None
+    recover: float | None = None
     ceiling: float | None = None  # None until the optimizer sets it to its lr
     drift: float = 0.0
+    square: float = 0.0  # the window's sum of squared clipped ratios (``recover``)
     count: int = 0
     anchor: tuple[dict[str, Tensor], dict[str, Tensor]] | None = field(default=None,
                                                                        compare=False)
@@ -163,10 +175,12 @@ class PflugCeiling:
         if not (isinstance(self.window, int) and self.window > 0 and 0 < self.shrink < 1
                 and 0 < self.min_lr <= 1 and self.lag in (1, 2) and 0 < self.growth <= 2
                 and (self.invariant_window is None or isinstance(self.invariant_window, int)
-                     and self.invariant_window > 0)):
+                     and self.invariant_window > 0)
+                and (self.recover is None or self.recover >= 0)):
             raise ValueError(f"PflugCeiling needs an integer window > 0, 0 < shrink < 1, "
-                             f"0 < min_lr <= 1, lag 1 or 2, 0 < growth <= 2 and an "
-                             f"invariant_window that is None or an integer > 0, got {self!r}")
+                             f"0 < min_lr <= 1, lag 1 or 2, 0 < growth <= 2, an "
+                             f"invariant_window that is None or an integer > 0 and a recover "
+                             f"that is None or >= 0, got {self!r}")
 
     def start(self, lr: float) -> None:
         self.ceiling = lr if self.ceiling is None else self.ceiling
@@ -180,14 +194,27 @@ class PflugCeiling:
             judgement = self._lagged(judgement, step)
         if judgement is None or not judgement.descent:
             return
-        self.drift += min(1.0, max(-1.0, judgement.ratio))
+        clipped = min(1.0, max(-1.0, judgement.ratio))
+        self.drift += clipped
+        self.square += clipped * clipped
         self.count += 1
         window = (self.invariant_window if invariant and self.invariant_window is not None
                   else self.window)
         if self.count >= window * (lr / self.ceiling) ** self.growth:
             if self.drift > 0:
                 self.ceiling = max(self.min_lr * lr, self.ceiling * self.shrink)
-            self.drift, self.count = 0.0, 0
+            elif self.recover is not None and self._travels():
+                self.ceiling = min(lr, self.ceiling / self.shrink)
+            self.drift, self.square, self.count = 0.0, 0.0, 0
+
+    def _travels(self) -> bool:
+        """The window's mean clipped ratio is more than ``recover`` standard errors below 0."""
+        n = self.count
+        if n < 2:
+            return False
+        mean = self.drift / n
+        variance = max(0.0, self.square - n * mean * mean) / (n - 1)
+        return mean < -self.recover * math.sqrt(variance / n)
 
     def _lagged(self, judgement: Judgement, step: Step | None) -> Judgement | None:
         if step is None or not judgement.accepted:
@@ -210,11 +237,12 @@ class PflugCeiling:
         self.ceiling *= factor
 
     def state_dict(self) -> dict:
-        return {"ceiling": self.ceiling, "drift": self.drift, "count": self.count,
-                "anchor": _copy_anchor(self.anchor)}
+        return {"ceiling": self.ceiling, "drift": self.drift, "square": self.square,
+                "count": self.count, "anchor": _copy_anchor(self.anchor)}
 
     def load_state_dict(self, state: dict) -> None:
         self.ceiling, self.drift, self.count = state["ceiling"], state["drift"], state["count"]
+        self.square = state["square"]
         self.anchor = _copy_anchor(state.get("anchor"))
 
 

@@ -56,7 +56,8 @@ class WassersteinGradient(GeometricOptim):
     :param stationarity: ``"auto"`` (a :class:`~.step_size.PflugCeiling` with window 5 and the
         two-step test, which a Bures step that overshoots a stiff direction does not fool; window
         4 when every group takes the framed full-covariance Bures step, which is affine
-        invariant at the optimum), a PflugCeiling, or None.
+        invariant at the optimum; ``recover=1.0``: a window that says the iterate still travels
+        raises the ceiling back), a PflugCeiling, or None.
     :param bures: ``"auto"`` or a :class:`~.bures.Bures` (scheme, Lanczos steps).
     :param solve: ``"auto"`` or a :class:`~.bures.MetricSolve` (form, damping, draws).
     :param base_optim: torch optimizer class for params outside the guide's distributions;
@@ -85,7 +86,7 @@ class WassersteinGradient(GeometricOptim):
         if trust_region == "auto":
             trust_region = KLTrustRegion(trust_clean=False)
         if stationarity == "auto":
-            stationarity = PflugCeiling(window=5, lag=2, invariant_window=4)
+            stationarity = PflugCeiling(window=5, lag=2, invariant_window=4, recover=1.0)
         super().__init__(guide, lr, trust_region=trust_region,
                          step_size=BoldDriver() if step_size == "auto" else step_size,
                          stationarity=stationarity, base_optim=base_optim, base_args=base_args,
