@@ -14,7 +14,8 @@ of gradients into a :class:`Judgement` of the step:
 Two pieces consume the judgement, each with its own state: :class:`BoldDriver` (a step whose loss
 estimate rose is rejected and the rate shrinks; accepted steps let it grow back; Battiti 1989)
 and :class:`PflugCeiling` (the largest rate falls when Pflug's statistic says the iterate is
-stationary). Either can be left out.
+stationary and, with ``recover``, rises back where it says the iterate still travels). Either can
+be left out.
 """
 
 from __future__ import annotations
